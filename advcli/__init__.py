@@ -1,0 +1,19 @@
+"""advcli: adversarial and alternating training of latent-variable models on single-cell counts.
+
+The models are imported lazily so that `advcli --help` does not wait for torch.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["ConfounderModel", "IntegrationModel", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "ConfounderModel":
+        from .api import ConfounderModel
+
+        return ConfounderModel
+    if name == "IntegrationModel":
+        from .integrate import IntegrationModel
+
+        return IntegrationModel
+    raise AttributeError(f"module 'advcli' has no attribute {name!r}")

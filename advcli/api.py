@@ -1,0 +1,356 @@
+"""The user-facing models, in the style of scvi-tools: construct on an AnnData (which validates it),
+``train()``, ``save()``, ``load()``, ``predict()``. Fitted state ends in ``_``.
+
+    >>> model = advcli.ConfounderModel(adata, covariate_keys=["cell_type"])
+    >>> model.train()
+    >>> out = model.predict(adata)   # dict of Z_hat, Z_prob, D_logit, ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__, keys
+from .config import ConfounderConfig, IntegrationConfig, config_from_dict, config_to_dict
+from .data import (CountRows, CovariateEncoding, default_covariate_keys, encode_treatment,
+                   gene_order, load_counts, validate_counts)
+from .errors import InputError
+from .io import load_model, save_model
+from .losses import nb_log_prob
+from .nn import ConfounderNet, NBRegression, TreatmentClassifier, ZGenerator, represent_z
+from .train import planned_confounder_epochs, train_confounder
+
+SEED_PRESET = dict(batch_size=32, lr=1e-3, outer_iterations=10, predictor_epochs=1,
+                   generator_epochs=1, intercept=False, z_type="binary", nb_weight=1.0,
+                   patience=0, preset="seed")
+
+
+def confounder_config(preset: str | None = None, **options) -> ConfounderConfig:
+    """A ConfounderConfig from the defaults, a preset, then explicit options (which win)."""
+    if preset not in (None, "default", "seed"):
+        raise InputError(f"--preset must be 'default' or 'seed' (got '{preset}').")
+    base = ConfounderConfig(**SEED_PRESET) if preset == "seed" else ConfounderConfig()
+    return replace(base, **options)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but torch sees no CUDA device.")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+class ConfounderModel:
+    """Infer a hidden confounder Z of a binary treatment D and counts Y, given covariates X."""
+
+    mode = "confounder"
+
+    def __init__(self, adata, config: ConfounderConfig | None = None, **options):
+        cfg = config if config is not None else confounder_config(**options)
+        if config is not None and options:
+            cfg = replace(cfg, **options)
+        cfg.check()
+        validate_counts(adata, cfg.layer)
+        cov_keys = cfg.covariate_keys if cfg.covariate_keys is not None \
+            else default_covariate_keys(adata)
+        self.config = replace(cfg, covariate_keys=list(cov_keys))
+        self.genes_ = [str(g) for g in adata.var_names]
+        self.encoding_ = CovariateEncoding.fit(adata, cov_keys)
+        d, self.treatment_levels_ = encode_treatment(adata, cfg.treatment_key, cfg.treated_level)
+        x = self.encoding_.transform(adata)
+        counts = load_counts(adata, cfg.layer)
+        fixed_alpha = self._dispersion(adata)
+        self.device = resolve_device(cfg.device)
+        log_y = counts.copy()
+        log_y.data = np.log1p(log_y.data)
+        y_mean = np.asarray(log_y.mean(axis=0)).ravel()
+        y_sd = np.sqrt(np.maximum(np.asarray(log_y.multiply(log_y).mean(axis=0)).ravel()
+                                  - y_mean ** 2, 0.0))
+        y_sd[y_sd == 0] = 1.0
+        torch.manual_seed(cfg.seed)
+        self.net = self._build(x.shape[1], len(self.genes_), torch.from_numpy(y_mean),
+                               torch.from_numpy(y_sd), fixed_alpha).to(self.device)
+        self._x = torch.from_numpy(x).to(self.device)
+        self._d = torch.from_numpy(d).to(self.device)
+        self._y = CountRows(counts, self.device)
+        self.history_: dict | None = None
+        self.optimizer_state_: dict | None = None
+        self.summary_: dict | None = None
+        self.is_trained_ = False
+
+    def _dispersion(self, adata) -> torch.Tensor | None:
+        key = self.config.dispersion_key
+        if key is None:
+            return None
+        if key not in adata.var.columns:
+            raise InputError(f"--dispersion-key '{key}' is not a var column. The file has: "
+                             f"{', '.join(map(repr, adata.var.columns)) or 'none'}.")
+        alpha = pd.to_numeric(adata.var[key], errors="coerce").to_numpy(dtype=float)
+        if not (np.isfinite(alpha).all() and (alpha > 0).all()):
+            raise InputError(f"var['{key}'] must hold a finite, positive NB dispersion for every "
+                             "gene.")
+        return torch.from_numpy(alpha.astype(np.float32))
+
+    def _build(self, x_dim: int, n_genes: int, y_mean, y_sd, fixed_alpha) -> ConfounderNet:
+        cfg = self.config
+        generator = ZGenerator(x_dim, n_genes, cfg.z_dim, cfg.hidden, cfg.generator_inputs,
+                               y_mean, y_sd)
+        classifier = TreatmentClassifier(x_dim + cfg.z_dim, cfg.intercept)
+        nb = NBRegression(x_dim + 1 + cfg.z_dim, n_genes, cfg.intercept, fixed_alpha)
+        return ConfounderNet(generator, classifier, nb, cfg.z_type)
+
+    @property
+    def planned_epochs(self) -> int:
+        return planned_confounder_epochs(self.config)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        cfg = self.config
+        nb = float(len(self.genes_)) if cfg.nb_weight is None else cfg.nb_weight
+        return {"bce": cfg.bce_weight, "nb": nb, "dbpr": cfg.dbpr_weight}
+
+    def _batch(self, idx: torch.Tensor):
+        idx = idx.to(self._x.device)
+        return self._x[idx], self._d[idx], self._y.rows(idx)
+
+    def train(self, on_epoch=None) -> "ConfounderModel":
+        """Train with the configured strategy; ``on_epoch(done, losses)`` reports progress."""
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        torch.manual_seed(self.config.seed)
+        self.history_, epochs, self.optimizer_state_ = train_confounder(
+            self.net, self._x.shape[0], self._batch, self.config, self.weights, on_epoch)
+        self.is_trained_ = True
+        self.summary_ = self._summarise(epochs, time.perf_counter() - start_wall,
+                                        time.process_time() - start_cpu)
+        return self
+
+    # ------------------------------------------------------------------ prediction
+
+    @torch.inference_mode()
+    def _forward_all(self, x: torch.Tensor, d: torch.Tensor, rows, n: int, batch_size: int,
+                     keep_means: bool = True) -> dict[str, np.ndarray]:
+        net = self.net.eval()
+        temperature = self.config.temperature_end
+        parts: dict[str, list] = {k: [] for k in (keys.Z_HAT, keys.Z_PROB, keys.D_LOGIT,
+                                                  keys.NB_MEAN, keys.LOG_LIK_Y)}
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n), device=x.device)
+            xb, db, yb = x[idx], d[idx], rows(idx)
+            logits = net.generator(xb, db, yb)
+            z = represent_z(logits, net.z_type, temperature, training=False)
+            d_logit, log_mu = net.heads(xb, db, z)
+            parts[keys.Z_HAT].append(z.cpu())
+            parts[keys.Z_PROB].append(torch.sigmoid(logits).cpu())
+            parts[keys.D_LOGIT].append(d_logit.cpu())
+            if keep_means:
+                parts[keys.NB_MEAN].append(torch.exp(log_mu).float().cpu())
+            parts[keys.LOG_LIK_Y].append(nb_log_prob(yb, log_mu, net.nb.theta).sum(1).cpu())
+        out = {k: torch.cat(v).numpy() for k, v in parts.items() if v}
+        out[keys.D_PROB] = 1.0 / (1.0 + np.exp(-out[keys.D_LOGIT]))
+        return out
+
+    def _inputs(self, adata):
+        """X, D and count rows of ``adata`` in the model's gene order and encoding."""
+        cfg = self.config
+        validate_counts(adata, cfg.layer)
+        order = gene_order(adata, self.genes_)
+        named = self.treatment_levels_ not in (["0", "1"], ["False", "True"])
+        d, _ = encode_treatment(adata, cfg.treatment_key, self.treatment_levels_[1] if named else None)
+        x = self.encoding_.transform(adata)
+        counts = load_counts(adata, cfg.layer)[:, order]
+        return torch.from_numpy(x), torch.from_numpy(d), counts
+
+    def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
+                keep_means: bool = True) -> dict[str, np.ndarray]:
+        """Per-cell outputs (SPEC.md keys) for ``adata`` (default: the training data), in row order."""
+        self._require_trained()
+        if device is not None:
+            self.to(resolve_device(device))
+        if adata is None:
+            x, d, rows, n = self._x, self._d, self._y.rows, self._x.shape[0]
+        else:
+            x, d, counts = self._inputs(adata)
+            x, d = x.to(self.device), d.to(self.device)
+            rows = CountRows(counts, self.device).rows
+            n = counts.shape[0]
+        return self._forward_all(x, d, rows, n, batch_size, keep_means)
+
+    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto") -> list[str]:
+        """Add the predictions to ``adata`` (obsm, obs, layers); return the keys written."""
+        out = self.predict(adata, batch_size=batch_size, device=device)
+        adata.obsm[keys.Z_HAT] = out[keys.Z_HAT].astype(np.float32)
+        adata.obsm[keys.Z_PROB] = out[keys.Z_PROB].astype(np.float32)
+        adata.obs[keys.D_LOGIT] = out[keys.D_LOGIT].astype(np.float32)
+        adata.obs[keys.D_PROB] = out[keys.D_PROB].astype(np.float32)
+        adata.obs[keys.LOG_LIK_Y] = out[keys.LOG_LIK_Y].astype(np.float64)
+        order = np.argsort(gene_order(adata, self.genes_))  # back to the file's gene order
+        adata.layers[keys.NB_MEAN] = out[keys.NB_MEAN][:, order].astype(np.float32)
+        adata.uns[keys.UNS] = {**dict(adata.uns.get(keys.UNS, {})),
+                               "confounder_inputs": self.input_description()}
+        return [f"obsm['{keys.Z_HAT}']", f"obsm['{keys.Z_PROB}']", f"obs['{keys.D_LOGIT}']",
+                f"obs['{keys.D_PROB}']", f"obs['{keys.LOG_LIK_Y}']", f"layers['{keys.NB_MEAN}']"]
+
+    def input_description(self) -> dict:
+        """What diagnose needs to refit the treatment-effect GLM without the model file."""
+        cfg = self.config
+        return {"treatment_key": cfg.treatment_key, "treated_level": self.treatment_levels_[1],
+                "layer": cfg.layer or "", "covariates": self.encoding_.to_dict()}
+
+    def to(self, device: torch.device) -> "ConfounderModel":
+        self.device = device
+        self.net.to(device)
+        return self
+
+    def _require_trained(self) -> None:
+        if not self.is_trained_:
+            raise InputError("The model has not been trained; call train() first.")
+
+    # ------------------------------------------------------------------ reporting
+
+    def _summarise(self, epochs: int, wall: float, cpu: float) -> dict[str, Any]:
+        out = self.predict(batch_size=4096, keep_means=False)
+        z, d = out[keys.Z_HAT], self._d.cpu().numpy()
+        x = self._x.cpu().numpy()
+        gen = self.history_["generator"]
+        pred = self.history_["predictor"]
+        final = {"bce": pred["bce"][-1] if pred.get("bce") else gen["bce"][-1],
+                 "nb": pred["nb"][-1] if pred.get("nb") else gen["nb"][-1]}
+        if gen.get("total"):
+            final["generator_total"] = gen["total"][-1]
+        corr_d = [_pearson(z[:, j], d) for j in range(z.shape[1])]
+        corr_x = {col: max(abs(_pearson(z[:, j], x[:, c])) for j in range(z.shape[1]))
+                  for c, col in enumerate(self.encoding_.columns)}
+        from sklearn.metrics import roc_auc_score
+
+        auroc = float(roc_auc_score(d, out[keys.D_LOGIT]))
+        warnings = self.leakage_warnings(corr_d, auroc)
+        return {"mode": self.mode, "n_cells": int(self._x.shape[0]), "n_genes": len(self.genes_),
+                "epochs": epochs, "train_seconds": wall, "train_cpu_seconds": cpu,
+                "final_losses": final, "strategy": self.config.strategy,
+                "z_type": self.config.z_type, "corr_z_d": corr_d, "corr_z_covariates": corr_x,
+                "auroc_d": auroc, "warnings": warnings}
+
+    def leakage_warnings(self, corr_d: list[float], auroc: float) -> list[str]:
+        """Warn when Z-hat explains D far better than a confounder plausibly can.
+
+        A confounder shifts the odds of treatment; it does not decide it. If Z-hat alone almost
+        determines D, the generator (which sees D) has most likely copied D into Z, and adjusting
+        for Z-hat would erase the very treatment effect being estimated.
+        """
+        warnings = []
+        worst = max((abs(r) for r in corr_d if np.isfinite(r)), default=0.0)
+        if worst > 0.7 or auroc > 0.95:
+            hint = " --generator-inputs x,y" if "d" in self.config.generator_inputs else ""
+            warnings.append(
+                f"Z-hat may have copied the treatment: |corr(Z-hat, D)| = {worst:.2f} and the "
+                f"D-classifier on [X, Z-hat] reaches AUROC {auroc:.2f}. A confounder rarely "
+                f"decides treatment so cleanly; treat adjusted effects with suspicion, or refit"
+                f" with{hint or ' other settings'} (see docs/confounder.md).")
+        return warnings
+
+    def fit_summary(self) -> dict[str, Any]:
+        self._require_trained()
+        return dict(self.summary_)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | Path) -> None:
+        self._require_trained()
+        payload = {
+            "format": keys.MODEL_FORMAT, "format_version": keys.FORMAT_VERSION,
+            "version": __version__, "mode": self.mode, "config": config_to_dict(self.config),
+            "genes": list(self.genes_),
+            "encoding": {"covariates": self.encoding_.to_dict(),
+                         "treatment_levels": list(self.treatment_levels_),
+                         "x_dim": int(self._x.shape[1])},
+            "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "optimizers": self.optimizer_state_, "history": self.history_,
+            "summary": _plain(self.summary_),
+        }
+        save_model(payload, path)
+
+    @classmethod
+    def from_payload(cls, payload: dict, path: str | Path = "model") -> "ConfounderModel":
+        self = cls.__new__(cls)
+        try:
+            self.config = config_from_dict(ConfounderConfig, payload["config"])
+            self.genes_ = list(payload["genes"])
+            enc = payload["encoding"]
+            self.encoding_ = CovariateEncoding.from_dict(enc["covariates"])
+            self.treatment_levels_ = list(enc["treatment_levels"])
+            state = payload["state"]
+            fixed = torch.exp(-state["nb.log_theta"]) if self.config.dispersion_key else None
+            self.net = self._build(int(enc["x_dim"]), len(self.genes_), state["generator.y_mean"],
+                                   state["generator.y_scale"], fixed)
+            self.net.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"Model file '{path}' is damaged or inconsistent ({exc}).") from None
+        self.device = torch.device("cpu")
+        self.history_ = payload["history"]
+        self.summary_ = payload.get("summary")
+        self.optimizer_state_ = payload.get("optimizers")
+        self.is_trained_ = True
+        self.net.eval()
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConfounderModel":
+        return cls.from_payload(load_model(path, mode=cls.mode), path)
+
+
+def _plain(obj):
+    """Numbers, strings, lists and dicts only (what weights_only loading accepts)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def load(payload: dict, path: str | Path = "model"):
+    """The model object for a loaded model file, whatever its mode."""
+    if payload["mode"] == "confounder":
+        return ConfounderModel.from_payload(payload, path)
+    from .integrate import IntegrationModel
+
+    return IntegrationModel.from_payload(payload, path)
+
+
+def per_cell_frame(adata, written: list[str]) -> pd.DataFrame:
+    """One row per cell: every per-cell column that predict wrote (obs columns and obsm matrices)."""
+    frame = pd.DataFrame(index=adata.obs_names)
+    for key in written:
+        if key.startswith("obs['"):
+            name = key[5:-2]
+            frame[name] = adata.obs[name].to_numpy()
+        elif key.startswith("obsm['"):
+            name = key[6:-2]
+            values = np.asarray(adata.obsm[name])
+            for j in range(values.shape[1]):
+                frame[f"{name}_{j}"] = values[:, j]
+    return frame
+
+
+def __getattr__(name: str):
+    if name == "IntegrationModel":
+        from .integrate import IntegrationModel
+
+        return IntegrationModel
+    raise AttributeError(name)

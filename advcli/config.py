@@ -1,0 +1,139 @@
+"""Training configurations: one dataclass per mode flows from the command line into the model file.
+
+Kept free of torch so the CLI starts fast and can check options before any heavy import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import InputError
+
+
+@dataclass
+class ConfounderConfig:
+    """Confounder mode (seed 002). Defaults are the best settings found by
+    benchmarks/confounder_quality.py; ``preset='seed'`` restores the proof of concept's."""
+
+    treatment_key: str = "D"
+    treated_level: str | None = None
+    covariate_keys: list[str] | None = None  # None: uns['advcli']['covariate_keys'], else none
+    layer: str | None = None
+    dispersion_key: str | None = None  # var column with a fixed NB dispersion alpha per gene
+    z_dim: int = 1
+    z_type: str = "soft"  # binary (straight-through) | soft (sigmoid) | gumbel (annealed)
+    strategy: str = "alternating"  # alternating | joint
+    generator_inputs: list[str] = field(default_factory=lambda: ["x", "d", "y"])
+    hidden: int = 128
+    intercept: bool = True
+    bce_weight: float = 1.0
+    nb_weight: float | None = None  # None: the number of genes (NB summed over genes per cell)
+    dbpr_weight: float = 0.0
+    outer_iterations: int = 60
+    predictor_epochs: int = 1
+    generator_epochs: int = 1
+    patience: int = 2
+    batch_size: int = 128
+    lr: float = 1e-2
+    lr_generator: float | None = None  # None: lr
+    weight_decay: float = 0.0
+    temperature_start: float = 2.0
+    temperature_end: float = 0.5
+    max_epochs: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    preset: str = "default"
+
+    def check(self) -> None:
+        _choice("--z-type", self.z_type, ("binary", "soft", "gumbel"))
+        _choice("--strategy", self.strategy, ("alternating", "joint"))
+        _choice("--device", self.device, ("auto", "cpu", "cuda"))
+        bad = [g for g in self.generator_inputs if g not in ("x", "d", "y")]
+        if bad or not self.generator_inputs:
+            raise InputError(f"--generator-inputs takes a comma list of x, d, y (got "
+                             f"{','.join(self.generator_inputs) or 'nothing'}).")
+        _positive(z_dim=self.z_dim, hidden=self.hidden, outer_iterations=self.outer_iterations,
+                  predictor_epochs=self.predictor_epochs, generator_epochs=self.generator_epochs,
+                  batch_size=self.batch_size, lr=self.lr, temperature_end=self.temperature_end,
+                  temperature_start=self.temperature_start)
+        _non_negative(bce_weight=self.bce_weight, dbpr_weight=self.dbpr_weight,
+                      weight_decay=self.weight_decay, patience=self.patience)
+        if self.nb_weight is not None:
+            _non_negative(nb_weight=self.nb_weight)
+        if self.max_epochs is not None:
+            _positive(max_epochs=self.max_epochs)
+
+
+@dataclass
+class IntegrationConfig:
+    """Integrate mode: one VAE per domain, a domain discriminator on the posterior means."""
+
+    batch_key: str = "batch"
+    layer: str | None = None
+    latent_dim: int = 32
+    hidden: int = 128
+    likelihood: str = "nb"  # nb | mse
+    adversary: str = "grl"  # grl | alternate
+    adv_loss: str = "negce"  # negce | uniform | flip
+    adv_weight: float = 1.0
+    adv_warmup_epochs: int = 10
+    grl_lambda: float = 1.0
+    d_steps: int = 1
+    e_steps: int = 1
+    beta_kl: float = 1.0
+    kl_warmup_epochs: int = 10
+    n_top_genes: int = 0  # 0: every gene
+    batch_size: int = 256
+    lr: float = 1e-3
+    max_epochs: int | None = None
+    val_fraction: float = 0.1
+    patience: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self) -> None:
+        _choice("--likelihood", self.likelihood, ("nb", "mse"))
+        _choice("--adversary", self.adversary, ("grl", "alternate"))
+        _choice("--adv-loss", self.adv_loss, ("negce", "uniform", "flip"))
+        _choice("--device", self.device, ("auto", "cpu", "cuda"))
+        _positive(latent_dim=self.latent_dim, hidden=self.hidden, batch_size=self.batch_size,
+                  lr=self.lr, d_steps=self.d_steps, e_steps=self.e_steps)
+        _non_negative(adv_weight=self.adv_weight, grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
+                      adv_warmup_epochs=self.adv_warmup_epochs, patience=self.patience,
+                      kl_warmup_epochs=self.kl_warmup_epochs, n_top_genes=self.n_top_genes)
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise InputError(f"--val-fraction must be in [0, 0.5) (got {self.val_fraction}).")
+        if self.max_epochs is not None:
+            _positive(max_epochs=self.max_epochs)
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def config_from_dict(cls, d: dict[str, Any]):
+    """Rebuild a config from a model file, ignoring keys this version does not know."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InputError(f"{option} must be one of {', '.join(allowed)} (got '{value}').")
+
+
+def _positive(**values) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise InputError(f"{_option(name)} must be positive (got {value}).")
+
+
+def _non_negative(**values) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise InputError(f"{_option(name)} must be zero or more (got {value}).")

@@ -1,0 +1,328 @@
+"""Reading and validating AnnData inputs: every command goes through here.
+
+Checks follow SPEC.md: a readable .h5ad, keys that exist (the message lists those that do), raw
+counts that are finite, non-negative whole numbers, at least one cell and one gene, unique gene
+names, a binary treatment, a batch key with two or more domains, covariates that encode cleanly.
+Counts are checked in row blocks so a backed (on-disk) file is never loaded whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import keys
+from .errors import InputError
+
+BLOCK_ROWS = 16384
+
+
+def read_h5ad(path: str | Path, backed: bool = False):
+    """Open an .h5ad file, turning every way of failing into an InputError that names the file."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Input file '{path}' does not exist.")
+    if path.is_dir():
+        raise InputError(f"Input '{path}' is a folder; an .h5ad file was expected.")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"'{path}' is not a readable .h5ad file ({first}). advcli reads AnnData files "
+            "written by anndata or scanpy.") from None
+
+
+def _missing_key(what: str, key: str, existing: Sequence[str], hint: str = "") -> InputError:
+    shown = ", ".join(repr(k) for k in list(existing)[:30]) or "none"
+    more = f" (and {len(existing) - 30} more)" if len(existing) > 30 else ""
+    return InputError(f"{what} '{key}' not found. The file has: {shown}{more}.{hint}")
+
+
+def count_source(adata, layer: str | None):
+    """The matrix holding raw counts: X, or layers[layer]."""
+    if layer is None:
+        if adata.X is None:
+            raise InputError("The file has no X matrix; give the counts' layer with --layer.")
+        return adata.X
+    if layer not in adata.layers:
+        raise _missing_key("Layer", layer, list(adata.layers.keys()))
+    return adata.layers[layer]
+
+
+def iter_row_blocks(matrix, block: int = BLOCK_ROWS) -> Iterator[tuple[int, Any]]:
+    """Yield (start, block) row slices as dense ndarray or CSR, for in-memory or backed matrices."""
+    n = matrix.shape[0]
+    for start in range(0, n, block):
+        part = matrix[start:min(start + block, n)]
+        if sp.issparse(part):
+            part = sp.csr_matrix(part)
+        else:
+            part = np.asarray(part)
+        yield start, part
+
+
+def validate_counts(adata, layer: str | None = None, name: str = "input") -> None:
+    """Raise InputError unless the counts are a non-empty matrix of finite non-negative integers."""
+    matrix = count_source(adata, layer)
+    where = f"layers['{layer}']" if layer else "X"
+    n_cells, n_genes = matrix.shape
+    if n_cells == 0 or n_genes == 0:
+        raise InputError(f"The {name} file has {n_cells} cells and {n_genes} genes; advcli needs "
+                         "at least one of each.")
+    dtype = np.dtype(matrix.dtype)
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise InputError(f"{where} has dtype {dtype}; raw counts must be numbers.")
+    for start, part in iter_row_blocks(matrix):
+        values = part.data if sp.issparse(part) else part
+        values = np.asarray(values)
+        if values.size == 0:
+            continue
+        if np.issubdtype(values.dtype, np.floating):
+            bad = ~np.isfinite(values)
+            if bad.any():
+                raise InputError(f"{where} contains NaN or infinite values (first in row "
+                                 f"{start + _first_row(part, bad)}); raw counts must be finite.")
+            if (values != np.round(values)).any():
+                raise InputError(
+                    f"{where} contains non-integer values (e.g. {values[values != np.round(values)][0]:g}); "
+                    "advcli models raw counts. If X holds normalised data, point --layer at the "
+                    "raw counts.")
+        if (values < 0).any():
+            raise InputError(f"{where} contains negative values (e.g. {values[values < 0][0]:g}); "
+                             "raw counts are non-negative.")
+    names = pd.Index(adata.var_names)
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()[:5].tolist()
+        raise InputError(f"Gene names (var_names) are not unique, e.g. {dup}; make them unique "
+                         "(AnnData.var_names_make_unique()).")
+
+
+def _first_row(part, bad_mask) -> int:
+    if sp.issparse(part):
+        pos = int(np.flatnonzero(bad_mask)[0])
+        return int(np.searchsorted(part.indptr, pos, side="right") - 1)
+    return int(np.argwhere(bad_mask)[0][0])
+
+
+def load_counts(adata, layer: str | None = None) -> sp.csr_matrix:
+    """Counts as an in-memory float32 CSR matrix (validated beforehand by ``validate_counts``)."""
+    matrix = count_source(adata, layer)
+    blocks = [sp.csr_matrix(part, dtype=np.float32) for _, part in iter_row_blocks(matrix)]
+    return sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
+
+
+def obs_column(adata, key: str, what: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise _missing_key(f"{what} key", key, list(adata.obs.columns))
+    return adata.obs[key]
+
+
+def encode_treatment(adata, key: str, treated_level: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """Binary treatment D as float32 0/1 and the [control, treated] level names.
+
+    0/1 numbers and booleans are used as they are; a two-level categorical or string column treats
+    its second level (categorical order, else sorted) as D = 1 unless ``treated_level`` names it.
+    """
+    col = obs_column(adata, key, "Treatment")
+    if col.isna().any():
+        raise InputError(f"Treatment obs['{key}'] has {int(col.isna().sum())} missing values; "
+                         "every cell needs a treatment.")
+    if pd.api.types.is_bool_dtype(col):
+        values = col.to_numpy().astype(np.float32)
+        levels = ["False", "True"]
+    elif pd.api.types.is_numeric_dtype(col) and treated_level is None:
+        values = col.to_numpy().astype(np.float64)
+        uniq = np.unique(values)
+        if not np.isin(uniq, [0.0, 1.0]).all():
+            raise InputError(
+                f"Treatment obs['{key}'] is numeric with values {uniq[:6].tolist()}; a binary "
+                "treatment must be 0/1 (or a two-level category with --treated-level).")
+        values = values.astype(np.float32)
+        levels = ["0", "1"]
+    else:
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            levels = [str(c) for c in col.cat.categories if (col == c).any()]
+        else:
+            levels = sorted(str(v) for v in col.astype(str).unique())
+        as_str = col.astype(str).to_numpy()
+        if len(levels) != 2:
+            raise InputError(
+                f"Treatment obs['{key}'] has {len(levels)} levels ({levels[:6]}); a binary "
+                "treatment has exactly two.")
+        if treated_level is not None:
+            if treated_level not in levels:
+                raise InputError(f"--treated-level '{treated_level}' is not a level of "
+                                 f"obs['{key}'] (levels: {levels}).")
+            levels = [lv for lv in levels if lv != treated_level] + [treated_level]
+        values = (as_str == levels[1]).astype(np.float32)
+    if values.min() == values.max():
+        raise InputError(f"Treatment obs['{key}'] has only one value among the cells; both "
+                         "treated and control cells are needed.")
+    return values, levels
+
+
+@dataclass
+class CovariateEncoding:
+    """How obs columns become the covariate matrix X: learnt at fit, replayed at predict.
+
+    Numeric columns are used as they are; categorical (or string) columns are one-hot encoded
+    against their first level, so a model with an intercept stays identifiable.
+    """
+
+    keys: list[str]
+    kinds: list[str]
+    levels: list[list[str]]
+
+    @property
+    def columns(self) -> list[str]:
+        cols: list[str] = []
+        for key, kind, lv in zip(self.keys, self.kinds, self.levels):
+            cols += [key] if kind == "numeric" else [f"{key}={level}" for level in lv[1:]]
+        return cols
+
+    def to_dict(self) -> dict:
+        return {"keys": list(self.keys), "kinds": list(self.kinds),
+                "levels": [list(lv) for lv in self.levels]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CovariateEncoding":
+        return cls(list(d["keys"]), list(d["kinds"]), [list(lv) for lv in d["levels"]])
+
+    @classmethod
+    def fit(cls, adata, covariate_keys: Sequence[str]) -> "CovariateEncoding":
+        kinds, levels = [], []
+        for key in covariate_keys:
+            col = obs_column(adata, key, "Covariate")
+            if pd.api.types.is_bool_dtype(col) or (pd.api.types.is_numeric_dtype(col)
+                                                   and not isinstance(col.dtype, pd.CategoricalDtype)):
+                kinds.append("numeric")
+                levels.append([])
+            else:
+                if isinstance(col.dtype, pd.CategoricalDtype):
+                    lv = [str(c) for c in col.cat.categories if (col == c).any()]
+                else:
+                    lv = sorted(str(v) for v in col.dropna().astype(str).unique())
+                if len(lv) < 2:
+                    raise InputError(f"Covariate obs['{key}'] has {len(lv)} level(s); a "
+                                     "categorical covariate needs at least two.")
+                kinds.append("categorical")
+                levels.append(lv)
+        return cls(list(covariate_keys), kinds, levels)
+
+    def transform(self, adata) -> np.ndarray:
+        n = adata.n_obs
+        parts = [np.zeros((n, 0), dtype=np.float32)]
+        for key, kind, lv in zip(self.keys, self.kinds, self.levels):
+            col = obs_column(adata, key, "Covariate")
+            if col.isna().any():
+                raise InputError(f"Covariate obs['{key}'] has {int(col.isna().sum())} missing "
+                                 "values.")
+            if kind == "numeric":
+                if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)) \
+                        or isinstance(col.dtype, pd.CategoricalDtype):
+                    raise InputError(f"Covariate obs['{key}'] was numeric when the model was fit "
+                                     f"but is {col.dtype} here.")
+                values = col.to_numpy().astype(np.float64)
+                if not np.isfinite(values).all():
+                    raise InputError(f"Covariate obs['{key}'] has NaN or infinite values.")
+                parts.append(values.astype(np.float32)[:, None])
+            else:
+                as_str = col.astype(str).to_numpy()
+                unknown = sorted(set(np.unique(as_str)) - set(lv))
+                if unknown:
+                    raise InputError(f"Covariate obs['{key}'] has levels {unknown[:5]} that the "
+                                     f"model has not seen (known: {lv}).")
+                parts.append(np.stack([(as_str == level) for level in lv[1:]], axis=1)
+                             .astype(np.float32))
+        return np.concatenate(parts, axis=1)
+
+
+def default_covariate_keys(adata) -> list[str]:
+    """The covariate keys a simulator recorded in uns['advcli'], else none."""
+    meta = adata.uns.get(keys.UNS, {})
+    found = meta.get(keys.COVARIATE_KEYS) if isinstance(meta, dict) else None
+    return [str(k) for k in found] if found is not None else []
+
+
+def parse_key_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    return [t for t in items if t]
+
+
+def encode_domains(adata, key: str, domains: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Domain codes (int64) for ``obs[key]`` and the domain names, checking for two or more."""
+    col = obs_column(adata, key, "Batch")
+    if col.isna().any():
+        raise InputError(f"Batch obs['{key}'] has {int(col.isna().sum())} missing values.")
+    as_str = col.astype(str).to_numpy()
+    if domains is None:
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            domains = [str(c) for c in col.cat.categories if (col == c).any()]
+        else:
+            domains = sorted(np.unique(as_str).tolist())
+        if len(domains) < 2:
+            raise InputError(f"Batch obs['{key}'] has a single level ({domains}); integration "
+                             "needs two or more domains.")
+    else:
+        unknown = sorted(set(np.unique(as_str)) - set(domains))
+        if unknown:
+            raise InputError(f"Batch obs['{key}'] has domains {unknown[:5]} that the model was not "
+                             f"trained on (known: {list(domains)}).")
+    lookup = {d: i for i, d in enumerate(domains)}
+    return np.array([lookup[s] for s in as_str], dtype=np.int64), list(domains)
+
+
+def gene_order(adata, genes: Sequence[str], model_path: str | Path = "model") -> np.ndarray:
+    """Column indices that put the data's genes in the model's order; missing genes are an error."""
+    index = pd.Index(adata.var_names)
+    if not index.is_unique:
+        raise InputError("Gene names (var_names) of the data are not unique.")
+    missing = [g for g in genes if g not in index]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise InputError(f"The data lack {len(missing)} of the {len(genes)} genes that model "
+                         f"'{model_path}' was trained on: {shown}.")
+    return index.get_indexer(list(genes))
+
+
+class CountRows:
+    """Counts for minibatches: a dense tensor when it fits comfortably, else CSR rows densified
+    per batch (so 10^6 cells never need a dense copy)."""
+
+    DENSE_LIMIT = 200_000_000  # entries (800 MB as float32)
+
+    def __init__(self, counts: sp.csr_matrix, device):
+        import torch
+
+        self.shape = counts.shape
+        self.device = device
+        if counts.shape[0] * counts.shape[1] <= self.DENSE_LIMIT:
+            self.dense = torch.from_numpy(counts.toarray()).to(device)
+            self.csr = None
+        else:
+            self.dense, self.csr = None, counts
+
+    def rows(self, idx):
+        import torch
+
+        if self.dense is not None:
+            return self.dense[idx.to(self.dense.device)]
+        return torch.from_numpy(self.csr[idx.cpu().numpy()].toarray()).to(self.device)
+
+
+def minibatches(n: int, batch_size: int, generator, shuffle: bool = True) -> list:
+    """Index tensors of one pass over ``n`` cells, in a seeded random order (no Dataset objects)."""
+    import torch
+
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return list(order.split(batch_size))

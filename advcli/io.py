@@ -1,0 +1,101 @@
+"""Atomic output files and safe model files.
+
+Every output goes to a temporary name in the destination folder and is renamed at the end, so a
+failed command never leaves a partial file (SPEC.md). Model files are tensors and plain containers
+only, loaded with ``weights_only=True``: opening a model never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import keys
+from .errors import InputError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Parent folders are created as needed. On any error the temporary file is removed and ``path``
+    is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_h5ad(adata, path: str | os.PathLike) -> None:
+    """Write an AnnData atomically (compressed CSR stays CSR)."""
+    with atomic_path(path, ".h5ad") as tmp:
+        adata.write_h5ad(tmp)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(payload: dict[str, Any], path: str | os.PathLike) -> None:
+    """Save a model payload (tensors and plain containers only) atomically."""
+    import torch
+
+    missing = [k for k in keys.MODEL_KEYS if k not in payload]
+    if missing:
+        raise ValueError(f"model payload lacks {missing}")
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: str | os.PathLike, mode: str | None = None) -> dict[str, Any]:
+    """Load and check a model file; a file that is not a complete advcli model is an InputError."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Model file '{path}' does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, not a torch file, or pickled classes
+        raise InputError(
+            f"'{path}' is not a readable advcli model file (torch.load with weights_only=True "
+            f"failed: {str(exc).splitlines()[0][:200]}). Was it written by `advcli fit` and "
+            "copied completely?") from None
+    if not isinstance(payload, dict) or payload.get("format") != keys.MODEL_FORMAT:
+        raise InputError(f"'{path}' is a torch file but not an advcli model file.")
+    missing = [k for k in keys.MODEL_KEYS if k not in payload]
+    if missing:
+        raise InputError(f"Model file '{path}' is incomplete: it lacks {', '.join(missing)}.")
+    if payload["format_version"] > keys.FORMAT_VERSION:
+        raise InputError(
+            f"Model file '{path}' has format version {payload['format_version']}, newer than this "
+            f"advcli reads ({keys.FORMAT_VERSION}); upgrade advcli.")
+    if mode is not None and payload["mode"] != mode:
+        raise InputError(
+            f"Model file '{path}' is a {payload['mode']}-mode model, but a {mode}-mode model is "
+            "needed here.")
+    return payload

@@ -1,0 +1,91 @@
+"""Losses, each averaged per cell (and per gene) so that their weights mean something.
+
+The NB is parameterised by its log mean and inverse dispersion theta = 1 / alpha, as in scVI:
+Var(y) = mu + mu^2 / theta.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def nb_log_prob(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Elementwise NB log-probability of counts ``y`` (same shape as ``log_mu``)."""
+    log_theta = torch.log(theta)
+    log_theta_mu = torch.logaddexp(log_theta, log_mu)  # log(theta + mu), stable for large mu
+    return (theta * (log_theta - log_theta_mu) + y * (log_mu - log_theta_mu)
+            + torch.lgamma(y + theta) - torch.lgamma(theta) - torch.lgamma(y + 1.0))
+
+
+def nb_nll(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """NB negative log-likelihood averaged over cells and genes (nats per count entry)."""
+    return -nb_log_prob(y, log_mu, theta).mean()
+
+
+def nb_deviance(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Per-gene NB deviance, 2 (loglik(saturated) - loglik(model)), summed over the cells given."""
+    saturated = nb_log_prob(y, torch.log(y.clamp_min(1e-8)), theta)
+    return 2.0 * (saturated - nb_log_prob(y, log_mu, theta)).sum(dim=0)
+
+
+def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy from logits, averaged over cells."""
+    return F.binary_cross_entropy_with_logits(logit, target)
+
+
+def dbpr_terms(d_logit: torch.Tensor, d_logit_base: torch.Tensor, d: torch.Tensor,
+               y: torch.Tensor, log_mu: torch.Tensor, log_mu_base: torch.Tensor,
+               theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed 002's deviance-based partial R^2 of Z for D (w') and for Y (v', mean over genes).
+
+    Each is 1 - deviance(with Z) / deviance(baseline without Z): positive when Z-hat improves on
+    the baseline. The objective *subtracts* them (the seed added them, penalising improvement).
+    """
+    dev_d = F.binary_cross_entropy_with_logits(d_logit, d, reduction="sum")
+    dev_d_base = F.binary_cross_entropy_with_logits(d_logit_base, d, reduction="sum")
+    w = 1.0 - dev_d / dev_d_base.clamp_min(1e-8)
+    dev_y = nb_deviance(y, log_mu, theta)
+    dev_y_base = nb_deviance(y, log_mu_base, theta)
+    v = (1.0 - dev_y / dev_y_base.clamp_min(1e-8)).mean()
+    return w, v
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, averaged over cells."""
+    return (-0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
+
+
+def mse_per_cell(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over genes, averaged over cells (a Gaussian NLL up to constants)."""
+    return (x_hat - x).pow(2).sum(dim=1).mean()
+
+
+def domain_ce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    """The discriminator's cross-entropy for the true domains (what it minimises)."""
+    return F.cross_entropy(logits, domain)
+
+
+def encoder_adversarial_loss(logits: torch.Tensor, domain: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the encoders minimise to fool the discriminator (it is frozen or reversed elsewhere).
+
+    negce: -CE(true domain), i.e. maximise the discriminator's loss;
+    uniform: CE to the uniform distribution (minimal at p = 1/K, seed 000's "(0.5, 0.5)" target);
+    flip: CE to every wrong domain, as scvi-tools' adversarial classifier trains the encoder.
+    All three are zero-centred at the uniform prediction up to a constant, and decrease as the
+    discriminator's probability of the true domain falls.
+    """
+    log_p = F.log_softmax(logits, dim=1)
+    n_domains = logits.shape[1]
+    if kind == "negce":
+        return -F.nll_loss(log_p, domain)
+    if kind == "uniform":
+        return -log_p.mean(dim=1).mean() - math.log(n_domains)
+    if kind == "flip":
+        wrong = torch.ones_like(log_p)
+        wrong.scatter_(1, domain[:, None], 0.0)
+        wrong = wrong / wrong.sum(dim=1, keepdim=True)
+        return -(wrong * log_p).sum(dim=1).mean()
+    raise ValueError(f"unknown adversarial loss {kind!r}")

@@ -1,0 +1,208 @@
+"""Network pieces. Each module does one job; strategies decide which of them learn in a step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 1) -> nn.Sequential:
+    parts: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(layers):
+        parts += [nn.Linear(dim, hidden), nn.ReLU()]
+        dim = hidden
+    parts.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*parts)
+
+
+# ---------------------------------------------------------------- confounder mode
+
+
+def straight_through(probs: torch.Tensor) -> torch.Tensor:
+    """Forward: 0/1 by thresholding at 0.5; backward: the gradient of ``probs`` (seed 002)."""
+    hard = (probs > 0.5).to(probs.dtype)
+    return hard + (probs - probs.detach())  # exactly 0/1 forward
+
+
+class ZGenerator(nn.Module):
+    """Infers the hidden confounder from any of [X, D, Y~], Y~ = standardised log1p counts.
+
+    Feeding raw counts (the proof of concept) lets a few high-count genes dominate the first
+    layer; the per-gene centring and scaling are buffers, so predict replays them exactly.
+    """
+
+    def __init__(self, x_dim: int, n_genes: int, z_dim: int, hidden: int, inputs: list[str],
+                 y_mean: torch.Tensor, y_scale: torch.Tensor):
+        super().__init__()
+        self.inputs = list(inputs)
+        in_dim = (x_dim if "x" in inputs else 0) + ("d" in inputs) + (n_genes if "y" in inputs else 0)
+        self.net = mlp(in_dim, hidden, z_dim)
+        self.register_buffer("y_mean", y_mean.float())
+        self.register_buffer("y_scale", y_scale.float())
+
+    def forward(self, x: torch.Tensor, d: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Logits of Z (n x k)."""
+        parts = []
+        if "x" in self.inputs:
+            parts.append(x)
+        if "d" in self.inputs:
+            parts.append(d[:, None])
+        if "y" in self.inputs:
+            parts.append((torch.log1p(y) - self.y_mean) / self.y_scale)
+        return self.net(torch.cat(parts, dim=1))
+
+
+def represent_z(logits: torch.Tensor, z_type: str, temperature: float, training: bool) -> torch.Tensor:
+    """Turn generator logits into the Z the heads consume.
+
+    binary: straight-through 0/1; soft: sigmoid; gumbel: a logistic-noise relaxation at the given
+    temperature while training, its noise-free value at prediction.
+    """
+    if z_type == "soft":
+        return torch.sigmoid(logits)
+    if z_type == "binary":
+        return straight_through(torch.sigmoid(logits))
+    if z_type == "gumbel":
+        if training:
+            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+            logits = logits + torch.log(u) - torch.log1p(-u)
+        return torch.sigmoid(logits / temperature)
+    raise ValueError(f"unknown z type {z_type!r}")
+
+
+class TreatmentClassifier(nn.Module):
+    """Linear logit of D on [X, Z] (or on [X] alone for the baseline)."""
+
+    def __init__(self, in_dim: int, intercept: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, 1, bias=intercept)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features).squeeze(-1)
+
+
+class NBRegression(nn.Module):
+    """Linear log-mean of every gene on [X, D, Z] with a per-gene dispersion.
+
+    The inverse dispersion theta is learnt (log-parameterised) unless ``fixed_alpha`` gives the
+    dispersion alpha = 1 / theta per gene.
+    """
+
+    def __init__(self, in_dim: int, n_genes: int, intercept: bool = True,
+                 fixed_alpha: torch.Tensor | None = None):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, n_genes, bias=intercept)
+        if fixed_alpha is None:
+            self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        else:
+            self.register_buffer("log_theta", -torch.log(fixed_alpha.float()))
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return torch.exp(self.log_theta.clamp(-10.0, 10.0))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+
+class ConfounderNet(nn.Module):
+    """The three confounder-mode modules and their wiring: generator -> Z -> both heads."""
+
+    def __init__(self, generator: ZGenerator, classifier: TreatmentClassifier,
+                 nb: NBRegression, z_type: str):
+        super().__init__()
+        self.generator, self.classifier, self.nb = generator, classifier, nb
+        self.z_type = z_type
+
+    def z(self, x, d, y, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z the heads consume, Z probability)."""
+        logits = self.generator(x, d, y)
+        return represent_z(logits, self.z_type, temperature, self.training), torch.sigmoid(logits)
+
+    def heads(self, x, d, z) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D logit, log mean of Y)."""
+        return self.classifier(torch.cat([x, z], dim=1)), self.nb(torch.cat([x, d[:, None], z], dim=1))
+
+
+# ---------------------------------------------------------------- integrate mode
+
+
+class GradReverseFn(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by -lambda backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lambd: float) -> torch.Tensor:
+        ctx.lambd = float(lambd)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return -ctx.lambd * grad_output, None
+
+
+class GradientReversal(nn.Module):
+    def __init__(self, lambd: float = 1.0):
+        super().__init__()
+        self.lambd = lambd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return GradReverseFn.apply(x, self.lambd)
+
+
+class Encoder(nn.Module):
+    """log1p of library-normalised counts -> posterior mean and log-variance."""
+
+    def __init__(self, n_genes: int, latent_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_genes, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU())
+        self.mean = nn.Linear(hidden, latent_dim)
+        self.logvar = nn.Linear(hidden, latent_dim)
+
+    def forward(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net(x_norm)
+        return self.mean(h), self.logvar(h).clamp(-10.0, 10.0)
+
+
+class Decoder(nn.Module):
+    """Latent -> per-gene output: softmax proportions (NB) or log1p-normalised values (MSE)."""
+
+    def __init__(self, latent_dim: int, n_genes: int, hidden: int, likelihood: str):
+        super().__init__()
+        self.likelihood = likelihood
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, n_genes))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.net(z)
+        return F.log_softmax(out, dim=-1) if self.likelihood == "nb" else out
+
+
+class DomainVAE(nn.Module):
+    """One domain's encoder and decoder (the seed's paired design, one per domain)."""
+
+    def __init__(self, n_genes: int, latent_dim: int, hidden: int, likelihood: str):
+        super().__init__()
+        self.encoder = Encoder(n_genes, latent_dim, hidden)
+        self.decoder = Decoder(latent_dim, n_genes, hidden, likelihood)
+
+
+class DomainDiscriminator(nn.Module):
+    """Predicts the domain of a cell from its posterior mean."""
+
+    def __init__(self, latent_dim: int, n_domains: int, hidden: int = 128):
+        super().__init__()
+        self.net = mlp(latent_dim, hidden, n_domains, layers=2)
+
+    def forward(self, z_mean: torch.Tensor) -> torch.Tensor:
+        return self.net(z_mean)
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    """Freeze (requires_grad False) or unfreeze a module's parameters; gradients still flow
+    through a frozen module to the modules before it."""
+    for p in module.parameters():
+        p.requires_grad_(trainable)

@@ -1,0 +1,302 @@
+"""`diagnose`: turn a prediction file into metrics, tables and plots a biologist can read.
+
+Everything is written to a staging folder first and moved into REPORT_DIR file by file, each by
+an atomic rename, so REPORT_DIR never holds a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import keys
+from .data import CovariateEncoding, encode_treatment, load_counts, read_h5ad
+from .errors import InputError
+from .io import load_model
+
+
+def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
+             label_key: str = keys.CELL_TYPE, batch_key: str | None = None) -> dict[str, Any]:
+    """Write the report for ``predicted`` into ``out_dir``; return the summary (also summary.json)."""
+    adata = read_h5ad(predicted)
+    meta = adata.uns.get(keys.UNS, {})
+    info = meta.get(keys.PREDICT) if isinstance(meta, dict) else None
+    if not isinstance(info, dict) or "mode" not in info:
+        raise InputError(f"'{predicted}' has no uns['{keys.UNS}']['{keys.PREDICT}'] record: run "
+                         "`advcli predict` first and diagnose its output.")
+    mode = str(info["mode"])
+    payload = load_model(model_path, mode=mode) if model_path is not None else None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".advcli-report-", dir=out_dir))
+    try:
+        if mode == "confounder":
+            summary = confounder_report(adata, staging, payload)
+        else:
+            from .integrate_report import integration_report
+
+            summary = integration_report(adata, staging, payload, label_key, batch_key)
+        summary = {"mode": mode, "input": str(predicted), **summary}
+        summary["files"] = sorted(p.name for p in staging.iterdir()) + ["summary.json"]
+        (staging / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in staging.iterdir():
+            os.chmod(path, 0o666 & ~umask)
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------- confounder mode
+
+
+def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, Any]:
+    from .metrics import auroc_matched, columnwise_pearson, match_latents, ols_line
+
+    for key, where in ((keys.Z_HAT, adata.obsm), (keys.Z_PROB, adata.obsm)):
+        if key not in where:
+            raise InputError(f"obsm['{key}'] is missing: the file was not written by "
+                             "`advcli predict` with a confounder model.")
+    if keys.D_LOGIT not in adata.obs or keys.NB_MEAN not in adata.layers:
+        raise InputError(f"obs['{keys.D_LOGIT}'] or layers['{keys.NB_MEAN}'] is missing: the file "
+                         "was not written by `advcli predict` with a confounder model.")
+    z_hat = np.asarray(adata.obsm[keys.Z_HAT], dtype=float)
+    z_prob = np.asarray(adata.obsm[keys.Z_PROB], dtype=float)
+    metrics: dict[str, Any] = {}
+    notes: list[str] = []
+    headline: dict[str, Any] = {}
+    plt = _plt()
+
+    if keys.Z_TRUE in adata.obsm:
+        z_true = np.asarray(adata.obsm[keys.Z_TRUE], dtype=float)
+        order, signed = match_latents(z_hat, z_true)
+        metrics["abs_r_z"] = np.abs(signed).tolist()
+        metrics["r_z_signed"] = signed.tolist()
+        metrics["z_matching"] = order.tolist()
+        metrics["auroc_z"] = auroc_matched(z_prob, z_true, order, signed)
+        metrics["z_note"] = ("Z is identified only up to sign and permutation: |r| after the best "
+                             "matching of estimated to true columns.")
+        headline["|r(Z-hat, Z)|"] = float(np.mean(np.abs(signed)))
+        _z_plot(plt, z_true[:, 0], z_hat[:, order[0] if order[0] >= 0 else 0],
+                folder / "z_vs_true.png", ols_line)
+    else:
+        notes.append(f"No obsm['{keys.Z_TRUE}']: Z-hat is not compared with a true Z.")
+
+    if keys.LOG_MU_TRUE in adata.layers:
+        log_mu_hat = np.log(np.asarray(adata.layers[keys.NB_MEAN], dtype=float).clip(1e-30))
+        r_genes = columnwise_pearson(log_mu_hat, np.asarray(adata.layers[keys.LOG_MU_TRUE]))
+        pd.DataFrame({"gene": adata.var_names, "r": r_genes}).to_csv(
+            folder / "per_gene_correlation.csv", index=False)
+        metrics["per_gene_r_mean"] = float(np.nanmean(r_genes))
+        metrics["per_gene_r_median"] = float(np.nanmedian(r_genes))
+        headline["mean per-gene r(log mu)"] = metrics["per_gene_r_mean"]
+        _hist_plot(plt, r_genes, folder / "per_gene_correlation_hist.png")
+    else:
+        notes.append(f"No layers['{keys.LOG_MU_TRUE}']: per-gene correlations skipped.")
+
+    if keys.LOGIT_D_TRUE in adata.obs:
+        slope, icpt, r = ols_line(adata.obs[keys.LOGIT_D_TRUE], adata.obs[keys.D_LOGIT])
+        metrics["d_logit_r"] = r
+        metrics["d_logit_slope"] = slope
+        _d_logit_plot(plt, adata.obs[keys.LOGIT_D_TRUE].to_numpy(float),
+                      adata.obs[keys.D_LOGIT].to_numpy(float), folder / "d_logit_vs_true.png",
+                      (slope, icpt, r))
+    else:
+        notes.append(f"No obs['{keys.LOGIT_D_TRUE}']: the D-logit plot is skipped.")
+
+    if payload is not None:
+        _loss_curves(plt, payload["history"], folder / "loss_curves.png")
+    else:
+        notes.append("No --model given: loss_curves.png needs the model file's history.")
+
+    effects = _effects(adata, z_hat, metrics, notes, headline)
+    if effects is not None:
+        effects.to_csv(folder / "treatment_effects.csv", index=False)
+        _effects_plot(plt, effects, folder / "treatment_effects.png")
+    return {"metrics": metrics, "headline": headline, "notes": notes}
+
+
+def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
+    from .effects import treatment_effects
+
+    inputs = adata.uns.get(keys.UNS, {}).get("confounder_inputs")
+    if not isinstance(inputs, dict):
+        notes.append("No record of the treatment and covariates: treatment effects skipped.")
+        return None
+    layer = str(inputs.get("layer", "")) or None
+    d, _ = encode_treatment(adata, str(inputs["treatment_key"]), str(inputs["treated_level"])
+                            if _named(adata, str(inputs["treatment_key"])) else None)
+    cov = inputs["covariates"]
+    encoding = CovariateEncoding.from_dict({k: _as_list(cov[k]) for k in ("keys", "kinds", "levels")})
+    x = encoding.transform(adata)
+    counts = load_counts(adata, layer)
+    frame = treatment_effects(counts, d, x, z_hat, adata.var_names)
+    sim = adata.uns.get(keys.UNS, {}).get(keys.SIMULATION)
+    if isinstance(sim, dict) and "beta_2" in sim:
+        truth = np.asarray(sim["beta_2"])[x.shape[1]]  # the D row of beta_2
+        frame["effect_true"] = truth
+        for name in ("naive", "adjusted"):
+            err = frame[f"effect_{name}"].to_numpy() - truth
+            metrics[f"effect_rmse_{name}"] = float(np.sqrt(np.nanmean(err ** 2)))
+            metrics[f"effect_bias_{name}"] = float(np.nanmean(err))
+        half = 1.959964 * frame["se_adjusted"].to_numpy()
+        cover = np.abs(frame["effect_adjusted"].to_numpy() - truth) <= half
+        metrics["effect_ci95_coverage_adjusted"] = float(np.nanmean(cover))
+        headline["effect RMSE naive / adjusted"] = (
+            f"{metrics['effect_rmse_naive']:.3f} / {metrics['effect_rmse_adjusted']:.3f}")
+    metrics["genes_q_below_0.05"] = int((frame["qvalue"] < 0.05).sum())
+    headline["genes with q < 0.05"] = metrics["genes_q_below_0.05"]
+    return frame
+
+
+def _as_list(value):
+    if isinstance(value, np.ndarray):
+        return [_as_list(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_as_list(v) for v in value]
+    return value
+
+
+def _named(adata, key: str) -> bool:
+    col = adata.obs[key] if key in adata.obs else None
+    return col is not None and not (pd.api.types.is_bool_dtype(col)
+                                    or pd.api.types.is_numeric_dtype(col))
+
+
+def _z_plot(plt, z_true, z_hat, path, ols_line):
+    rng = np.random.default_rng(0)
+    x = z_true + rng.uniform(-0.08, 0.08, z_true.size)
+    slope, icpt, r = ols_line(z_true, z_hat)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(x, z_hat, s=10, alpha=0.5)
+    line = np.linspace(-0.3, 1.3, 50)
+    ax.plot(line, icpt + slope * line, ls=":", color="orange", lw=2, label="OLS fit")
+    ax.set_xticks([0, 1], ["Z = 0", "Z = 1"])
+    ax.set_xlim(-0.4, 1.4)
+    ax.set_xlabel("true Z (jittered)")
+    ax.set_ylabel("estimated Z-hat")
+    ax.set_title(f"Z-hat vs true Z: Pearson r = {r:.3f} (sign of Z is arbitrary)")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _hist_plot(plt, r, path):
+    r = r[np.isfinite(r)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(r, bins=30, color="tab:blue", alpha=0.85)
+    ax.set_xlabel("per-gene Pearson r, predicted vs true log mean")
+    ax.set_ylabel("genes")
+    ax.set_title(f"Per-gene correlations: mean {np.mean(r):.3f}, median {np.median(r):.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _d_logit_plot(plt, true, pred, path, line):
+    slope, icpt, r = line
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(true, pred, s=10, alpha=0.5)
+    lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+    if hi - lo < 1e-6:
+        lo, hi = lo - 1, hi + 1
+    ax.plot([lo, hi], [lo, hi], ls="--", color="k", lw=1, label="y = x")
+    grid = np.linspace(lo, hi, 50)
+    ax.plot(grid, icpt + slope * grid, ls=":", color="orange", lw=2, label="OLS fit")
+    ax.set_xlabel("true logit of D")
+    ax.set_ylabel("predicted logit of D")
+    r_text = "undefined (true logit constant)" if not np.isfinite(r) else f"{r:.3f}"
+    ax.set_title(f"Predicted vs true D logits: r = {r_text}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _loss_curves(plt, history, path):
+    gen = history.get("generator", {})
+    pred = history.get("predictor", {})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    if gen.get("epoch"):
+        for name, style in (("total", "-"), ("bce", "--"), ("nb", ":")):
+            if gen.get(name):
+                ax.plot(gen["epoch"], gen[name], ls=style, label=name.upper() if name != "total"
+                        else "total (weighted)")
+        ax.set_yscale("symlog")
+    ax.set_xlabel("epoch (all phases counted)")
+    ax.set_ylabel("loss")
+    ax.set_title("Generator phase: BCE, NB (per gene) and weighted total")
+    ax.legend()
+    ax = axes[1]
+    if pred.get("epoch"):
+        ax.plot(pred["epoch"], pred["bce"], "--", label="BCE (classifier)")
+        ax.plot(pred["epoch"], pred["nb"], ":", label="NB (per gene)")
+    ax.set_xlabel("epoch (all phases counted)")
+    ax.set_title("Head phase")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _effects_plot(plt, frame, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    naive, adj = frame["effect_naive"].to_numpy(), frame["effect_adjusted"].to_numpy()
+    ax = axes[0]
+    ax.scatter(naive, adj, s=10, alpha=0.6)
+    finite = np.isfinite(naive) & np.isfinite(adj)
+    if finite.any():
+        lo, hi = float(min(naive[finite].min(), adj[finite].min())), float(
+            max(naive[finite].max(), adj[finite].max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set_xlabel("naive effect of D (log mean, [X, D])")
+    ax.set_ylabel("adjusted effect of D ([X, D, Z-hat])")
+    ax.set_title("Treatment effect per gene")
+    ax = axes[1]
+    q = frame["qvalue"].to_numpy()
+    ax.scatter(adj, -np.log10(np.clip(frame["pvalue"].to_numpy(), 1e-300, 1)), s=10,
+               c=np.where(q < 0.05, "tab:red", "tab:gray"), alpha=0.7)
+    top = frame.assign(absq=q).nsmallest(8, "absq")
+    for _, row in top.iterrows():
+        ax.annotate(str(row["gene"]), (row["effect_adjusted"], -np.log10(max(row["pvalue"], 1e-300))),
+                    fontsize=7)
+    ax.set_xlabel("adjusted effect of D")
+    ax.set_ylabel("-log10 p")
+    ax.set_title("Adjusted effects (red: q < 0.05)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

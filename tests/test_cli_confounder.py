@@ -1,0 +1,235 @@
+"""End to end through the `advcli` command on small files in a tmp dir."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from advcli import __version__
+from conftest import SAMPLE, make_adata
+
+FAST = ["--outer-iterations", "6"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, confounder_file):
+    """fit -> predict -> diagnose once; tests look at what was written."""
+    from typer.testing import CliRunner
+
+    from advcli.cli import app
+
+    run = CliRunner()
+    out = tmp_path_factory.mktemp("run")
+    model = out / "models" / "m.pt"
+    fit = run.invoke(app, ["fit", str(confounder_file), "--mode", "confounder", "-o", str(model),
+                           "--json", *FAST])
+    assert fit.exit_code == 0, fit.output
+    pred = out / "pred" / "p.h5ad"
+    csv = out / "pred" / "p.csv"
+    p = run.invoke(app, ["predict", str(model), str(confounder_file), "-o", str(pred), "--csv",
+                         str(csv), "--json"])
+    assert p.exit_code == 0, p.output
+    report = out / "report"
+    d = run.invoke(app, ["diagnose", str(pred), "-o", str(report), "--model", str(model),
+                         "--json"])
+    assert d.exit_code == 0, d.output
+    return {"fit": fit, "predict": p, "diagnose": d, "model": model, "pred": pred, "csv": csv,
+            "report": report, "dir": out}
+
+
+def test_help_and_version(invoke):
+    assert invoke("--version").stdout.strip() == f"advcli {__version__}"
+    for args in (["--help"], ["fit", "--help"], ["simulate", "--help"], ["predict", "--help"],
+                 ["diagnose", "--help"], ["simulate", "integrate", "--help"]):
+        r = invoke(*args)
+        assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_fit_json_has_the_spec_fields(fitted):
+    out = json.loads(fitted["fit"].stdout)
+    for key in ("mode", "n_cells", "n_genes", "epochs", "train_seconds", "final_losses"):
+        assert key in out
+    assert out["mode"] == "confounder" and out["n_cells"] == 300 and out["epochs"] == 7
+    assert "corr_z_d" in out and "corr_z_covariates" in out
+
+
+def test_model_file_loads_with_weights_only(fitted):
+    payload = torch.load(fitted["model"], weights_only=True)
+    assert payload["mode"] == "confounder" and payload["format_version"] == 1
+    assert len(payload["genes"]) == 30 and payload["version"] == __version__
+    hist = payload["history"]
+    assert {"bce", "nb", "total"} <= set(hist["generator"]) and {"bce", "nb"} <= set(hist["predictor"])
+
+
+def test_predict_writes_every_confounder_key_in_row_order(fitted, confounder_file):
+    src = ad.read_h5ad(confounder_file)
+    a = ad.read_h5ad(fitted["pred"])
+    assert list(a.obs_names) == list(src.obs_names)
+    assert a.obsm["Z_hat"].shape == (300, 1) and a.obsm["Z_prob"].shape == (300, 1)
+    for key in ("D_logit", "D_prob", "log_lik_Y"):
+        assert key in a.obs and np.isfinite(a.obs[key]).all()
+    assert a.layers["nb_mean"].dtype == np.float32 and a.layers["nb_mean"].shape == (300, 30)
+    assert a.uns["advcli"]["predict"]["mode"] == "confounder"
+    assert len(a.uns["advcli"]["predict"]["model_sha256"]) == 64
+    # the input's own contents are kept
+    assert "Z_true" in a.obsm and (a.X != src.X).nnz == 0
+    csv = open(fitted["csv"]).readline().strip().split(",")
+    assert csv == ["cell", "Z_hat_0", "Z_prob_0", "D_logit", "D_prob", "log_lik_Y"]
+
+
+def test_diagnose_writes_every_report(fitted):
+    report = fitted["report"]
+    for name in ("summary.json", "per_gene_correlation.csv", "per_gene_correlation_hist.png",
+                 "z_vs_true.png", "d_logit_vs_true.png", "loss_curves.png",
+                 "treatment_effects.csv"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 1000 or \
+            name.endswith(".csv"), name
+    with open(report / "summary.json") as f:
+        summary = json.load(f)
+    assert 0 <= summary["metrics"]["abs_r_z"][0] <= 1
+    header = (report / "treatment_effects.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["gene", "effect_naive", "effect_adjusted", "se_adjusted", "pvalue",
+                          "qvalue"]
+    assert not [p for p in report.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_same_seed_same_z_hat(tmp_path, invoke, confounder_file):
+    for name in ("a", "b"):
+        assert invoke("fit", confounder_file, "--mode", "confounder", "-o", tmp_path / f"{name}.pt",
+                      *FAST).exit_code == 0
+        assert invoke("predict", tmp_path / f"{name}.pt", confounder_file, "-o",
+                      tmp_path / f"{name}.h5ad").exit_code == 0
+    za = ad.read_h5ad(tmp_path / "a.h5ad").obsm["Z_hat"]
+    zb = ad.read_h5ad(tmp_path / "b.h5ad").obsm["Z_hat"]
+    assert np.array_equal(za, zb)
+
+
+def test_predict_with_reordered_genes_matches(fitted, tmp_path, invoke, confounder_file):
+    a = ad.read_h5ad(confounder_file)
+    shuffled = a[:, a.var_names[::-1]].copy()
+    shuffled.write_h5ad(tmp_path / "rev.h5ad")
+    assert invoke("predict", fitted["model"], tmp_path / "rev.h5ad", "-o",
+                  tmp_path / "p.h5ad").exit_code == 0
+    got = ad.read_h5ad(tmp_path / "p.h5ad")
+    ref = ad.read_h5ad(fitted["pred"])
+    np.testing.assert_allclose(got.obsm["Z_hat"], ref.obsm["Z_hat"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, ref.var_names].layers["nb_mean"], ref.layers["nb_mean"],
+                               rtol=1e-4)
+
+
+def test_predict_with_missing_genes_names_them(fitted, tmp_path, invoke, confounder_file):
+    a = ad.read_h5ad(confounder_file)
+    a[:, 3:].copy().write_h5ad(tmp_path / "fewer.h5ad")
+    r = invoke("predict", fitted["model"], tmp_path / "fewer.h5ad", "-o", tmp_path / "p.h5ad")
+    assert r.exit_code == 2
+    assert "gene_00" in r.stderr and "gene_02" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "p.h5ad").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_predict_with_damaged_model(fitted, tmp_path, invoke, confounder_file, damage):
+    data = fitted["model"].read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"junk" * 100)
+    r = invoke("predict", bad, confounder_file, "-o", tmp_path / "p.h5ad")
+    assert r.exit_code == 2 and "model file" in r.stderr
+    assert not (tmp_path / "p.h5ad").exists()
+
+
+def _bad_counts(kind):
+    a = make_adata(n=60, genes=10)
+    X = a.X.toarray()
+    if kind == "nan":
+        X[1, 1] = np.nan
+    elif kind == "negative":
+        X[1, 1] = -2
+    elif kind == "fraction":
+        X[1, 1] = 1.5
+    a.X = sp.csr_matrix(X)
+    return a
+
+
+@pytest.mark.parametrize("kind,match", [("nan", "NaN"), ("negative", "negative"),
+                                        ("fraction", "non-integer")])
+def test_fit_rejects_bad_counts_without_output(kind, match, tmp_path, invoke, write):
+    path = write(_bad_counts(kind))
+    before = path.read_bytes()
+    r = invoke("fit", path, "--mode", "confounder", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and match in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "m.pt").exists()
+    assert path.read_bytes() == before  # the input is never modified
+
+
+def test_fit_bad_inputs(tmp_path, invoke, write):
+    good = write(make_adata(n=60, genes=10))
+    cases = [
+        (["fit", tmp_path / "missing.h5ad", "--mode", "confounder"], "does not exist"),
+        (["fit", good, "--mode", "confounder", "--treatment-key", "treat"], "'D', 'group'"),
+        (["fit", good, "--mode", "confounder", "--covariate-keys", "group,age"],
+         "Covariate key 'age' not found"),
+        (["fit", good, "--mode", "wrong"], "--mode must be"),
+        (["fit", good, "--mode", "confounder", "--z-type", "odd"], "--z-type"),
+        (["fit", good, "--mode", "confounder", "--latent-dim", "4"], "--latent-dim"),
+        (["fit", good, "--mode", "integrate", "--z-dim", "2"], "--z-dim"),
+        (["fit", good, "--mode", "confounder", "--generator-inputs", "x,q"], "generator-inputs"),
+        (["fit", good, "--mode", "confounder", "--dispersion-key", "alpha"], "not a var column"),
+        (["fit", good, "--mode", "confounder", "--lr", "-1"], "--lr must be positive"),
+        (["fit", good, "--mode", "confounder", "--preset", "fast"], "--preset"),
+    ]
+    text = tmp_path / "text.h5ad"
+    text.write_text("hello")
+    cases.append((["fit", text, "--mode", "confounder"], "not a readable .h5ad"))
+    empty = write(make_adata(n=60, genes=10)[:0].copy(), "empty.h5ad")
+    cases.append((["fit", empty, "--mode", "confounder"], "at least one"))
+    for args, match in cases:
+        r = invoke(*args, "-o", tmp_path / "m.pt")
+        assert r.exit_code == 2, (args, r.output)
+        assert match in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "m.pt").exists()
+
+
+def test_categorical_treatment_and_covariate(tmp_path, invoke, write):
+    a = make_adata(n=80, genes=10, cond=np.where(np.arange(80) % 2, "stim", "ctrl"))
+    path = write(a)
+    r = invoke("fit", path, "--mode", "confounder", "--treatment-key", "cond",
+               "--covariate-keys", "group", "-o", tmp_path / "m.pt", "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    assert list(json.loads(r.stdout)["corr_z_covariates"]) == ["group=b", "group=c"]
+    assert invoke("predict", tmp_path / "m.pt", path, "-o", tmp_path / "p.h5ad").exit_code == 0
+    d = invoke("diagnose", tmp_path / "p.h5ad", "-o", tmp_path / "rep", "--json")
+    assert d.exit_code == 0, d.output
+    summary = json.loads(d.stdout)
+    assert "treatment_effects.csv" in summary["files"] and "z_vs_true.png" not in summary["files"]
+    assert any("Z_true" in n for n in summary["notes"])
+
+
+def test_predict_refuses_to_overwrite_its_input(fitted, invoke, confounder_file):
+    r = invoke("predict", fitted["model"], confounder_file, "-o", confounder_file)
+    assert r.exit_code == 2 and "never overwrites" in r.stderr
+
+
+def test_diagnose_needs_a_prediction(tmp_path, invoke, confounder_file):
+    r = invoke("diagnose", confounder_file, "-o", tmp_path / "rep")
+    assert r.exit_code == 2 and "advcli predict" in r.stderr
+
+
+def test_simulate_commands(tmp_path, invoke):
+    r = invoke("simulate", "confounder", "-o", tmp_path / "deep" / "c.h5ad", "--n", "50",
+               "--genes", "5", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["n_cells"] == 50
+    r = invoke("simulate", "integrate", "-o", tmp_path / "i.h5ad", "--n-a", "30", "--n-b", "40",
+               "--genes", "20", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["n_cells"] == 70
+    r = invoke("simulate", "confounder", "-o", tmp_path / "x.h5ad", "--setting", "odd")
+    assert r.exit_code == 2 and "--setting" in r.stderr
+
+
+def test_bundled_sample_data_is_small_and_valid():
+    for name in ("confounder.h5ad", "integrate.h5ad"):
+        path = SAMPLE / name
+        assert path.stat().st_size < 5 * 1024 * 1024
+        a = ad.read_h5ad(path)
+        assert a.n_obs > 0 and a.n_vars > 0

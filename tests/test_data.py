@@ -1,0 +1,171 @@
+"""The validation layer: every bad input becomes an InputError that names what was wrong."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from advcli.data import (CovariateEncoding, encode_domains, encode_treatment, gene_order,
+                         load_counts, read_h5ad, validate_counts)
+from advcli.errors import InputError
+from conftest import make_adata
+
+
+def test_read_missing_file_and_non_h5ad(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_h5ad(tmp_path / "nope.h5ad")
+    bad = tmp_path / "bad.h5ad"
+    bad.write_text("not hdf5")
+    with pytest.raises(InputError, match="not a readable .h5ad"):
+        read_h5ad(bad)
+    with pytest.raises(InputError, match="folder"):
+        read_h5ad(tmp_path)
+
+
+def test_truncated_h5ad_is_an_input_error(tmp_path, write):
+    path = write(make_adata())
+    data = path.read_bytes()
+    cut = tmp_path / "cut.h5ad"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError):
+        read_h5ad(cut)
+
+
+@pytest.mark.parametrize("value,match", [(np.nan, "NaN"), (-1.0, "negative"),
+                                         (0.5, "non-integer"), (np.inf, "NaN or infinite")])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_bad_counts(value, match, sparse):
+    adata = make_adata()
+    dense = adata.X.toarray()
+    dense[3, 2] = value
+    adata.X = sp.csr_matrix(dense) if sparse else dense
+    with pytest.raises(InputError, match=match):
+        validate_counts(adata)
+
+
+def test_float_whole_numbers_and_integer_dtypes_are_fine():
+    adata = make_adata()
+    adata.X = adata.X.toarray().astype(np.int32)
+    validate_counts(adata)
+    assert load_counts(adata).dtype == np.float32
+
+
+def test_empty_data_and_string_matrix():
+    adata = make_adata()
+    with pytest.raises(InputError, match="at least one"):
+        validate_counts(adata[:0].copy())
+    with pytest.raises(InputError, match="at least one"):
+        validate_counts(adata[:, :0].copy())
+
+
+def test_duplicate_gene_names():
+    adata = make_adata()
+    adata.var_names = ["g0"] * adata.n_vars
+    with pytest.raises(InputError, match="not unique"):
+        validate_counts(adata)
+
+
+def test_missing_layer_lists_existing_layers():
+    adata = make_adata()
+    adata.layers["counts"] = adata.X.copy()
+    with pytest.raises(InputError, match="'raw' not found.*'counts'"):
+        validate_counts(adata, "raw")
+    validate_counts(adata, "counts")
+
+
+def test_backed_reading_validates_in_blocks(write, monkeypatch):
+    import advcli.data as data
+
+    monkeypatch.setattr(data, "BLOCK_ROWS", 7)
+    adata = make_adata(n=30)
+    dense = adata.X.toarray()
+    dense[25, 1] = -3
+    adata.X = sp.csr_matrix(dense)
+    path = write(adata)
+    backed = read_h5ad(path, backed=True)
+    assert backed.isbacked
+    with pytest.raises(InputError, match="negative"):
+        validate_counts(backed)
+
+
+def test_treatment_encodings():
+    n = 40
+    base = make_adata(n=n)
+    d01, levels = encode_treatment(base, "D")
+    assert set(np.unique(d01)) == {0.0, 1.0} and levels == ["0", "1"]
+    a = make_adata(n=n, T=np.where(np.arange(n) % 2 == 0, "ctrl", "stim"))
+    d, levels = encode_treatment(a, "T")
+    assert levels == ["ctrl", "stim"] and d[1] == 1.0 and d[0] == 0.0
+    d, levels = encode_treatment(a, "T", treated_level="ctrl")
+    assert levels == ["stim", "ctrl"] and d[0] == 1.0
+    cat = make_adata(n=n, T=pd.Categorical(np.where(np.arange(n) % 2 == 0, "z", "a"),
+                                           categories=["z", "a"]))
+    d, levels = encode_treatment(cat, "T")
+    assert levels == ["z", "a"] and d[1] == 1.0  # categorical order, not sorted order
+    b = make_adata(n=n, T=np.arange(n) % 2 == 0)
+    d, _ = encode_treatment(b, "T")
+    assert d[0] == 1.0
+
+
+@pytest.mark.parametrize("values,match", [
+    (np.arange(40) % 3, "values"),
+    (np.array(["a", "b", "c", "d"] * 10), "4 levels"),
+    (np.zeros(40), "only one value"),
+    (np.where(np.arange(40) < 3, np.nan, 1.0), "missing"),
+])
+def test_bad_treatments(values, match):
+    with pytest.raises(InputError, match=match):
+        encode_treatment(make_adata(n=40, T=values), "T")
+
+
+def test_missing_treatment_key_lists_keys():
+    with pytest.raises(InputError, match=r"Treatment key 'treat' not found.*'D'.*'group'"):
+        encode_treatment(make_adata(), "treat")
+    with pytest.raises(InputError, match="not a level"):
+        encode_treatment(make_adata(n=40, T=np.where(np.arange(40) % 2, "u", "v")), "T", "w")
+
+
+def test_covariate_encoding_roundtrip_and_errors():
+    adata = make_adata(n=60, age=np.linspace(20, 80, 60))
+    enc = CovariateEncoding.fit(adata, ["group", "age"])
+    x = enc.transform(adata)
+    assert enc.columns == ["group=b", "group=c", "age"]
+    assert x.shape == (60, 3) and set(np.unique(x[:, 0])) <= {0.0, 1.0}
+    again = CovariateEncoding.from_dict(enc.to_dict())
+    assert np.array_equal(again.transform(adata), x)
+    other = make_adata(n=60, age=np.linspace(20, 80, 60))
+    other.obs["group"] = pd.Categorical(["a", "b", "zz"] * 20)
+    with pytest.raises(InputError, match="not seen"):
+        enc.transform(other)
+    nan_age = make_adata(n=60, age=np.r_[np.nan, np.linspace(20, 80, 59)])
+    with pytest.raises(InputError, match="missing"):
+        enc.transform(nan_age)
+    inf_age = make_adata(n=60, age=np.r_[np.inf, np.linspace(20, 80, 59)])
+    with pytest.raises(InputError, match="infinite"):
+        enc.transform(inf_age)
+    text_age = make_adata(n=60, age=np.array(["old"] * 60))
+    with pytest.raises(InputError, match="was numeric"):
+        enc.transform(text_age)
+    with pytest.raises(InputError, match="Covariate key 'nope' not found"):
+        CovariateEncoding.fit(adata, ["nope"])
+    with pytest.raises(InputError, match="at least two"):
+        CovariateEncoding.fit(make_adata(n=10, one=np.array(["x"] * 10)), ["one"])
+
+
+def test_domains():
+    codes, domains = encode_domains(make_adata(n=10), "batch")
+    assert domains == ["x", "y"] and codes.tolist() == [0] * 5 + [1] * 5
+    with pytest.raises(InputError, match="single level"):
+        encode_domains(make_adata(n=10, b=np.array(["x"] * 10)), "b")
+    with pytest.raises(InputError, match="not trained on"):
+        encode_domains(make_adata(n=10), "batch", ["x", "q"])
+    with pytest.raises(InputError, match="Batch key 'bk' not found"):
+        encode_domains(make_adata(n=10), "bk")
+
+
+def test_gene_order_reorders_and_names_missing_genes():
+    adata = make_adata(genes=5)
+    assert gene_order(adata, ["g3", "g0"]).tolist() == [3, 0]
+    with pytest.raises(InputError, match=r"lack 2 of the 3 genes.*gX, gY"):
+        gene_order(adata, ["g1", "gX", "gY"])

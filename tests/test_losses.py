@@ -1,0 +1,58 @@
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+
+from advcli import losses
+
+
+def test_nb_log_prob_matches_scipy():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 40, (50, 7)).astype(float)
+    mu = rng.uniform(0.1, 30.0, (50, 7))
+    theta = rng.uniform(0.2, 8.0, 7)
+    ours = losses.nb_log_prob(torch.tensor(y), torch.log(torch.tensor(mu)), torch.tensor(theta))
+    # scipy's nbinom(n, p): n = theta, p = theta / (theta + mu)
+    ref = stats.nbinom.logpmf(y, theta, theta / (theta + mu))
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-9, atol=1e-9)
+    nll = losses.nb_nll(torch.tensor(y), torch.log(torch.tensor(mu)), torch.tensor(theta))
+    assert math.isclose(nll.item(), -ref.mean(), rel_tol=1e-9)
+
+
+def test_nb_log_prob_is_stable_for_large_means():
+    out = losses.nb_log_prob(torch.tensor([[5.0]]), torch.tensor([[80.0]]), torch.tensor([2.0]))
+    assert torch.isfinite(out).all()
+
+
+def test_dbpr_rewards_a_z_that_improves_prediction():
+    torch.manual_seed(0)
+    n, g = 400, 5
+    z = torch.randint(0, 2, (n,)).float()
+    d = torch.bernoulli(torch.sigmoid(2.5 * (2 * z - 1)))
+    log_mu_true = (1.5 * z)[:, None].expand(n, g) + 0.5
+    theta = torch.full((g,), 5.0)
+    y = torch.distributions.NegativeBinomial(theta, logits=log_mu_true - torch.log(theta)).sample()
+    base_logit = torch.zeros(n)
+    base_log_mu = torch.full((n, g), math.log(y.mean().item()))
+    good = losses.dbpr_terms(2.5 * (2 * z - 1), base_logit, d, y, log_mu_true, base_log_mu, theta)
+    useless = losses.dbpr_terms(base_logit, base_logit, d, y, base_log_mu, base_log_mu, theta)
+    assert good[0] > 0.1 and good[1] > 0.1          # a useful Z improves on the baselines
+    assert abs(useless[0]) < 1e-6 and abs(useless[1]) < 1e-6
+    # In the generator objective the terms are subtracted: the useful Z has the lower loss.
+    weight = 1.0
+    assert -weight * sum(good) < -weight * sum(useless)
+
+
+def test_gaussian_kl_closed_form():
+    mu = torch.tensor([[0.5, -1.0]])
+    logvar = torch.tensor([[0.2, -0.3]])
+    var = logvar.exp()
+    expected = 0.5 * (var + mu ** 2 - 1 - logvar).sum()
+    assert torch.isclose(losses.gaussian_kl(mu, logvar), expected)
+    assert losses.gaussian_kl(torch.zeros(3, 4), torch.zeros(3, 4)).item() == 0.0
+
+
+def test_mse_per_cell_sums_genes():
+    x = torch.zeros(2, 3)
+    assert losses.mse_per_cell(torch.ones(2, 3), x).item() == 3.0

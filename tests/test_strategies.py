@@ -1,0 +1,63 @@
+"""Which modules learn in which phase: the contract of the alternating-freeze strategy."""
+
+import copy
+
+import torch
+
+from advcli.nn import ConfounderNet, NBRegression, TreatmentClassifier, ZGenerator
+from advcli.strategies import AlternatingFreeze, JointUpdate
+
+
+def _setup(cls=AlternatingFreeze, z_type="soft"):
+    torch.manual_seed(0)
+    n, x_dim, genes = 64, 3, 6
+    x = torch.bernoulli(torch.full((n, x_dim), 0.5))
+    d = torch.bernoulli(torch.full((n,), 0.5))
+    y = torch.poisson(torch.full((n, genes), 3.0))
+    gen = ZGenerator(x_dim, genes, 1, 16, ["x", "d", "y"], torch.zeros(genes), torch.ones(genes))
+    net = ConfounderNet(gen, TreatmentClassifier(x_dim + 1), NBRegression(x_dim + 2, genes), z_type)
+    strategy = cls(net, lr=1e-2, lr_generator=1e-2, weight_decay=0.0)
+    batches = list(torch.randperm(n).split(16))
+    return net, strategy, batches, (lambda idx: (x[idx], d[idx], y[idx]))
+
+
+def _changed(before, module):
+    return [not torch.equal(a, b) for a, b in zip(before.parameters(), module.parameters())]
+
+
+def test_head_phase_moves_heads_not_generator():
+    net, strategy, batches, get = _setup()
+    snap = copy.deepcopy(net)
+    record = strategy.head_epoch(batches, get, temperature=1.0)
+    assert set(record) == {"bce", "nb"}
+    assert not any(_changed(snap.generator, net.generator))
+    assert all(_changed(snap.classifier, net.classifier))
+    assert any(_changed(snap.nb, net.nb))
+
+
+def test_generator_phase_moves_generator_not_heads():
+    net, strategy, batches, get = _setup()
+    snap = copy.deepcopy(net)
+    weights = {"bce": 1.0, "nb": 6.0, "dbpr": 0.0}
+    record = strategy.generator_epoch(batches, get, 1.0, weights, None)
+    assert {"bce", "nb", "total"} <= set(record)
+    assert any(_changed(snap.generator, net.generator))
+    assert not any(_changed(snap.classifier, net.classifier))
+    assert not any(_changed(snap.nb, net.nb))
+    # the heads are trainable again afterwards (frozen only during the phase)
+    assert all(p.requires_grad for p in net.classifier.parameters())
+
+
+def test_generator_gets_gradient_through_frozen_heads_with_straight_through():
+    net, strategy, batches, get = _setup(z_type="binary")
+    snap = copy.deepcopy(net)
+    strategy.generator_epoch(batches, get, 1.0, {"bce": 1.0, "nb": 1.0, "dbpr": 0.0}, None)
+    assert any(_changed(snap.generator, net.generator))
+
+
+def test_joint_update_moves_every_module():
+    net, strategy, batches, get = _setup(JointUpdate)
+    snap = copy.deepcopy(net)
+    strategy.joint_epoch(batches, get, 1.0, {"bce": 1.0, "nb": 1.0, "dbpr": 0.0}, None)
+    for name in ("generator", "classifier", "nb"):
+        assert any(_changed(getattr(snap, name), getattr(net, name))), name
