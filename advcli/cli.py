@@ -175,7 +175,8 @@ CONFOUNDER_ONLY = ("treatment_key", "treated_level", "covariate_keys", "z_dim", 
                    "nb_weight", "dbpr_weight", "outer_iterations", "predictor_epochs",
                    "generator_epochs", "preset")
 INTEGRATE_ONLY = ("batch_key", "latent_dim", "likelihood", "adversary", "adv_loss", "adv_weight",
-                  "grl_lambda", "d_steps", "e_steps", "beta_kl", "val_fraction", "n_top_genes")
+                  "grl_lambda", "d_steps", "e_steps", "beta_kl", "val_fraction", "design",
+                  "lr_discriminator")
 
 
 @app.command("fit")
@@ -240,6 +241,12 @@ def fit(
                                             "with the domains (default batch)."),
     latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="[integrate] (32)"),
     likelihood: Optional[str] = typer.Option(None, "--likelihood", help="[integrate] nb or mse."),
+    design: Optional[str] = typer.Option(None, "--design",
+                                         help="[integrate] shared (one encoder, domain-"
+                                              "conditioned decoder) or paired (one VAE per "
+                                              "domain, the seed's)."),
+    lr_discriminator: Optional[float] = typer.Option(None, "--lr-discriminator",
+                                                     help="[integrate] (default 10 x --lr)"),
     adversary: Optional[str] = typer.Option(None, "--adversary",
                                             help="[integrate] grl or alternate."),
     adv_loss: Optional[str] = typer.Option(None, "--adv-loss",
@@ -252,9 +259,6 @@ def fit(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                  help="[integrate] Held-out cells for early "
                                                       "stopping."),
-    n_top_genes: Optional[int] = typer.Option(None, "--n-top-genes",
-                                              help="[integrate] Encode only the most variable "
-                                                   "genes (0: all)."),
 ) -> None:
     """Train a model and write it to one file (loadable with torch.load(weights_only=True))."""
     given = {k: v for k, v in locals().items() if v is not None}

@@ -74,18 +74,20 @@ class IntegrationConfig:
     latent_dim: int = 32
     hidden: int = 128
     likelihood: str = "nb"  # nb | mse
+    design: str = "shared"  # shared: one encoder, one domain-conditioned decoder | paired (seed)
     adversary: str = "grl"  # grl | alternate
-    adv_loss: str = "negce"  # negce | uniform | flip
-    adv_weight: float = 1.0
-    adv_warmup_epochs: int = 10
+    adv_loss: str = "uniform"  # negce | uniform | flip
+    adv_weight: float = 10.0
+    adv_start_epoch: int | None = None  # None: a quarter of the epochs (the VAE learns first)
+    adv_warmup_epochs: int | None = None  # None: a quarter of the epochs
     grl_lambda: float = 1.0
     d_steps: int = 1
     e_steps: int = 1
     beta_kl: float = 1.0
-    kl_warmup_epochs: int = 10
-    n_top_genes: int = 0  # 0: every gene
+    kl_warmup_epochs: int | None = None  # None: a quarter of the epochs
     batch_size: int = 256
     lr: float = 1e-3
+    lr_discriminator: float | None = None  # None: 10 x lr (the critic must outpace the encoders)
     max_epochs: int | None = None
     val_fraction: float = 0.1
     patience: int = 10
@@ -94,14 +96,17 @@ class IntegrationConfig:
 
     def check(self) -> None:
         _choice("--likelihood", self.likelihood, ("nb", "mse"))
+        _choice("--design", self.design, ("shared", "paired"))
         _choice("--adversary", self.adversary, ("grl", "alternate"))
         _choice("--adv-loss", self.adv_loss, ("negce", "uniform", "flip"))
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
         _positive(latent_dim=self.latent_dim, hidden=self.hidden, batch_size=self.batch_size,
                   lr=self.lr, d_steps=self.d_steps, e_steps=self.e_steps)
         _non_negative(adv_weight=self.adv_weight, grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
-                      adv_warmup_epochs=self.adv_warmup_epochs, patience=self.patience,
-                      kl_warmup_epochs=self.kl_warmup_epochs, n_top_genes=self.n_top_genes)
+                      patience=self.patience)
+        for name in ("adv_start_epoch", "adv_warmup_epochs", "kl_warmup_epochs"):
+            if getattr(self, name) is not None:
+                _non_negative(**{name: getattr(self, name)})
         if not 0.0 <= self.val_fraction < 0.5:
             raise InputError(f"--val-fraction must be in [0, 0.5) (got {self.val_fraction}).")
         if self.max_epochs is not None:

@@ -58,3 +58,98 @@ def ols_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     r = float(np.corrcoef(x, y)[0, 1])
     slope = r * y.std() / x.std()
     return float(slope), float(y.mean() - slope * x.mean()), r
+
+
+# ---------------------------------------------------------------- integrate mode (scIB definitions)
+
+
+def knn(embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and indices of each cell's k nearest other cells (scikit-learn)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, embedding.shape[0] - 1)
+    dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
+    return dist[:, 1:], idx[:, 1:]
+
+
+def lisi(dist: np.ndarray, idx: np.ndarray, labels: np.ndarray, perplexity: float = 30.0,
+         ) -> np.ndarray:
+    """Local inverse Simpson's index per cell (Harmony's compute_lisi): Gaussian kernel weights on
+    the neighbours, each cell's bandwidth calibrated to the perplexity by bisection."""
+    n, k = dist.shape
+    d2 = dist.astype(np.float64) ** 2
+    target = np.log(min(perplexity, k - 1e-9))
+    beta = np.ones(n)
+    lo, hi = np.zeros(n), np.full(n, np.inf)
+    for _ in range(50):
+        w = np.exp(-(d2 - d2[:, :1]) * beta[:, None])
+        wsum = w.sum(axis=1)
+        p = w / wsum[:, None]
+        entropy = np.log(wsum) + beta * (d2 * p).sum(axis=1) - beta * d2[:, 0]
+        too_flat = entropy > target  # entropy too high -> sharpen (raise beta)
+        lo = np.where(too_flat, beta, lo)
+        hi = np.where(too_flat, hi, beta)
+        beta = np.where(np.isinf(hi), beta * 2.0, (lo + hi) / 2.0)
+    codes = np.unique(labels, return_inverse=True)[1]
+    simpson = np.zeros(n)
+    for c in range(codes.max() + 1):
+        share = (p * (codes[idx] == c)).sum(axis=1)
+        simpson += share ** 2
+    return 1.0 / simpson
+
+
+def batch_asw(embedding: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> float:
+    """scIB's batch ASW: per cell type, 1 - |silhouette of the batch labels|, averaged per type
+    and then over types (types present in one batch only are skipped)."""
+    from sklearn.metrics import silhouette_samples
+
+    scores = []
+    for label in np.unique(labels):
+        cells = labels == label
+        if len(np.unique(batch[cells])) < 2 or cells.sum() < 3:
+            continue
+        sil = silhouette_samples(embedding[cells], batch[cells])
+        scores.append(np.mean(1.0 - np.abs(sil)))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def integration_metrics(embedding: np.ndarray, batch: np.ndarray, labels: np.ndarray | None,
+                        seed: int = 0, max_cells: int = 20000) -> dict[str, float]:
+    """iLISI and cLISI (scIB-normalised), batch and label ASW, ARI and NMI of k-means clusters,
+    kNN batch entropy, and the scIB-style bio / batch / overall (0.6 bio + 0.4 batch) scores.
+
+    Above ``max_cells`` cells a seeded subsample is scored (silhouettes are quadratic)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    embedding = np.asarray(embedding, dtype=np.float64)
+    batch = np.asarray(batch).astype(str)
+    if embedding.shape[0] > max_cells:
+        keep = np.random.default_rng(seed).choice(embedding.shape[0], max_cells, replace=False)
+        embedding, batch = embedding[keep], batch[keep]
+        labels = None if labels is None else np.asarray(labels)[keep]
+    n_batches = len(np.unique(batch))
+    dist, idx = knn(embedding, 90)
+    out: dict[str, float] = {}
+    ilisi = np.median(lisi(dist, idx, batch))
+    out["ilisi"] = float((ilisi - 1.0) / (n_batches - 1.0)) if n_batches > 1 else float("nan")
+    k50 = idx[:, :50]
+    batch_codes = np.unique(batch, return_inverse=True)[1]
+    shares = np.stack([(batch_codes[k50] == b).mean(axis=1) for b in range(n_batches)], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1)
+    out["knn_batch_entropy"] = float(ent.mean() / np.log(n_batches)) if n_batches > 1 else float("nan")
+    if labels is not None:
+        labels = np.asarray(labels).astype(str)
+        n_labels = len(np.unique(labels))
+        clisi = np.median(lisi(dist, idx, labels))
+        out["clisi"] = float((n_labels - clisi) / (n_labels - 1.0)) if n_labels > 1 else float("nan")
+        out["batch_asw"] = batch_asw(embedding, batch, labels)
+        out["label_asw"] = float((silhouette_score(embedding, labels) + 1.0) / 2.0)
+        clusters = KMeans(n_clusters=n_labels, n_init=10, random_state=seed).fit_predict(embedding)
+        out["ari"] = float(adjusted_rand_score(labels, clusters))
+        out["nmi"] = float(normalized_mutual_info_score(labels, clusters))
+        out["bio_score"] = float(np.mean([out["nmi"], out["ari"], out["label_asw"], out["clisi"]]))
+        out["batch_score"] = float(np.mean([out["batch_asw"], out["ilisi"]]))
+        out["overall_score"] = 0.6 * out["bio_score"] + 0.4 * out["batch_score"]
+    return out

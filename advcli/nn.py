@@ -167,38 +167,57 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent -> per-gene output: softmax proportions (NB) or log1p-normalised values (MSE)."""
+    """Latent -> per-gene output: log proportions (NB) or log1p-normalised values (MSE).
 
-    def __init__(self, latent_dim: int, n_genes: int, hidden: int, likelihood: str):
+    With ``n_conditions`` > 0 the decoder is shared by the domains and the domain's one-hot code
+    enters its input and output layers (scVI's covariate injection), so a latent position means
+    the same cell state in every domain while each domain keeps its own gene-level offsets.
+    """
+
+    def __init__(self, latent_dim: int, n_genes: int, hidden: int, likelihood: str,
+                 n_conditions: int = 0):
         super().__init__()
         self.likelihood = likelihood
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, n_genes))
+        self.n_conditions = n_conditions
+        self.hidden = nn.Sequential(nn.Linear(latent_dim + n_conditions, hidden),
+                                    nn.LayerNorm(hidden), nn.ReLU(),
+                                    nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU())
+        self.out = nn.Linear(hidden + n_conditions, n_genes)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.net(z)
+    def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if self.n_conditions:
+            code = F.one_hot(condition, self.n_conditions).to(z.dtype)
+            out = self.out(torch.cat([self.hidden(torch.cat([z, code], dim=1)), code], dim=1))
+        else:
+            out = self.out(self.hidden(z))
         return F.log_softmax(out, dim=-1) if self.likelihood == "nb" else out
 
 
-class DomainVAE(nn.Module):
-    """One domain's encoder and decoder (the seed's paired design, one per domain)."""
-
-    def __init__(self, n_genes: int, latent_dim: int, hidden: int, likelihood: str):
-        super().__init__()
-        self.encoder = Encoder(n_genes, latent_dim, hidden)
-        self.decoder = Decoder(latent_dim, n_genes, hidden, likelihood)
-
-
 class DomainDiscriminator(nn.Module):
-    """Predicts the domain of a cell from its posterior mean."""
+    """Predicts the domain of a cell from its posterior mean.
+
+    Its input is standardised per latent dimension (batch statistics, no learnt scale), so the
+    encoders cannot fool it by shrinking the whole latent space towards zero, a collapse that
+    otherwise satisfies the adversary while leaving the domains apart.
+    """
 
     def __init__(self, latent_dim: int, n_domains: int, hidden: int = 128):
         super().__init__()
+        self.register_buffer("center", torch.zeros(latent_dim))
+        self.register_buffer("spread", torch.ones(()))
         self.net = mlp(latent_dim, hidden, n_domains, layers=2)
 
     def forward(self, z_mean: torch.Tensor) -> torch.Tensor:
-        return self.net(z_mean)
+        if self.training and z_mean.shape[0] > 1:
+            # batch statistics, detached: no gradient path through them for encoders to exploit
+            with torch.no_grad():
+                center = z_mean.mean(dim=0)
+                spread = z_mean.std(dim=0).mean().clamp_min(1e-6)
+                self.center.lerp_(center, 0.1)
+                self.spread.lerp_(spread, 0.1)
+        else:
+            center, spread = self.center, self.spread
+        return self.net((z_mean - center) / spread)
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:

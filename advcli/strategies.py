@@ -135,3 +135,189 @@ class JointUpdate(AlternatingFreeze):
                 sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
         n = sum(len(idx) for idx in batches)
         return {k: v / n for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------- integrate mode
+
+
+class PairedVAE(torch.nn.Module):
+    """The domains' VAEs, per-domain NB dispersions and the domain discriminator on the posterior
+    means.
+
+    ``paired``: one encoder and one decoder per domain, seed 002's separate VAEs. Otherwise
+    (``shared``) one encoder for every cell and one decoder conditioned on the domain: each
+    domain's VAE is the shared pair seen with its own condition. Measured in docs/integrate.md:
+    with separate encoders each domain can move its whole cloud through one bias vector, and the
+    adversarial game chases instead of mixing.
+    """
+
+    def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_domains: int,
+                 likelihood: str, paired: bool = False):
+        super().__init__()
+        from .nn import Decoder, DomainDiscriminator, Encoder
+
+        shared_decoder = not paired
+        self.encoders = torch.nn.ModuleList(Encoder(n_genes, latent_dim, hidden)
+                                            for _ in range(n_domains if paired else 1))
+        n_dec = 1 if shared_decoder else n_domains
+        self.decoders = torch.nn.ModuleList(
+            Decoder(latent_dim, n_genes, hidden, likelihood, n_domains if shared_decoder else 0)
+            for _ in range(n_dec))
+        for module in list(self.encoders[1:]) + list(self.decoders[1:]):  # a tied start
+            module.load_state_dict((self.encoders if module in self.encoders else self.decoders)[0]
+                                   .state_dict())
+        self.log_theta = torch.nn.Parameter(torch.ones(n_domains, n_genes))
+        self.discriminator = DomainDiscriminator(latent_dim, n_domains)
+        self.likelihood = likelihood
+        self.shared_decoder = shared_decoder
+
+    def theta(self, domain: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_theta.clamp(-10.0, 10.0))[domain]
+
+    def vae_parameters(self):
+        return list(self.encoders.parameters()) + list(self.decoders.parameters()) + [self.log_theta]
+
+    def encode(self, x_norm: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, each cell through its own domain's encoder."""
+        if len(self.encoders) == 1:
+            return self.encoders[0](x_norm)
+        mean = x_norm.new_empty(x_norm.shape[0], self.encoders[0].mean.out_features)
+        logvar = torch.empty_like(mean)
+        for k, encoder in enumerate(self.encoders):
+            rows = domain == k
+            if rows.any():
+                m, lv = encoder(x_norm[rows])
+                mean = mean.index_put((rows,), m)
+                logvar = logvar.index_put((rows,), lv)
+        return mean, logvar
+
+    def decode(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """Decoder output of each cell as a cell of ``domain``."""
+        if self.shared_decoder:
+            return self.decoders[0](z, domain)
+        out = None
+        for k, decoder in enumerate(self.decoders):
+            rows = domain == k
+            if rows.any():
+                part = decoder(z[rows])
+                out = part.new_empty(z.shape[0], part.shape[1]) if out is None else out
+                out = out.index_put((rows,), part)
+        return out
+
+    def elbo_terms(self, batch: dict, beta_kl: float) -> dict[str, torch.Tensor]:
+        """Negative ELBO per cell (reconstruction + beta * KL) and the posterior means."""
+        mean, logvar = self.encode(batch["x_norm"], batch["domain"])
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        out = self.decode(z, batch["domain"])
+        if self.likelihood == "nb":
+            log_mu = out + torch.log(batch["library"])[:, None]
+            theta = self.theta(batch["domain"])
+            recon = -losses.nb_log_prob(batch["counts"], log_mu, theta).sum(dim=1).mean()
+        else:
+            recon = losses.mse_per_cell(out, batch["x_norm"])
+        kl = losses.gaussian_kl(mean, logvar)
+        return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * kl,
+                "mean": mean}
+
+
+def _frozen_logits(discriminator: torch.nn.Module, means: torch.Tensor) -> torch.Tensor:
+    """The discriminator's logits with its parameters treated as constants (gradient to means only)."""
+    params = {k: v.detach() for k, v in discriminator.named_parameters()}
+    return torch.func.functional_call(discriminator, params, (means,))
+
+
+class GradientReversalStep:
+    """One forward, one backward: the discriminator minimises its cross-entropy while the encoders
+    receive the reversed gradient (-grl_lambda x) through a GradientReversal layer. With
+    --adv-loss uniform or flip the encoders' term is that loss through the discriminator's
+    parameters held constant, in the same backward. Two optimizers step together."""
+
+    def __init__(self, model: PairedVAE, lr: float, lr_disc: float, grl_lambda: float,
+                 adv_loss: str):
+        from .nn import GradientReversal
+
+        self.model = model
+        self.reverse = GradientReversal(grl_lambda)
+        self.grl_lambda, self.adv_loss = grl_lambda, adv_loss
+        self.opt_vae = torch.optim.Adam(model.vae_parameters(), lr=lr)
+        self.opt_disc = torch.optim.Adam(model.discriminator.parameters(), lr=lr_disc)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"vae": self.opt_vae, "discriminator": self.opt_disc}
+
+    def step(self, batch: dict, beta_kl: float, adv_weight: float) -> dict[str, float]:
+        m = self.model
+        terms = m.elbo_terms(batch, beta_kl)
+        domain = batch["domain"]
+        if self.adv_loss == "negce":
+            logits = m.discriminator(self.reverse(terms["mean"]))
+            disc_ce = losses.domain_ce(logits, domain)
+            loss = terms["loss"] + adv_weight * disc_ce
+        else:
+            logits = m.discriminator(terms["mean"].detach())
+            disc_ce = losses.domain_ce(logits, domain)
+            fool = losses.encoder_adversarial_loss(_frozen_logits(m.discriminator, terms["mean"]),
+                                                   domain, self.adv_loss)
+            loss = terms["loss"] + adv_weight * (disc_ce + self.grl_lambda * fool)
+        self.opt_vae.zero_grad(set_to_none=True)
+        self.opt_disc.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_vae.step()
+        self.opt_disc.step()
+        return _record(terms, disc_ce, logits, domain)
+
+
+class AlternatingAdversary:
+    """Freeze and alternate: D-steps train the discriminator on posterior means computed under
+    no_grad (encoders untouched); E-steps freeze the discriminator (requires_grad False) and train
+    the VAEs on the ELBO plus the adversarial term, its gradient flowing through the frozen
+    discriminator into the encoders."""
+
+    def __init__(self, model: PairedVAE, lr: float, lr_disc: float, d_steps: int, e_steps: int,
+                 adv_loss: str):
+        self.model = model
+        self.d_steps, self.e_steps, self.adv_loss = d_steps, e_steps, adv_loss
+        self.opt_vae = torch.optim.Adam(model.vae_parameters(), lr=lr)
+        self.opt_disc = torch.optim.Adam(model.discriminator.parameters(), lr=lr_disc)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"vae": self.opt_vae, "discriminator": self.opt_disc}
+
+    def d_step(self, batch: dict) -> torch.Tensor:
+        m = self.model
+        set_trainable(m.discriminator, True)
+        with torch.no_grad():
+            mean, _ = m.encode(batch["x_norm"], batch["domain"])
+        logits = m.discriminator(mean)
+        disc_ce = losses.domain_ce(logits, batch["domain"])
+        self.opt_disc.zero_grad(set_to_none=True)
+        disc_ce.backward()
+        self.opt_disc.step()
+        return disc_ce
+
+    def e_step(self, batch: dict, beta_kl: float, adv_weight: float):
+        m = self.model
+        set_trainable(m.discriminator, False)
+        terms = m.elbo_terms(batch, beta_kl)
+        logits = m.discriminator(terms["mean"])
+        fool = losses.encoder_adversarial_loss(logits, batch["domain"], self.adv_loss)
+        loss = terms["loss"] + adv_weight * fool
+        self.opt_vae.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_vae.step()
+        set_trainable(m.discriminator, True)
+        return terms, logits
+
+    def step(self, batch: dict, beta_kl: float, adv_weight: float) -> dict[str, float]:
+        for _ in range(self.d_steps):
+            disc_ce = self.d_step(batch)
+        for _ in range(self.e_steps):
+            terms, logits = self.e_step(batch, beta_kl, adv_weight)
+        return _record(terms, disc_ce, logits, batch["domain"])
+
+
+def _record(terms: dict, disc_ce: torch.Tensor, logits: torch.Tensor,
+            domain: torch.Tensor) -> dict[str, float]:
+    accuracy = (logits.detach().argmax(dim=1) == domain).float().mean()
+    return {"elbo": terms["elbo"].item(), "recon": terms["recon"].item(), "kl": terms["kl"].item(),
+            "disc_ce": disc_ce.item(), "disc_acc": accuracy.item()}

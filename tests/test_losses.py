@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats
 
@@ -56,3 +57,33 @@ def test_gaussian_kl_closed_form():
 def test_mse_per_cell_sums_genes():
     x = torch.zeros(2, 3)
     assert losses.mse_per_cell(torch.ones(2, 3), x).item() == 3.0
+
+
+def _two_domain_logits(p_true: float, n: int = 8):
+    """Logits giving probability ``p_true`` to the true domain (domain 0 for every cell)."""
+    logit = math.log(p_true / (1 - p_true))
+    return torch.tensor([[logit, 0.0]] * n, requires_grad=True), torch.zeros(n, dtype=torch.long)
+
+
+@pytest.mark.parametrize("kind", ["negce", "uniform", "flip"])
+def test_adversarial_losses_reward_fooling_the_discriminator(kind):
+    """The encoders minimise this loss; it must be lower when the discriminator is fooled."""
+    confident = losses.encoder_adversarial_loss(*_two_domain_logits(0.95), kind)
+    fooled = losses.encoder_adversarial_loss(*_two_domain_logits(0.5 if kind == "uniform" else 0.2),
+                                             kind)
+    assert fooled < confident
+    # and its gradient pushes the true domain's logit down (the sign that fools)
+    logits, domain = _two_domain_logits(0.8)
+    losses.encoder_adversarial_loss(logits, domain, kind).backward()
+    assert (logits.grad[:, 0] > 0).all()  # gradient descent lowers the true-domain logit
+
+
+def test_uniform_loss_is_zero_at_uniform_and_negce_is_minus_ce():
+    logits = torch.zeros(4, 3)
+    domain = torch.tensor([0, 1, 2, 0])
+    assert abs(losses.encoder_adversarial_loss(logits, domain, "uniform").item()) < 1e-6
+    logits = torch.randn(6, 3)
+    domain = torch.tensor([0, 1, 2, 0, 1, 2])
+    ce = torch.nn.functional.cross_entropy(logits, domain)
+    assert torch.isclose(losses.encoder_adversarial_loss(logits, domain, "negce"), -ce)
+    assert torch.isclose(losses.domain_ce(logits, domain), ce)

@@ -2,7 +2,10 @@
 
 import copy
 
+import pytest
 import torch
+
+from advcli import losses
 
 from advcli.nn import ConfounderNet, NBRegression, TreatmentClassifier, ZGenerator
 from advcli.strategies import AlternatingFreeze, JointUpdate
@@ -61,3 +64,70 @@ def test_joint_update_moves_every_module():
     strategy.joint_epoch(batches, get, 1.0, {"bce": 1.0, "nb": 1.0, "dbpr": 0.0}, None)
     for name in ("generator", "classifier", "nb"):
         assert any(_changed(getattr(snap, name), getattr(net, name))), name
+
+
+# ---------------------------------------------------------------- integrate mode
+
+from advcli.strategies import AlternatingAdversary, GradientReversalStep, PairedVAE  # noqa: E402
+
+
+def _integrate_setup(paired=False):
+    torch.manual_seed(0)
+    n, genes = 48, 10
+    counts = torch.poisson(torch.full((n, genes), 4.0))
+    library = counts.sum(1)
+    batch = {"counts": counts, "library": library,
+             "x_norm": torch.log1p(counts / library[:, None] * 1e4),
+             "domain": torch.arange(n) % 3}
+    model = PairedVAE(genes, 4, 16, 3, "nb", paired=paired)
+    return model, batch
+
+
+def _moved(before, after):
+    return any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
+
+
+def test_d_step_moves_discriminator_only():
+    model, batch = _integrate_setup()
+    strategy = AlternatingAdversary(model, 1e-2, 1e-2, 1, 1, "uniform")
+    snap = copy.deepcopy(model)
+    strategy.d_step(batch)
+    assert _moved(snap.discriminator, model.discriminator)
+    assert not _moved(snap.encoders, model.encoders)
+    assert not _moved(snap.decoders, model.decoders)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_e_step_moves_vaes_not_discriminator(paired):
+    model, batch = _integrate_setup(paired)
+    strategy = AlternatingAdversary(model, 1e-2, 1e-2, 1, 1, "negce")
+    snap = copy.deepcopy(model)
+    strategy.e_step(batch, beta_kl=1.0, adv_weight=5.0)
+    assert not _moved(snap.discriminator, model.discriminator)
+    assert _moved(snap.encoders, model.encoders) and _moved(snap.decoders, model.decoders)
+    assert all(p.requires_grad for p in model.discriminator.parameters())
+
+
+@pytest.mark.parametrize("kind", ["negce", "uniform", "flip"])
+def test_grl_step_moves_both_sides(kind):
+    model, batch = _integrate_setup()
+    strategy = GradientReversalStep(model, 1e-2, 1e-2, 1.0, kind)
+    snap = copy.deepcopy(model)
+    record = strategy.step(batch, beta_kl=1.0, adv_weight=1.0)
+    assert {"elbo", "disc_ce", "disc_acc"} <= set(record)
+    assert _moved(snap.discriminator, model.discriminator) and _moved(snap.encoders, model.encoders)
+
+
+def test_grl_gives_encoders_the_reversed_discriminator_gradient():
+    """With negce the encoders' adversarial gradient is exactly -lambda x the discriminator
+    loss's gradient with respect to the posterior means."""
+    from advcli.nn import GradientReversal
+
+    model, batch = _integrate_setup()
+    mean, _ = model.encode(batch["x_norm"], batch["domain"])
+    mean = mean.detach().requires_grad_(True)
+    losses.domain_ce(model.discriminator(mean), batch["domain"]).backward()
+    plain = mean.grad.clone()
+    mean.grad = None
+    losses.domain_ce(model.discriminator(GradientReversal(0.5)(mean)), batch["domain"]).backward()
+    assert torch.allclose(mean.grad, -0.5 * plain, atol=1e-7)

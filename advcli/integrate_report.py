@@ -1,0 +1,101 @@
+"""`diagnose` for integrate mode: scIB-style metrics, a 2-D map of the embedding, loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import keys
+from .data import obs_column
+from .errors import InputError
+from .metrics import integration_metrics
+from .report import _jsonable, _plt
+
+MAP_CELLS = 5000  # t-SNE is drawn on a seeded subsample above this many cells
+
+
+def integration_report(adata, folder: Path, payload: dict | None, label_key: str,
+                       batch_key: str | None) -> dict[str, Any]:
+    if keys.X_LATENT not in adata.obsm:
+        raise InputError(f"obsm['{keys.X_LATENT}'] is missing: the file was not written by "
+                         "`advcli predict` with an integrate model.")
+    inputs = adata.uns.get(keys.UNS, {}).get("integrate_inputs", {})
+    batch_key = batch_key or str(inputs.get("batch_key", keys.BATCH))
+    batch = obs_column(adata, batch_key, "Batch").astype(str).to_numpy()
+    notes: list[str] = []
+    labels = None
+    if label_key in adata.obs.columns:
+        labels = adata.obs[label_key].astype(str).to_numpy()
+    else:
+        notes.append(f"No obs['{label_key}']: label metrics (cLISI, label ASW, ARI, NMI, bio and "
+                     "overall scores) are skipped.")
+    embedding = np.asarray(adata.obsm[keys.X_LATENT], dtype=np.float64)
+    if len(np.unique(batch)) < 2:
+        raise InputError(f"obs['{batch_key}'] has a single domain; mixing cannot be measured.")
+    metrics = integration_metrics(embedding, batch, labels)
+    (folder / "integration_metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+    plt = _plt()
+    _embedding_plot(plt, embedding, batch, labels, batch_key, label_key,
+                    folder / "embedding.png")
+    if payload is not None:
+        _loss_curves(plt, payload["history"], folder / "loss_curves.png")
+    else:
+        notes.append("No --model given: loss_curves.png needs the model file's history.")
+    headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
+                                        "overall_score") if k in metrics}
+    return {"metrics": metrics, "headline": headline, "notes": notes}
+
+
+def _embedding_plot(plt, embedding, batch, labels, batch_key, label_key, path):
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(0)
+    keep = np.arange(len(batch))
+    if len(keep) > MAP_CELLS:
+        keep = np.sort(rng.choice(len(keep), MAP_CELLS, replace=False))
+    perplexity = float(min(30, max(2, (len(keep) - 1) / 3)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(
+        embedding[keep])
+    panels = [(batch[keep], f"coloured by {batch_key}")]
+    if labels is not None:
+        panels.append((labels[keep], f"coloured by {label_key}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+    order = rng.permutation(len(keep))  # draw in random order so no group hides another
+    for ax, (values, title) in zip(axes[0], panels):
+        cats = np.unique(values)
+        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+        colour = {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
+        ax.scatter(xy[order, 0], xy[order, 1], s=3, c=[colour[v] for v in values[order]],
+                   alpha=0.7, linewidths=0)
+        handles = [plt.Line2D([], [], marker="o", ls="", color=colour[c], label=str(c))
+                   for c in cats[:20]]
+        ax.legend(handles=handles, fontsize=7, markerscale=1.2, loc="best", frameon=False)
+        ax.set_title(f"t-SNE of X_advcli, {title}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _loss_curves(plt, history, path):
+    epochs = history.get("epoch", [])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(epochs, history.get("elbo", []), label="train -ELBO")
+    if any(np.isfinite(history.get("val_elbo", [np.nan]))):
+        axes[0].plot(epochs, history["val_elbo"], label="validation -ELBO")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("negative ELBO per cell")
+    axes[0].set_title("Reconstruction + KL")
+    axes[0].legend()
+    axes[1].plot(epochs, history.get("disc_ce", []), label="discriminator CE")
+    axes[1].plot(epochs, history.get("disc_acc", []), label="discriminator accuracy")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("Adversary (mixing: CE up, accuracy toward chance)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

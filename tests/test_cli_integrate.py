@@ -1,0 +1,126 @@
+"""Integrate mode end to end through the `advcli` command."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_adata
+
+FAST = ["--max-epochs", "8", "--latent-dim", "8", "--batch-size", "128"]
+
+
+@pytest.fixture(scope="module")
+def three_domain_file(tmp_path_factory, integrate_file):
+    """The two-domain simulation with domain B split in two: three domains."""
+    a = ad.read_h5ad(integrate_file)
+    batch = a.obs["batch"].astype(str).to_numpy().copy()
+    b_cells = np.flatnonzero(batch == "B")
+    batch[b_cells[::2]] = "C"
+    a.obs["batch"] = pd.Categorical(batch)
+    path = tmp_path_factory.mktemp("three") / "three.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("which,adversary", [("two", "grl"), ("three", "alternate")])
+def test_end_to_end(which, adversary, tmp_path, invoke, integrate_file, three_domain_file):
+    data = integrate_file if which == "two" else three_domain_file
+    n_domains = 2 if which == "two" else 3
+    r = invoke("fit", data, "--mode", "integrate", "-o", tmp_path / "m.pt", "--adversary",
+               adversary, "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    for key in ("mode", "n_cells", "n_genes", "epochs", "train_seconds", "final_losses"):
+        assert key in out
+    assert out["mode"] == "integrate" and len(out["domains"]) == n_domains
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["mode"] == "integrate" and len(payload["history"]["elbo"]) == out["epochs"]
+    r = invoke("predict", tmp_path / "m.pt", data, "-o", tmp_path / "p.h5ad", "--csv",
+               tmp_path / "p.csv", "--decode-as", "A")
+    assert r.exit_code == 0, r.output
+    a = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert a.obsm["X_advcli"].shape == (a.n_obs, 8)
+    assert ((a.obs["domain_prob"] >= 0) & (a.obs["domain_prob"] <= 1)).all()
+    assert a.layers["nb_mean"].shape == a.shape and a.layers["decoded_as_A"].shape == a.shape
+    assert a.uns["advcli"]["predict"]["mode"] == "integrate"
+    header = open(tmp_path / "p.csv").readline().strip().split(",")
+    assert header[:2] == ["cell", "X_advcli_0"] and header[-1] == "domain_prob"
+    r = invoke("diagnose", tmp_path / "p.h5ad", "-o", tmp_path / "rep", "--model",
+               tmp_path / "m.pt", "--json")
+    assert r.exit_code == 0, r.output
+    for name in ("integration_metrics.json", "embedding.png", "loss_curves.png", "summary.json"):
+        assert (tmp_path / "rep" / name).stat().st_size > 100, name
+    metrics = json.loads((tmp_path / "rep" / "integration_metrics.json").read_text())
+    for key in ("ilisi", "clisi", "batch_asw", "label_asw", "ari", "nmi", "knn_batch_entropy",
+                "bio_score", "batch_score", "overall_score"):
+        assert key in metrics and 0 <= metrics[key] <= 1, key
+
+
+def test_mse_likelihood_writes_no_nb_mean(tmp_path, invoke, integrate_file):
+    r = invoke("fit", integrate_file, "--mode", "integrate", "-o", tmp_path / "m.pt",
+               "--likelihood", "mse", *FAST)
+    assert r.exit_code == 0, r.output
+    assert invoke("predict", tmp_path / "m.pt", integrate_file, "-o",
+                  tmp_path / "p.h5ad").exit_code == 0
+    assert "nb_mean" not in ad.read_h5ad(tmp_path / "p.h5ad").layers
+
+
+def test_training_mixes_well_separated_domains(tmp_path):
+    """On strongly separated domains, iLISI of the trained embedding beats that of the data."""
+    from sklearn.decomposition import PCA
+
+    from advcli.integrate import IntegrationModel
+    from advcli.metrics import integration_metrics
+    from advcli.simulate import IntegrationSimulation, simulate_integration
+
+    simulate_integration(IntegrationSimulation(n_a=500, n_b=500, genes=150, cell_types=3,
+                                               batch_strength=2.0, seed=5), tmp_path / "s.h5ad")
+    a = ad.read_h5ad(tmp_path / "s.h5ad")
+    x = a.X.toarray()
+    before = PCA(8, random_state=0).fit_transform(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
+    batch, labels = a.obs["batch"].to_numpy(), a.obs["cell_type"].to_numpy()
+    ilisi_before = integration_metrics(before, batch, labels)["ilisi"]
+    model = IntegrationModel(a, latent_dim=8, batch_size=64, adv_weight=30.0, seed=0).train()
+    ilisi_after = integration_metrics(model.get_latent_representation(), batch, labels)["ilisi"]
+    assert ilisi_before < 0.05
+    assert ilisi_after > ilisi_before + 0.05
+
+
+def test_bad_inputs(tmp_path, invoke, write, integrate_file):
+    one = write(make_adata(n=60, batch=np.array(["x"] * 60)), "one.h5ad")
+    r = invoke("fit", one, "--mode", "integrate", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "single level" in r.stderr
+    small = make_adata(n=300, batch=np.where(np.arange(300) < 290, "big", "tiny"))
+    r = invoke("fit", write(small, "small.h5ad"), "--mode", "integrate", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "Domain 'tiny'" in r.stderr and "fewer than one minibatch" in r.stderr
+    r = invoke("fit", integrate_file, "--mode", "integrate", "--batch-key", "sample",
+               "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "'batch', 'cell_type'" in r.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_predict_mismatches(tmp_path, invoke, integrate_file, confounder_file):
+    assert invoke("fit", integrate_file, "--mode", "integrate", "-o", tmp_path / "i.pt",
+                  *FAST).exit_code == 0
+    a = ad.read_h5ad(integrate_file)
+    a[:, 5:].copy().write_h5ad(tmp_path / "fewer.h5ad")
+    r = invoke("predict", tmp_path / "i.pt", tmp_path / "fewer.h5ad", "-o", tmp_path / "p.h5ad")
+    assert r.exit_code == 2 and "gene_000" in r.stderr
+    # a model of the other mode where a prediction file of this mode is diagnosed
+    assert invoke("fit", confounder_file, "--mode", "confounder", "-o", tmp_path / "c.pt",
+                  "--outer-iterations", "2").exit_code == 0
+    assert invoke("predict", tmp_path / "i.pt", integrate_file, "-o",
+                  tmp_path / "p.h5ad").exit_code == 0
+    r = invoke("diagnose", tmp_path / "p.h5ad", "-o", tmp_path / "rep", "--model",
+               tmp_path / "c.pt")
+    assert r.exit_code == 2 and "integrate-mode model is needed" in r.stderr
+    # the integrate model on confounder data: its genes are not there
+    r = invoke("predict", tmp_path / "i.pt", confounder_file, "-o", tmp_path / "q.h5ad")
+    assert r.exit_code == 2 and "lack" in r.stderr
+    r = invoke("predict", tmp_path / "i.pt", integrate_file, "-o", tmp_path / "q.h5ad",
+               "--decode-as", "Z")
+    assert r.exit_code == 2 and "not a domain" in r.stderr
