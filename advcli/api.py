@@ -27,9 +27,9 @@ from .losses import nb_log_prob
 from .nn import ConfounderNet, NBRegression, TreatmentClassifier, ZGenerator, represent_z
 from .train import planned_confounder_epochs, train_confounder
 
-SEED_PRESET = dict(batch_size=32, lr=1e-3, outer_iterations=10, predictor_epochs=1,
+SEED_PRESET = dict(batch_size=32, lr=1e-3, lr_generator=None, outer_iterations=10, predictor_epochs=1,
                    generator_epochs=1, intercept=False, z_type="binary", nb_weight=1.0,
-                   patience=0, preset="seed")
+                   patience=0, lr_final_fraction=1.0, preset="seed")
 
 
 def confounder_config(preset: str | None = None, **options) -> ConfounderConfig:
@@ -81,7 +81,7 @@ class ConfounderModel:
         y_mean = np.asarray(log_y.mean(axis=0)).ravel()
         y_sd = np.sqrt(np.maximum(np.asarray(log_y.multiply(log_y).mean(axis=0)).ravel()
                                   - y_mean ** 2, 0.0))
-        y_sd[y_sd == 0] = 1.0
+        y_sd = np.maximum(y_sd, 0.1)  # sparse genes: no division by a near-zero sd
         torch.manual_seed(cfg.seed)
         self.net = self._build(x.shape[1], len(self.genes_), torch.from_numpy(y_mean),
                                torch.from_numpy(y_sd), fixed_alpha).to(self.device)
@@ -239,6 +239,11 @@ class ConfounderModel:
 
         auroc = float(roc_auc_score(d, out[keys.D_LOGIT]))
         warnings = self.leakage_warnings(corr_d, auroc)
+        flat = [j for j in range(z.shape[1]) if z[:, j].std() < 1e-3]
+        if flat:
+            warnings.append(f"Z-hat column(s) {flat} are constant across cells: the generator "
+                            "saturated and adjusting for them changes nothing. Try a lower "
+                            "--lr or another --seed.")
         return {"mode": self.mode, "n_cells": int(self._x.shape[0]), "n_genes": len(self.genes_),
                 "epochs": epochs, "train_seconds": wall, "train_cpu_seconds": cpu,
                 "final_losses": final, "strategy": self.config.strategy,

@@ -22,7 +22,7 @@ class ConfounderConfig:
     layer: str | None = None
     dispersion_key: str | None = None  # var column with a fixed NB dispersion alpha per gene
     z_dim: int = 1
-    z_type: str = "soft"  # binary (straight-through) | soft (sigmoid) | gumbel (annealed)
+    z_type: str = "gumbel"  # binary (straight-through) | soft (sigmoid) | gumbel (annealed)
     strategy: str = "alternating"  # alternating | joint
     generator_inputs: list[str] = field(default_factory=lambda: ["x", "d", "y"])
     hidden: int = 128
@@ -36,7 +36,8 @@ class ConfounderConfig:
     patience: int = 2
     batch_size: int = 128
     lr: float = 1e-2
-    lr_generator: float | None = None  # None: lr
+    lr_generator: float | None = 1e-3  # None: lr. Slower than the heads: Z must not outrun them
+    lr_final_fraction: float = 0.1  # learning rates decay linearly to this fraction (1: constant)
     weight_decay: float = 0.0
     temperature_start: float = 2.0
     temperature_end: float = 0.5
@@ -57,6 +58,7 @@ class ConfounderConfig:
                   predictor_epochs=self.predictor_epochs, generator_epochs=self.generator_epochs,
                   batch_size=self.batch_size, lr=self.lr, temperature_end=self.temperature_end,
                   temperature_start=self.temperature_start)
+        _positive(lr_final_fraction=self.lr_final_fraction)
         _non_negative(bce_weight=self.bce_weight, dbpr_weight=self.dbpr_weight,
                       weight_decay=self.weight_decay, patience=self.patience)
         if self.nb_weight is not None:

@@ -31,6 +31,7 @@ class ZGenerator(nn.Module):
 
     Feeding raw counts (the proof of concept) lets a few high-count genes dominate the first
     layer; the per-gene centring and scaling are buffers, so predict replays them exactly.
+    Z-scores are clipped at +-10 and the per-gene sd floored at 0.1 (see api.ConfounderModel).
     """
 
     def __init__(self, x_dim: int, n_genes: int, z_dim: int, hidden: int, inputs: list[str],
@@ -38,7 +39,10 @@ class ZGenerator(nn.Module):
         super().__init__()
         self.inputs = list(inputs)
         in_dim = (x_dim if "x" in inputs else 0) + ("d" in inputs) + (n_genes if "y" in inputs else 0)
-        self.net = mlp(in_dim, hidden, z_dim)
+        # LayerNorm after the wide first layer: its pre-activations would otherwise move in
+        # proportion to the number of genes at every Adam step and saturate Z within an epoch
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, z_dim))
         self.register_buffer("y_mean", y_mean.float())
         self.register_buffer("y_scale", y_scale.float())
 
@@ -50,7 +54,9 @@ class ZGenerator(nn.Module):
         if "d" in self.inputs:
             parts.append(d[:, None])
         if "y" in self.inputs:
-            parts.append((torch.log1p(y) - self.y_mean) / self.y_scale)
+            # clipped like scanpy's scale(max_value=10): a rare gene's lone count would
+            # otherwise reach z-scores near 40 and saturate the generator at once
+            parts.append(((torch.log1p(y) - self.y_mean) / self.y_scale).clamp(-10.0, 10.0))
         return self.net(torch.cat(parts, dim=1))
 
 

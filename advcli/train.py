@@ -96,8 +96,14 @@ def train_confounder(net: ConfounderNet, n: int, get_batch: Callable, cfg: Confo
     net.train()
     head_budget = cfg.predictor_epochs if cfg.strategy == "alternating" else 0
     last_phase = None
+    base_lr = {id(opt): [g["lr"] for g in opt.param_groups] for opt in strategy.optimizers().values()}
     for outer in range(1, cfg.outer_iterations + 1):
         temperature = temperature_at(cfg, outer)
+        frac = (outer - 1) / max(cfg.outer_iterations - 1, 1)
+        scale = 1.0 - (1.0 - cfg.lr_final_fraction) * frac  # linear decay to the final fraction
+        for opt in strategy.optimizers().values():
+            for group, lr in zip(opt.param_groups, base_lr[id(opt)]):
+                group["lr"] = lr * scale
         if cfg.strategy == "joint":
             for _ in range(cfg.generator_epochs):
                 if epochs >= budget:
