@@ -228,9 +228,11 @@ def _frozen_logits(discriminator: torch.nn.Module, means: torch.Tensor) -> torch
 
 class GradientReversalStep:
     """One forward, one backward: the discriminator minimises its cross-entropy while the encoders
-    receive the reversed gradient (-grl_lambda x) through a GradientReversal layer. With
-    --adv-loss uniform or flip the encoders' term is that loss through the discriminator's
-    parameters held constant, in the same backward. Two optimizers step together."""
+    receive its reversed gradient, scaled by grl_lambda x the adversarial weight, through a
+    GradientReversal layer. With --adv-loss uniform or flip the encoders' term is that loss
+    through the discriminator's parameters held constant, in the same backward. The
+    discriminator's own loss is never scaled, so it keeps learning while the adversary warms up.
+    Two optimizers step together."""
 
     def __init__(self, model: PairedVAE, lr: float, lr_disc: float, grl_lambda: float,
                  adv_loss: str):
@@ -250,15 +252,16 @@ class GradientReversalStep:
         terms = m.elbo_terms(batch, beta_kl)
         domain = batch["domain"]
         if self.adv_loss == "negce":
+            self.reverse.lambd = self.grl_lambda * adv_weight
             logits = m.discriminator(self.reverse(terms["mean"]))
             disc_ce = losses.domain_ce(logits, domain)
-            loss = terms["loss"] + adv_weight * disc_ce
+            loss = terms["loss"] + disc_ce
         else:
             logits = m.discriminator(terms["mean"].detach())
             disc_ce = losses.domain_ce(logits, domain)
             fool = losses.encoder_adversarial_loss(_frozen_logits(m.discriminator, terms["mean"]),
                                                    domain, self.adv_loss)
-            loss = terms["loss"] + adv_weight * (disc_ce + self.grl_lambda * fool)
+            loss = terms["loss"] + disc_ce + adv_weight * self.grl_lambda * fool
         self.opt_vae.zero_grad(set_to_none=True)
         self.opt_disc.zero_grad(set_to_none=True)
         loss.backward()

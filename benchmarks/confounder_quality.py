@@ -82,7 +82,8 @@ def run_one(path: Path, variant: str) -> list[dict]:
 
     for method, options in (("advcli default", {}), ("advcli --preset seed", {"preset": "seed"})):
         wall, cpu = time.perf_counter(), time.process_time()
-        model = ConfounderModel(a, covariate_keys=cov_keys, **options).train()
+        model = ConfounderModel(a, covariate_keys=cov_keys, z_dim=z_true.shape[1],
+                                **options).train()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         out = model.predict()
         r_model = float(np.nanmean(columnwise_pearson(np.log(out["nb_mean"]), log_mu_true)))
