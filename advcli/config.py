@@ -87,12 +87,12 @@ class IntegrationConfig:
     e_steps: int = 1
     beta_kl: float = 1.0
     kl_warmup_epochs: int | None = None  # None: a quarter of the epochs
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 64-256 cells, at least ~8 steps per epoch
     lr: float = 1e-3
     lr_discriminator: float | None = None  # None: 10 x lr (the critic must outpace the encoders)
     max_epochs: int | None = None
     val_fraction: float = 0.1
-    patience: int = 10
+    patience: int = 20
     seed: int = 0
     device: str = "auto"
 
@@ -102,8 +102,10 @@ class IntegrationConfig:
         _choice("--adversary", self.adversary, ("grl", "alternate"))
         _choice("--adv-loss", self.adv_loss, ("negce", "uniform", "flip"))
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
-        _positive(latent_dim=self.latent_dim, hidden=self.hidden, batch_size=self.batch_size,
-                  lr=self.lr, d_steps=self.d_steps, e_steps=self.e_steps)
+        _positive(latent_dim=self.latent_dim, hidden=self.hidden, lr=self.lr,
+                  d_steps=self.d_steps, e_steps=self.e_steps)
+        if self.batch_size is not None:
+            _positive(batch_size=self.batch_size)
         _non_negative(adv_weight=self.adv_weight, grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
                       patience=self.patience)
         for name in ("adv_start_epoch", "adv_warmup_epochs", "kl_warmup_epochs"):

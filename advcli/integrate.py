@@ -27,9 +27,13 @@ from .strategies import AlternatingAdversary, GradientReversalStep, PairedVAE
 TARGET_SUM = 1e4
 
 
-def default_max_epochs(n_cells: int) -> int:
-    """About 400,000 cell visits, between 20 and 200 epochs: small data get more passes."""
-    return int(min(200, max(20, round(400_000 / max(n_cells, 1)))))
+TARGET_STEPS = 3000  # default training length in optimizer steps, whatever the data's size
+
+
+def default_batch_size(n_cells: int) -> int:
+    """A power of two between 64 and 256 giving at least ~8 steps per epoch: on a few hundred
+    cells, batches of 256 leave two steps an epoch and the adversary too few steps to act."""
+    return int(min(256, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
 
 
 class IntegrationModel:
@@ -63,6 +67,9 @@ class IntegrationModel:
         a minibatch."""
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
+        if cfg.batch_size is None:
+            n_train = int(round(len(domain) * (1 - cfg.val_fraction)))
+            self.config = cfg = replace(cfg, batch_size=default_batch_size(n_train))
         per_domain = max(1, cfg.batch_size // len(self.domains_))
         self._train_idx, val = [], []
         for k, name in enumerate(self.domains_):
@@ -85,10 +92,15 @@ class IntegrationModel:
                          paired=cfg.design == "paired")
 
     @property
+    def steps_per_epoch(self) -> int:
+        return max(math.ceil(len(i) / self._per_domain) for i in self._train_idx)
+
+    @property
     def max_epochs(self) -> int:
+        """--max-epochs, else about TARGET_STEPS optimizer steps (between 20 and 400 epochs)."""
         if self.config.max_epochs is not None:
             return self.config.max_epochs
-        return default_max_epochs(sum(len(i) for i in self._train_idx))
+        return int(min(400, max(20, round(TARGET_STEPS / self.steps_per_epoch))))
 
     @property
     def planned_epochs(self) -> int:
@@ -104,7 +116,7 @@ class IntegrationModel:
     def _balanced_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
         """One epoch of domain-balanced minibatches: equal cells per domain per step, smaller
         domains cycled (reshuffled each cycle) until the largest has been seen once."""
-        steps = max(math.ceil(len(i) / self._per_domain) for i in self._train_idx)
+        steps = self.steps_per_epoch
         per_domain = []
         for cells in self._train_idx:
             need = steps * self._per_domain
