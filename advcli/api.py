@@ -22,7 +22,7 @@ from .config import ConfounderConfig, IntegrationConfig, config_from_dict, confi
 from .data import (CountRows, CovariateEncoding, default_covariate_keys, encode_treatment,
                    gene_order, load_counts, validate_counts)
 from .errors import InputError
-from .io import load_model, save_model
+from .io import load_model, plain, save_model
 from .losses import nb_log_prob
 from .nn import ConfounderNet, NBRegression, TreatmentClassifier, ZGenerator, represent_z
 from .train import planned_confounder_epochs, train_confounder
@@ -49,10 +49,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    from .metrics import columnwise_pearson
+
+    return float(columnwise_pearson(np.ravel(a)[:, None], np.ravel(b)[:, None])[0])
 
 
 class ConfounderModel:
@@ -169,8 +168,7 @@ class ConfounderModel:
         cfg = self.config
         validate_counts(adata, cfg.layer)
         order = gene_order(adata, self.genes_)
-        named = self.treatment_levels_ not in (["0", "1"], ["False", "True"])
-        d, _ = encode_treatment(adata, cfg.treatment_key, self.treatment_levels_[1] if named else None)
+        d, _ = encode_treatment(adata, cfg.treatment_key, self.treatment_levels_[1])
         x = self.encoding_.transform(adata)
         counts = load_counts(adata, cfg.layer)[:, order]
         return torch.from_numpy(x), torch.from_numpy(d), counts
@@ -285,7 +283,7 @@ class ConfounderModel:
                          "x_dim": int(self._x.shape[1])},
             "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "optimizers": self.optimizer_state_, "history": self.history_,
-            "summary": _plain(self.summary_),
+            "summary": plain(self.summary_),
         }
         save_model(payload, path)
 
@@ -316,17 +314,6 @@ class ConfounderModel:
     @classmethod
     def load(cls, path: str | Path) -> "ConfounderModel":
         return cls.from_payload(load_model(path, mode=cls.mode), path)
-
-
-def _plain(obj):
-    """Numbers, strings, lists and dicts only (what weights_only loading accepts)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
 
 
 def load(payload: dict, path: str | Path = "model"):

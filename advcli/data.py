@@ -128,41 +128,39 @@ def obs_column(adata, key: str, what: str) -> pd.Series:
 def encode_treatment(adata, key: str, treated_level: str | None = None) -> tuple[np.ndarray, list[str]]:
     """Binary treatment D as float32 0/1 and the [control, treated] level names.
 
-    0/1 numbers and booleans are used as they are; a two-level categorical or string column treats
-    its second level (categorical order, else sorted) as D = 1 unless ``treated_level`` names it.
+    0/1 numbers and booleans mean what they say; a two-level categorical or string column treats
+    its second level (categorical order, else sorted) as D = 1. ``treated_level`` names the
+    treated level for any of them (a model replays the levels it was fit with this way).
     """
     col = obs_column(adata, key, "Treatment")
     if col.isna().any():
         raise InputError(f"Treatment obs['{key}'] has {int(col.isna().sum())} missing values; "
                          "every cell needs a treatment.")
     if pd.api.types.is_bool_dtype(col):
-        values = col.to_numpy().astype(np.float32)
-        levels = ["False", "True"]
-    elif pd.api.types.is_numeric_dtype(col) and treated_level is None:
+        values, levels = col.to_numpy().astype(np.float32), ["False", "True"]
+    elif pd.api.types.is_numeric_dtype(col) and not isinstance(col.dtype, pd.CategoricalDtype):
         values = col.to_numpy().astype(np.float64)
         uniq = np.unique(values)
         if not np.isin(uniq, [0.0, 1.0]).all():
             raise InputError(
                 f"Treatment obs['{key}'] is numeric with values {uniq[:6].tolist()}; a binary "
-                "treatment must be 0/1 (or a two-level category with --treated-level).")
-        values = values.astype(np.float32)
-        levels = ["0", "1"]
+                "treatment must be 0/1 (or a two-level category).")
+        values, levels = values.astype(np.float32), ["0", "1"]
     else:
         if isinstance(col.dtype, pd.CategoricalDtype):
             levels = [str(c) for c in col.cat.categories if (col == c).any()]
         else:
             levels = sorted(str(v) for v in col.astype(str).unique())
-        as_str = col.astype(str).to_numpy()
         if len(levels) != 2:
             raise InputError(
                 f"Treatment obs['{key}'] has {len(levels)} levels ({levels[:6]}); a binary "
                 "treatment has exactly two.")
-        if treated_level is not None:
-            if treated_level not in levels:
-                raise InputError(f"--treated-level '{treated_level}' is not a level of "
-                                 f"obs['{key}'] (levels: {levels}).")
-            levels = [lv for lv in levels if lv != treated_level] + [treated_level]
-        values = (as_str == levels[1]).astype(np.float32)
+        values = (col.astype(str).to_numpy() == levels[1]).astype(np.float32)
+    if treated_level is not None and treated_level != levels[1]:
+        if treated_level != levels[0]:
+            raise InputError(f"--treated-level '{treated_level}' is not a level of "
+                             f"obs['{key}'] (levels: {levels}).")
+        values, levels = 1.0 - values, levels[::-1]
     if values.min() == values.max():
         raise InputError(f"Treatment obs['{key}'] has only one value among the cells; both "
                          "treated and control cells are needed.")

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from . import __version__, keys
-from .api import _plain, resolve_device
+from .api import resolve_device
 from .config import IntegrationConfig, config_from_dict, config_to_dict
 from .data import CountRows, encode_domains, gene_order, load_counts, validate_counts
 from .errors import InputError
-from .io import load_model, save_model
+from .io import load_model, plain, save_model
 from .strategies import AlternatingAdversary, GradientReversalStep, PairedVAE
 
 TARGET_SUM = 1e4
@@ -301,7 +301,7 @@ class IntegrationModel:
             "genes": list(self.genes_), "encoding": {"domains": list(self.domains_)},
             "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "optimizers": self.optimizer_state_, "history": self.history_,
-            "summary": _plain(self.summary_)}, path)
+            "summary": plain(self.summary_)}, path)
 
     @classmethod
     def from_payload(cls, payload: dict, path: str | Path = "model") -> "IntegrationModel":

@@ -12,7 +12,8 @@ from . import keys
 from .data import obs_column
 from .errors import InputError
 from .metrics import integration_metrics
-from .report import _jsonable, _plt
+from .io import plain
+from .report import _plt
 
 MAP_CELLS = 5000  # t-SNE is drawn on a seeded subsample above this many cells
 
@@ -36,7 +37,7 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
     if len(np.unique(batch)) < 2:
         raise InputError(f"obs['{batch_key}'] has a single domain; mixing cannot be measured.")
     metrics = integration_metrics(embedding, batch, labels)
-    (folder / "integration_metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+    (folder / "integration_metrics.json").write_text(json.dumps(plain(metrics, json_safe=True), indent=2))
     plt = _plt()
     _embedding_plot(plt, embedding, batch, labels, batch_key, label_key,
                     folder / "embedding.png")

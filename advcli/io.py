@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -50,6 +51,22 @@ def write_h5ad(adata, path: str | os.PathLike) -> None:
 def write_text(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def plain(obj, json_safe: bool = False):
+    """Numbers, strings, lists and dicts only: what weights_only loading and JSON accept.
+    ``json_safe`` also turns NaN and infinities into None."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): plain(v, json_safe) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [plain(v, json_safe) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        obj = obj.item()
+    if json_safe and isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def file_sha256(path: str | os.PathLike) -> str:

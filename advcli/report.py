@@ -19,7 +19,7 @@ import pandas as pd
 from . import keys
 from .data import CovariateEncoding, encode_treatment, load_counts, read_h5ad
 from .errors import InputError
-from .io import load_model
+from .io import load_model, plain
 
 
 def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
@@ -45,7 +45,7 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
             summary = integration_report(adata, staging, payload, label_key, batch_key)
         summary = {"mode": mode, "input": str(predicted), **summary}
         summary["files"] = sorted(p.name for p in staging.iterdir()) + ["summary.json"]
-        (staging / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+        (staging / "summary.json").write_text(json.dumps(plain(summary, json_safe=True), indent=2))
         umask = os.umask(0)
         os.umask(umask)
         for path in staging.iterdir():
@@ -54,20 +54,6 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj
 
 
 def _plt():
@@ -156,8 +142,7 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
         notes.append("No record of the treatment and covariates: treatment effects skipped.")
         return None
     layer = str(inputs.get("layer", "")) or None
-    d, _ = encode_treatment(adata, str(inputs["treatment_key"]), str(inputs["treated_level"])
-                            if _named(adata, str(inputs["treatment_key"])) else None)
+    d, _ = encode_treatment(adata, str(inputs["treatment_key"]), str(inputs["treated_level"]))
     cov = inputs["covariates"]
     encoding = CovariateEncoding.from_dict({k: _as_list(cov[k]) for k in ("keys", "kinds", "levels")})
     x = encoding.transform(adata)
@@ -187,12 +172,6 @@ def _as_list(value):
     if isinstance(value, (list, tuple)):
         return [_as_list(v) for v in value]
     return value
-
-
-def _named(adata, key: str) -> bool:
-    col = adata.obs[key] if key in adata.obs else None
-    return col is not None and not (pd.api.types.is_bool_dtype(col)
-                                    or pd.api.types.is_numeric_dtype(col))
 
 
 def _z_plot(plt, z_true, z_hat, path, ols_line):

@@ -70,7 +70,8 @@ def run_methods(a: ad.AnnData) -> list[dict]:
         import harmonypy
 
         wall, cpu = time.perf_counter(), time.process_time()
-        emb = harmonypy.run_harmony(base, a.obs, "batch", random_state=0).Z_corr.T
+        emb = np.asarray(harmonypy.run_harmony(base, a.obs, "batch", random_state=0).Z_corr)
+        emb = emb if emb.shape[0] == a.n_obs else emb.T  # harmonypy < 2 returns PCs x cells
         score("Harmony (PCA-30)", emb, time.perf_counter() - wall, time.process_time() - cpu,
               np.nan)
     except ImportError:
@@ -104,7 +105,7 @@ def run_methods(a: ad.AnnData) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="sim,pbmc,cellbench")
+    parser.add_argument("--datasets", default="pbmc,cellbench,sim")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,15 +116,20 @@ def main(argv=None) -> int:
             a = load(name, Path(tmp))
             for row in run_methods(a):
                 rows.append({"dataset": f"{name} ({a.n_obs} x {a.n_vars})", **row})
-            print(f"done {name}", file=sys.stderr, flush=True)
+            show(rows, final=False)  # each dataset as it finishes
+    show(rows, final=True)
+    return 0
+
+
+def show(rows: list[dict], final: bool) -> None:
     frame = pd.DataFrame(rows).set_index(["dataset", "method"])
     cols = ["overall_score", "bio_score", "batch_score", "ilisi", "clisi", "batch_asw",
             "label_asw", "ari", "nmi", "knn_batch_entropy", "train_s", "train_cpu_s",
             "cells_x_epochs_per_s"]
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 20)
-    print(frame[cols].round(3).to_string())
-    return 0
+    stream = sys.stdout if final else sys.stderr
+    print(frame[cols].round(3).to_string(), file=stream, flush=True)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,27 @@ def test_predict_mismatches(tmp_path, invoke, integrate_file, confounder_file):
     r = invoke("predict", tmp_path / "i.pt", integrate_file, "-o", tmp_path / "q.h5ad",
                "--decode-as", "Z")
     assert r.exit_code == 2 and "not a domain" in r.stderr
+
+
+def test_same_seed_same_embedding(integrate_file):
+    from advcli.integrate import IntegrationModel
+
+    a = ad.read_h5ad(integrate_file)
+    runs = [IntegrationModel(a, latent_dim=4, max_epochs=3, seed=7).train()
+            .get_latent_representation() for _ in range(2)]
+    assert np.array_equal(runs[0], runs[1])
+    other = IntegrationModel(a, latent_dim=4, max_epochs=3, seed=8).train()
+    assert not np.array_equal(runs[0], other.get_latent_representation())
+
+
+def test_python_api_roundtrip(tmp_path, integrate_file):
+    """Notebook use: train, save, load, predict without the CLI."""
+    import advcli
+
+    a = ad.read_h5ad(integrate_file)
+    model = advcli.IntegrationModel(a, latent_dim=4, max_epochs=2)
+    model.train()
+    model.save(tmp_path / "m.pt")
+    again = advcli.IntegrationModel.load(tmp_path / "m.pt")
+    np.testing.assert_allclose(again.get_latent_representation(a),
+                               model.get_latent_representation(a), rtol=1e-5, atol=1e-6)

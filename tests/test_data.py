@@ -169,3 +169,14 @@ def test_gene_order_reorders_and_names_missing_genes():
     assert gene_order(adata, ["g3", "g0"]).tolist() == [3, 0]
     with pytest.raises(InputError, match=r"lack 2 of the 3 genes.*gX, gY"):
         gene_order(adata, ["g1", "gX", "gY"])
+
+
+def test_treated_level_flips_numeric_and_bool_treatments():
+    a = make_adata(n=40)
+    d, levels = encode_treatment(a, "D", "0")
+    assert levels == ["1", "0"] and np.array_equal(d, 1.0 - a.obs["D"].to_numpy())
+    b = make_adata(n=40, T=np.arange(40) % 2 == 0)
+    d, levels = encode_treatment(b, "T", "False")
+    assert levels == ["True", "False"] and d[1] == 1.0
+    with pytest.raises(InputError, match="not a level"):
+        encode_treatment(a, "D", "2")
