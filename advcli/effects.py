@@ -17,7 +17,7 @@ from scipy import stats
 GENE_BLOCK = 256
 
 
-def nb_glm(counts, design: np.ndarray, max_iter: int = 30, tol: float = 1e-8,
+def nb_glm(counts, design: np.ndarray, max_iter: int = 30, tol: float = 1e-6,
            alpha: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Fit an NB GLM with log link to every column of ``counts`` on the same ``design``.
 
