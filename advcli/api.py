@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import __version__, keys
-from .config import ConfounderConfig, IntegrationConfig, config_from_dict, config_to_dict
+from .config import ConfounderConfig, config_from_dict, config_to_dict
 from .data import (CountRows, CovariateEncoding, default_covariate_keys, encode_treatment,
                    gene_order, load_counts, validate_counts)
 from .errors import InputError
@@ -54,7 +54,45 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(columnwise_pearson(np.ravel(a)[:, None], np.ravel(b)[:, None])[0])
 
 
-class ConfounderModel:
+class TrainedModel:
+    """What both models share: the trained flag, the fit summary and the model file."""
+
+    mode = ""
+
+    def _require_trained(self) -> None:
+        if not self.is_trained_:
+            raise InputError("The model has not been trained; call train() first.")
+
+    def fit_summary(self) -> dict[str, Any]:
+        self._require_trained()
+        return dict(self.summary_)
+
+    def _save(self, path: str | Path, encoding: dict) -> None:
+        self._require_trained()
+        save_model({
+            "format": keys.MODEL_FORMAT, "format_version": keys.FORMAT_VERSION,
+            "version": __version__, "mode": self.mode, "config": config_to_dict(self.config),
+            "genes": list(self.genes_), "encoding": encoding,
+            "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "optimizers": self.optimizer_state_, "history": self.history_,
+            "summary": plain(self.summary_)}, path)
+
+    def _restored(self, payload: dict):
+        """Fitted state from a model file, once the network has been rebuilt and loaded."""
+        self.device = torch.device("cpu")
+        self.history_ = payload["history"]
+        self.summary_ = payload.get("summary")
+        self.optimizer_state_ = payload.get("optimizers")
+        self.is_trained_ = True
+        self.net.eval()
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_payload(load_model(path, mode=cls.mode), path)
+
+
+class ConfounderModel(TrainedModel):
     """Infer a hidden confounder Z of a binary treatment D and counts Y, given covariates X."""
 
     mode = "confounder"
@@ -214,10 +252,6 @@ class ConfounderModel:
         self.net.to(device)
         return self
 
-    def _require_trained(self) -> None:
-        if not self.is_trained_:
-            raise InputError("The model has not been trained; call train() first.")
-
     # ------------------------------------------------------------------ reporting
 
     def _summarise(self, epochs: int, wall: float, cpu: float) -> dict[str, Any]:
@@ -266,26 +300,13 @@ class ConfounderModel:
                 f" with{hint or ' other settings'} (see docs/confounder.md).")
         return warnings
 
-    def fit_summary(self) -> dict[str, Any]:
-        self._require_trained()
-        return dict(self.summary_)
-
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | Path) -> None:
-        self._require_trained()
-        payload = {
-            "format": keys.MODEL_FORMAT, "format_version": keys.FORMAT_VERSION,
-            "version": __version__, "mode": self.mode, "config": config_to_dict(self.config),
-            "genes": list(self.genes_),
-            "encoding": {"covariates": self.encoding_.to_dict(),
-                         "treatment_levels": list(self.treatment_levels_),
-                         "x_dim": int(self._x.shape[1])},
-            "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "optimizers": self.optimizer_state_, "history": self.history_,
-            "summary": plain(self.summary_),
-        }
-        save_model(payload, path)
+        self._save(path, {"covariates": self.encoding_.to_dict(),
+                          "treatment_levels": list(self.treatment_levels_),
+                          "x_dim": int(self.net.classifier.linear.in_features
+                                       - self.config.z_dim)})
 
     @classmethod
     def from_payload(cls, payload: dict, path: str | Path = "model") -> "ConfounderModel":
@@ -303,17 +324,7 @@ class ConfounderModel:
             self.net.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise InputError(f"Model file '{path}' is damaged or inconsistent ({exc}).") from None
-        self.device = torch.device("cpu")
-        self.history_ = payload["history"]
-        self.summary_ = payload.get("summary")
-        self.optimizer_state_ = payload.get("optimizers")
-        self.is_trained_ = True
-        self.net.eval()
-        return self
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ConfounderModel":
-        return cls.from_payload(load_model(path, mode=cls.mode), path)
+        return self._restored(payload)
 
 
 def load(payload: dict, path: str | Path = "model"):

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, keys
-from .config import ConfounderConfig, IntegrationConfig
+from .config import IntegrationConfig
 from .errors import InputError
 
 console = Console(stderr=True)

@@ -11,17 +11,15 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__, keys
-from .api import resolve_device
-from .config import IntegrationConfig, config_from_dict, config_to_dict
+from . import keys
+from .api import TrainedModel, resolve_device
+from .config import IntegrationConfig, config_from_dict
 from .data import CountRows, encode_domains, gene_order, load_counts, validate_counts
 from .errors import InputError
-from .io import load_model, plain, save_model
 from .strategies import AlternatingAdversary, GradientReversalStep, PairedVAE
 
 TARGET_SUM = 1e4
@@ -36,7 +34,7 @@ def default_batch_size(n_cells: int) -> int:
     return int(min(256, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
 
 
-class IntegrationModel:
+class IntegrationModel(TrainedModel):
     """Paired adversarial VAE over the domains in ``obs[batch_key]``."""
 
     mode = "integrate"
@@ -216,10 +214,6 @@ class IntegrationModel:
 
     # ------------------------------------------------------------------ prediction
 
-    def _require_trained(self) -> None:
-        if not self.is_trained_:
-            raise InputError("The model has not been trained; call train() first.")
-
     def _inputs(self, adata):
         validate_counts(adata, self.config.layer)
         order = gene_order(adata, self.genes_)
@@ -287,21 +281,10 @@ class IntegrationModel:
                                                     "domains": list(self.domains_)}}
         return written
 
-    def fit_summary(self) -> dict[str, Any]:
-        self._require_trained()
-        return dict(self.summary_)
-
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | Path) -> None:
-        self._require_trained()
-        save_model({
-            "format": keys.MODEL_FORMAT, "format_version": keys.FORMAT_VERSION,
-            "version": __version__, "mode": self.mode, "config": config_to_dict(self.config),
-            "genes": list(self.genes_), "encoding": {"domains": list(self.domains_)},
-            "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "optimizers": self.optimizer_state_, "history": self.history_,
-            "summary": plain(self.summary_)}, path)
+        self._save(path, {"domains": list(self.domains_)})
 
     @classmethod
     def from_payload(cls, payload: dict, path: str | Path = "model") -> "IntegrationModel":
@@ -314,14 +297,4 @@ class IntegrationModel:
             self.net.load_state_dict(payload["state"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise InputError(f"Model file '{path}' is damaged or inconsistent ({exc}).") from None
-        self.device = torch.device("cpu")
-        self.history_ = payload["history"]
-        self.summary_ = payload.get("summary")
-        self.optimizer_state_ = payload.get("optimizers")
-        self.is_trained_ = True
-        self.net.eval()
-        return self
-
-    @classmethod
-    def load(cls, path: str | Path) -> "IntegrationModel":
-        return cls.from_payload(load_model(path, mode=cls.mode), path)
+        return self._restored(payload)

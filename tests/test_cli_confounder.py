@@ -233,3 +233,14 @@ def test_bundled_sample_data_is_small_and_valid():
         assert path.stat().st_size < 5 * 1024 * 1024
         a = ad.read_h5ad(path)
         assert a.n_obs > 0 and a.n_vars > 0
+
+
+def test_loaded_model_can_be_saved_again(fitted, tmp_path):
+    from advcli.api import ConfounderModel
+
+    model = ConfounderModel.load(fitted["model"])
+    model.save(tmp_path / "again.pt")
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    original = torch.load(fitted["model"], weights_only=True)
+    assert again["encoding"] == original["encoding"]
+    assert all(torch.equal(again["state"][k], v) for k, v in original["state"].items())

@@ -1,6 +1,5 @@
 """The validation layer: every bad input becomes an InputError that names what was wrong."""
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest

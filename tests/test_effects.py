@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from advcli.effects import bh_qvalues, nb_glm, treatment_effects
 
