@@ -20,7 +20,7 @@ import torch
 from . import __version__, keys
 from .config import ConfounderConfig, config_from_dict, config_to_dict
 from .data import (CountRows, CovariateEncoding, default_covariate_keys, encode_treatment,
-                   gene_order, load_counts, validate_counts)
+                   gene_order, load_counts, set_uns, validate_counts)
 from .errors import InputError
 from .io import load_model, plain, save_model
 from .losses import nb_log_prob
@@ -55,9 +55,16 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class TrainedModel:
-    """What both models share: the trained flag, the fit summary and the model file."""
+    """What both models share: configuration, the trained flag, the fit summary, model files."""
 
     mode = ""
+
+    @staticmethod
+    def _configure(config, options: dict, make_default):
+        """The given config (options override it) or a default one built from the options."""
+        cfg = make_default(**options) if config is None else replace(config, **options)
+        cfg.check()
+        return cfg
 
     def _require_trained(self) -> None:
         if not self.is_trained_:
@@ -98,10 +105,7 @@ class ConfounderModel(TrainedModel):
     mode = "confounder"
 
     def __init__(self, adata, config: ConfounderConfig | None = None, **options):
-        cfg = config if config is not None else confounder_config(**options)
-        if config is not None and options:
-            cfg = replace(cfg, **options)
-        cfg.check()
+        cfg = self._configure(config, options, confounder_config)
         validate_counts(adata, cfg.layer)
         cov_keys = cfg.covariate_keys if cfg.covariate_keys is not None \
             else default_covariate_keys(adata)
@@ -236,8 +240,7 @@ class ConfounderModel(TrainedModel):
         adata.obs[keys.LOG_LIK_Y] = out[keys.LOG_LIK_Y].astype(np.float64)
         order = np.argsort(gene_order(adata, self.genes_))  # back to the file's gene order
         adata.layers[keys.NB_MEAN] = out[keys.NB_MEAN][:, order].astype(np.float32)
-        adata.uns[keys.UNS] = {**dict(adata.uns.get(keys.UNS, {})),
-                               "confounder_inputs": self.input_description()}
+        set_uns(adata, keys.CONFOUNDER_INPUTS, self.input_description())
         return [f"obsm['{keys.Z_HAT}']", f"obsm['{keys.Z_PROB}']", f"obs['{keys.D_LOGIT}']",
                 f"obs['{keys.D_PROB}']", f"obs['{keys.LOG_LIK_Y}']", f"layers['{keys.NB_MEAN}']"]
 
@@ -305,8 +308,7 @@ class ConfounderModel(TrainedModel):
     def save(self, path: str | Path) -> None:
         self._save(path, {"covariates": self.encoding_.to_dict(),
                           "treatment_levels": list(self.treatment_levels_),
-                          "x_dim": int(self.net.classifier.linear.in_features
-                                       - self.config.z_dim)})
+                          "x_dim": self.net.x_dim})
 
     @classmethod
     def from_payload(cls, payload: dict, path: str | Path = "model") -> "ConfounderModel":

@@ -372,6 +372,7 @@ def predict(
 ) -> None:
     """Add the model's per-cell outputs to a copy of DATA and write it to OUT."""
     from . import api
+    from .data import set_uns
     from .io import file_sha256, load_model, write_h5ad
 
     _check_out_differs(out, [data, model_path])
@@ -385,10 +386,9 @@ def predict(
     adata = _read(data)
     written = model.predict_into(adata, batch_size=batch_size, device=device,
                                  **({"decode_as": decode_as} if decode_as is not None else {}))
-    meta = dict(adata.uns.get(keys.UNS, {}))
-    meta[keys.PREDICT] = {"model_sha256": file_sha256(model_path), "mode": payload["mode"],
-                          "version": __version__, "model_version": payload["version"]}
-    adata.uns[keys.UNS] = meta
+    set_uns(adata, keys.PREDICT, {"model_sha256": file_sha256(model_path),
+                                  "mode": payload["mode"], "version": __version__,
+                                  "model_version": payload["version"]})
     if csv is not None:
         from .io import atomic_path
 

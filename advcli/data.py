@@ -243,6 +243,11 @@ class CovariateEncoding:
         return np.concatenate(parts, axis=1)
 
 
+def set_uns(adata, name: str, value) -> None:
+    """Set uns['advcli'][name], keeping whatever else uns['advcli'] holds."""
+    adata.uns[keys.UNS] = {**dict(adata.uns.get(keys.UNS, {})), name: value}
+
+
 def default_covariate_keys(adata) -> list[str]:
     """The covariate keys a simulator recorded in uns['advcli'], else none."""
     meta = adata.uns.get(keys.UNS, {})

@@ -18,7 +18,8 @@ import torch
 from . import keys
 from .api import TrainedModel, resolve_device
 from .config import IntegrationConfig, config_from_dict
-from .data import CountRows, encode_domains, gene_order, load_counts, validate_counts
+from .data import (CountRows, encode_domains, gene_order, load_counts, set_uns,
+                   validate_counts)
 from .errors import InputError
 from .strategies import AlternatingAdversary, GradientReversalStep, PairedVAE
 
@@ -40,10 +41,7 @@ class IntegrationModel(TrainedModel):
     mode = "integrate"
 
     def __init__(self, adata, config: IntegrationConfig | None = None, **options):
-        cfg = config if config is not None else IntegrationConfig(**options)
-        if config is not None and options:
-            cfg = replace(cfg, **options)
-        cfg.check()
+        cfg = self._configure(config, options, IntegrationConfig)
         validate_counts(adata, cfg.layer)
         self.config = cfg
         self.genes_ = [str(g) for g in adata.var_names]
@@ -273,12 +271,11 @@ class IntegrationModel(TrainedModel):
             adata.layers[keys.NB_MEAN] = out["nb_mean"][:, back].astype(np.float32)
             written.append(f"layers['{keys.NB_MEAN}']")
         if decode_as is not None:
-            name = f"decoded_as_{decode_as}"
+            name = f"{keys.DECODED_AS}{decode_as}"
             adata.layers[name] = out["decoded"][:, back].astype(np.float32)
             written.append(f"layers['{name}']")
-        adata.uns[keys.UNS] = {**dict(adata.uns.get(keys.UNS, {})),
-                               "integrate_inputs": {"batch_key": self.config.batch_key,
-                                                    "domains": list(self.domains_)}}
+        set_uns(adata, keys.INTEGRATE_INPUTS, {"batch_key": self.config.batch_key,
+                                               "domains": list(self.domains_)})
         return written
 
     # ------------------------------------------------------------------ files

@@ -23,7 +23,7 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
     if keys.X_LATENT not in adata.obsm:
         raise InputError(f"obsm['{keys.X_LATENT}'] is missing: the file was not written by "
                          "`advcli predict` with an integrate model.")
-    inputs = adata.uns.get(keys.UNS, {}).get("integrate_inputs", {})
+    inputs = adata.uns.get(keys.UNS, {}).get(keys.INTEGRATE_INPUTS, {})
     batch_key = batch_key or str(inputs.get("batch_key", keys.BATCH))
     batch = obs_column(adata, batch_key, "Batch").astype(str).to_numpy()
     notes: list[str] = []

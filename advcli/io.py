@@ -48,11 +48,6 @@ def write_h5ad(adata, path: str | os.PathLike) -> None:
         adata.write_h5ad(tmp)
 
 
-def write_text(text: str, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def plain(obj, json_safe: bool = False):
     """Numbers, strings, lists and dicts only: what weights_only loading and JSON accept.
     ``json_safe`` also turns NaN and infinities into None."""

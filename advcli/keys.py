@@ -33,6 +33,9 @@ X_LATENT = "X_advcli"
 DOMAIN_PROB = "domain_prob"
 
 PREDICT = "predict"
+CONFOUNDER_INPUTS = "confounder_inputs"  # uns['advcli'][...]: what diagnose needs to refit GLMs
+INTEGRATE_INPUTS = "integrate_inputs"  # uns['advcli'][...]: the model's batch key and domains
+DECODED_AS = "decoded_as_"  # layers['decoded_as_<domain>'] from predict --decode-as
 
 MODES = ("confounder", "integrate")
 

@@ -122,6 +122,11 @@ class ConfounderNet(nn.Module):
         self.generator, self.classifier, self.nb = generator, classifier, nb
         self.z_type = z_type
 
+    @property
+    def x_dim(self) -> int:
+        """Covariate columns, read off the classifier (which sees [X, Z])."""
+        return self.classifier.linear.in_features - self.generator.net[-1].out_features
+
     def z(self, x, d, y, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(Z the heads consume, Z probability)."""
         logits = self.generator(x, d, y)

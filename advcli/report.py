@@ -137,7 +137,7 @@ def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, An
 def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
     from .effects import treatment_effects
 
-    inputs = adata.uns.get(keys.UNS, {}).get("confounder_inputs")
+    inputs = adata.uns.get(keys.UNS, {}).get(keys.CONFOUNDER_INPUTS)
     if not isinstance(inputs, dict):
         notes.append("No record of the treatment and covariates: treatment effects skipped.")
         return None

@@ -88,8 +88,7 @@ def train_confounder(net: ConfounderNet, n: int, get_batch: Callable, cfg: Confo
 
     baselines = None
     if weights["dbpr"] > 0:
-        x_dim = net.classifier.linear.in_features - net.generator.net[-1].out_features
-        baselines, used = fit_baselines(x_dim, get_batch, n, cfg, generator,
+        baselines, used = fit_baselines(net.x_dim, get_batch, n, cfg, generator,
                                         net.nb.theta.detach())
         epochs += used
 

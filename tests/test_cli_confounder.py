@@ -244,3 +244,25 @@ def test_loaded_model_can_be_saved_again(fitted, tmp_path):
     original = torch.load(fitted["model"], weights_only=True)
     assert again["encoding"] == original["encoding"]
     assert all(torch.equal(again["state"][k], v) for k, v in original["state"].items())
+
+
+@pytest.mark.parametrize("bad", [np.nan, -0.5, "high"])
+def test_dispersion_key_with_bad_values(bad, tmp_path, invoke, write):
+    a = make_adata(n=60, genes=10)
+    if isinstance(bad, str):  # a text column: "0.5", ..., "high"
+        a.var["alpha"] = ["0.5"] * 3 + [bad] + ["0.5"] * 6
+    else:
+        a.var["alpha"] = np.r_[np.full(3, 0.5), bad, np.full(6, 0.5)]
+    r = invoke("fit", write(a), "--mode", "confounder", "-o", tmp_path / "m.pt",
+               "--dispersion-key", "alpha")
+    assert r.exit_code == 2 and "finite, positive NB dispersion" in r.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_fixed_dispersion_is_kept(tmp_path, invoke, confounder_file):
+    r = invoke("fit", confounder_file, "--mode", "confounder", "-o", tmp_path / "m.pt",
+               "--dispersion-key", "alpha_true", *FAST)
+    assert r.exit_code == 0, r.output
+    state = torch.load(tmp_path / "m.pt", weights_only=True)["state"]
+    alpha = ad.read_h5ad(confounder_file).var["alpha_true"].to_numpy()
+    np.testing.assert_allclose(torch.exp(-state["nb.log_theta"]).numpy(), alpha, rtol=1e-5)
