@@ -171,8 +171,9 @@ class PairedVAE(torch.nn.Module):
         self.likelihood = likelihood
         self.shared_decoder = shared_decoder
 
-    def theta(self, domain: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.log_theta.clamp(-10.0, 10.0))[domain]
+    def theta(self) -> torch.Tensor:
+        """Inverse dispersion per domain (rows) and gene."""
+        return torch.exp(self.log_theta.clamp(-10.0, 10.0))
 
     def vae_parameters(self):
         return list(self.encoders.parameters()) + list(self.decoders.parameters()) + [self.log_theta]
@@ -211,13 +212,23 @@ class PairedVAE(torch.nn.Module):
         out = self.decode(z, batch["domain"])
         if self.likelihood == "nb":
             log_mu = out + torch.log(batch["library"])[:, None]
-            theta = self.theta(batch["domain"])
-            recon = -losses.nb_log_prob(batch["counts"], log_mu, theta).sum(dim=1).mean()
+            recon = -losses.nb_log_prob(batch["counts"], log_mu, self.theta(),
+                                        rows=batch["domain"]).sum(dim=1).mean()
         else:
             recon = losses.mse_per_cell(out, batch["x_norm"])
         kl = losses.gaussian_kl(mean, logvar)
         return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * kl,
                 "mean": mean}
+
+
+def adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused into one kernel where the torch build supports it (CPU since torch 2.4): on
+    thousands of genes its per-tensor loops otherwise cost a sixth of each step."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr)
 
 
 def _frozen_logits(discriminator: torch.nn.Module, means: torch.Tensor) -> torch.Tensor:
@@ -241,8 +252,8 @@ class GradientReversalStep:
         self.model = model
         self.reverse = GradientReversal(grl_lambda)
         self.grl_lambda, self.adv_loss = grl_lambda, adv_loss
-        self.opt_vae = torch.optim.Adam(model.vae_parameters(), lr=lr)
-        self.opt_disc = torch.optim.Adam(model.discriminator.parameters(), lr=lr_disc)
+        self.opt_vae = adam(model.vae_parameters(), lr)
+        self.opt_disc = adam(model.discriminator.parameters(), lr_disc)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"vae": self.opt_vae, "discriminator": self.opt_disc}
@@ -280,8 +291,8 @@ class AlternatingAdversary:
                  adv_loss: str):
         self.model = model
         self.d_steps, self.e_steps, self.adv_loss = d_steps, e_steps, adv_loss
-        self.opt_vae = torch.optim.Adam(model.vae_parameters(), lr=lr)
-        self.opt_disc = torch.optim.Adam(model.discriminator.parameters(), lr=lr_disc)
+        self.opt_vae = adam(model.vae_parameters(), lr)
+        self.opt_disc = adam(model.discriminator.parameters(), lr_disc)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"vae": self.opt_vae, "discriminator": self.opt_disc}

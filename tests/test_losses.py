@@ -26,6 +26,19 @@ def test_nb_log_prob_is_stable_for_large_means():
     assert torch.isfinite(out).all()
 
 
+def test_nb_log_prob_with_a_per_domain_table_matches_scipy():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 40, (60, 5)).astype(float)
+    mu = rng.uniform(0.1, 30.0, (60, 5))
+    table = rng.uniform(0.2, 8.0, (3, 5))  # one inverse dispersion per domain and gene
+    rows = rng.integers(0, 3, 60)
+    ours = losses.nb_log_prob(torch.tensor(y), torch.log(torch.tensor(mu)), torch.tensor(table),
+                              rows=torch.tensor(rows))
+    theta = table[rows]
+    ref = stats.nbinom.logpmf(y, theta, theta / (theta + mu))
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-9, atol=1e-9)
+
+
 def test_dbpr_rewards_a_z_that_improves_prediction():
     torch.manual_seed(0)
     n, g = 400, 5
