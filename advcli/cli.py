@@ -239,14 +239,14 @@ def fit(
     # integrate mode
     batch_key: Optional[str] = typer.Option(None, "--batch-key", help="[integrate] obs column "
                                             "with the domains (default batch)."),
-    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="[integrate] (32)"),
+    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="[integrate] (10)"),
     likelihood: Optional[str] = typer.Option(None, "--likelihood", help="[integrate] nb or mse."),
     design: Optional[str] = typer.Option(None, "--design",
                                          help="[integrate] shared (one encoder, domain-"
                                               "conditioned decoder) or paired (one VAE per "
                                               "domain, the seed's)."),
     lr_discriminator: Optional[float] = typer.Option(None, "--lr-discriminator",
-                                                     help="[integrate] (default 10 x --lr)"),
+                                                     help="[integrate] (default: --lr)"),
     adversary: Optional[str] = typer.Option(None, "--adversary",
                                             help="[integrate] grl or alternate."),
     adv_loss: Optional[str] = typer.Option(None, "--adv-loss",

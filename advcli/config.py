@@ -73,15 +73,15 @@ class IntegrationConfig:
 
     batch_key: str = "batch"
     layer: str | None = None
-    latent_dim: int = 32
+    latent_dim: int = 10  # scVI's default; SPEC's synopsis shows 32, which mixed worse (docs/integrate.md)
     hidden: int = 128
     likelihood: str = "nb"  # nb | mse
     design: str = "shared"  # shared: one encoder, one domain-conditioned decoder | paired (seed)
     adversary: str = "grl"  # grl | alternate
-    adv_loss: str = "uniform"  # negce | uniform | flip
-    adv_weight: float = 10.0
-    adv_start_epoch: int | None = None  # None: a quarter of the epochs (the VAE learns first)
-    adv_warmup_epochs: int | None = None  # None: a quarter of the epochs
+    adv_loss: str = "negce"  # negce | uniform | flip
+    adv_weight: float = 1.0
+    adv_start_epoch: int = 0  # the adversary acts from the first epoch: the domains never part
+    adv_warmup_epochs: int | None = None  # None: a twentieth of the epochs
     grl_lambda: float = 1.0
     d_steps: int = 1
     e_steps: int = 1
@@ -89,7 +89,7 @@ class IntegrationConfig:
     kl_warmup_epochs: int | None = None  # None: a quarter of the epochs
     batch_size: int | None = None  # None: 64-256 cells, at least ~8 steps per epoch
     lr: float = 1e-3
-    lr_discriminator: float | None = None  # None: 10 x lr (the critic must outpace the encoders)
+    lr_discriminator: float | None = None  # None: the same as lr
     max_epochs: int | None = None
     val_fraction: float = 0.1
     patience: int = 20
@@ -108,7 +108,8 @@ class IntegrationConfig:
             _positive(batch_size=self.batch_size)
         _non_negative(adv_weight=self.adv_weight, grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
                       patience=self.patience)
-        for name in ("adv_start_epoch", "adv_warmup_epochs", "kl_warmup_epochs"):
+        _non_negative(adv_start_epoch=self.adv_start_epoch)
+        for name in ("adv_warmup_epochs", "kl_warmup_epochs"):
             if getattr(self, name) is not None:
                 _non_negative(**{name: getattr(self, name)})
         if not 0.0 <= self.val_fraction < 0.5:

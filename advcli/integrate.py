@@ -26,7 +26,9 @@ from .strategies import AlternatingAdversary, GradientReversalStep, PairedVAE
 TARGET_SUM = 1e4
 
 
-TARGET_STEPS = 3000  # default training length in optimizer steps, whatever the data's size
+DEFAULT_EPOCHS = 100  # passes over the data, as scVI's benchmarks train
+MIN_STEPS = 1500  # but at least this many optimizer steps: on a few hundred cells the adversary
+                  # needs steps, not epochs, to act
 
 
 def default_batch_size(n_cells: int) -> int:
@@ -93,10 +95,10 @@ class IntegrationModel(TrainedModel):
 
     @property
     def max_epochs(self) -> int:
-        """--max-epochs, else about TARGET_STEPS optimizer steps (between 20 and 400 epochs)."""
+        """--max-epochs, else DEFAULT_EPOCHS or as many as MIN_STEPS needs (at most 400)."""
         if self.config.max_epochs is not None:
             return self.config.max_epochs
-        return int(min(400, max(20, round(TARGET_STEPS / self.steps_per_epoch))))
+        return int(min(400, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / self.steps_per_epoch))))
 
     @property
     def planned_epochs(self) -> int:
@@ -128,7 +130,7 @@ class IntegrationModel(TrainedModel):
         start_wall, start_cpu = time.perf_counter(), time.process_time()
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        lr_disc = cfg.lr_discriminator or 10.0 * cfg.lr
+        lr_disc = cfg.lr_discriminator or cfg.lr
         if cfg.adversary == "grl":
             strategy = GradientReversalStep(self.net, cfg.lr, lr_disc, cfg.grl_lambda, cfg.adv_loss)
         else:
@@ -184,12 +186,16 @@ class IntegrationModel(TrainedModel):
 
     def schedules(self):
         """KL weight and adversarial weight per epoch, and the epoch after which early stopping
-        may act. The adversary waits until the VAE has learnt the cells' structure, then ramps
-        in: switched on from the start it scrambles a latent space that holds nothing yet."""
-        cfg, quarter = self.config, max(1, self.max_epochs // 4)
-        kl_warm = quarter if cfg.kl_warmup_epochs is None else cfg.kl_warmup_epochs
-        start = quarter if cfg.adv_start_epoch is None else cfg.adv_start_epoch
-        ramp = quarter if cfg.adv_warmup_epochs is None else cfg.adv_warmup_epochs
+        may act. The KL term warms up over the first quarter of the epochs; the adversary acts
+        from the first epoch (ramped in over a twentieth), so that the domains never part: a
+        discriminator that first meets an already-separated latent space is certain of every
+        cell and the negative cross-entropy gives the encoders no gradient."""
+        cfg = self.config
+        kl_warm = (max(1, self.max_epochs // 4) if cfg.kl_warmup_epochs is None
+                   else cfg.kl_warmup_epochs)
+        ramp = (max(1, self.max_epochs // 20) if cfg.adv_warmup_epochs is None
+                else cfg.adv_warmup_epochs)
+        start = cfg.adv_start_epoch
 
         def kl_weight(epoch: int) -> float:
             return cfg.beta_kl * min(1.0, epoch / max(kl_warm, 1))
