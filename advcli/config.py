@@ -73,7 +73,7 @@ class IntegrationConfig:
 
     batch_key: str = "batch"
     layer: str | None = None
-    latent_dim: int = 10  # scVI's default; SPEC's synopsis shows 32, which mixed worse (docs/integrate.md)
+    latent_dim: int = 10  # SPEC's synopsis shows 32, which mixed worse (docs/integrate.md)
     hidden: int = 128
     likelihood: str = "nb"  # nb | mse
     design: str = "shared"  # shared: one encoder, one domain-conditioned decoder | paired (seed)
@@ -107,8 +107,7 @@ class IntegrationConfig:
         if self.batch_size is not None:
             _positive(batch_size=self.batch_size)
         _non_negative(adv_weight=self.adv_weight, grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
-                      patience=self.patience)
-        _non_negative(adv_start_epoch=self.adv_start_epoch)
+                      patience=self.patience, adv_start_epoch=self.adv_start_epoch)
         for name in ("adv_warmup_epochs", "kl_warmup_epochs"):
             if getattr(self, name) is not None:
                 _non_negative(**{name: getattr(self, name)})

@@ -18,7 +18,8 @@ def nb_log_prob(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
 
     ``theta`` broadcasts against ``y``; or, given ``rows``, it is a table with one row per group
     (a domain) and cell i uses row ``rows[i]``: the per-gene terms (log and lgamma of theta) are
-    then computed once per group rather than once per cell, a third of the work on many genes.
+    then computed once per group rather than once per cell (one of the three lgamma passes
+    over cells x genes, and its digamma backward, saved).
     """
     log_theta, lgamma_theta = torch.log(theta), torch.lgamma(theta)
     if rows is not None:

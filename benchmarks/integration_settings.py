@@ -1,0 +1,60 @@
+"""Train integrate mode with chosen settings on one file and print the scIB-style metrics.
+
+The development runs behind the defaults in docs/integrate.md ("Why the defaults are what they
+are") were made with this script, e.g.
+
+    advcli simulate integrate -o /tmp/i.h5ad
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/integration_settings.py /tmp/i.h5ad \\
+        "dict(adv_loss='uniform', adv_weight=10)" "dict(adv_weight=3)"
+
+Each argument is one set of IntegrationModel options (a Python dict literal); one line per set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import time
+
+import anndata as ad
+import torch
+
+from advcli.integrate import IntegrationModel
+from advcli.metrics import integration_metrics
+
+SHOWN = ("ilisi", "batch_asw", "label_asw", "ari", "bio_score", "batch_score", "overall_score")
+
+
+def options(text: str) -> dict:
+    """`dict(a=1)` or `{'a': 1}` -> a dict, without evaluating arbitrary code."""
+    node = ast.parse(text, mode="eval").body
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict" and not node.args:
+        return {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    return dict(ast.literal_eval(node))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", help=".h5ad with raw counts")
+    parser.add_argument("settings", nargs="+", help="IntegrationModel options, e.g. dict(seed=1)")
+    parser.add_argument("--label-key", default="cell_type")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    a = ad.read_h5ad(args.data)
+    for text in args.settings:
+        opts = options(text)
+        start = time.perf_counter()
+        model = IntegrationModel(a, **opts).train()
+        wall = time.perf_counter() - start
+        batch_key = model.config.batch_key
+        met = integration_metrics(model.get_latent_representation(), a.obs[batch_key].to_numpy(),
+                                  a.obs[args.label_key].to_numpy())
+        print(opts, f"epochs {model.summary_['epochs']}", f"{wall:.1f} s",
+              {k: round(met[k], 3) for k in SHOWN}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
