@@ -175,8 +175,8 @@ CONFOUNDER_ONLY = ("treatment_key", "treated_level", "covariate_keys", "z_dim", 
                    "nb_weight", "dbpr_weight", "outer_iterations", "predictor_epochs",
                    "generator_epochs", "preset")
 INTEGRATE_ONLY = ("batch_key", "latent_dim", "likelihood", "adversary", "adv_loss", "adv_weight",
-                  "grl_lambda", "d_steps", "e_steps", "beta_kl", "val_fraction", "design",
-                  "lr_discriminator")
+                  "grl_lambda", "d_steps", "e_steps", "beta_kl", "dropout", "val_fraction",
+                  "design", "lr_discriminator")
 
 
 @app.command("fit")
@@ -256,6 +256,9 @@ def fit(
     d_steps: Optional[int] = typer.Option(None, "--d-steps", help="[integrate] alternate only."),
     e_steps: Optional[int] = typer.Option(None, "--e-steps", help="[integrate] alternate only."),
     beta_kl: Optional[float] = typer.Option(None, "--beta-kl", help="[integrate] KL weight."),
+    dropout: Optional[float] = typer.Option(None, "--dropout",
+                                            help="[integrate] Dropout in the encoder (default "
+                                                 "0.1)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                  help="[integrate] Held-out cells for early "
                                                       "stopping."),

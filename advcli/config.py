@@ -86,6 +86,7 @@ class IntegrationConfig:
     d_steps: int = 1
     e_steps: int = 1
     beta_kl: float = 1.0
+    dropout: float = 0.1  # in the encoder's hidden layers (scVI's default); see docs/integrate.md
     kl_warmup_epochs: int | None = None  # None: a quarter of the epochs
     batch_size: int | None = None  # None: 64-256 cells, at least ~8 steps per epoch
     lr: float = 1e-3
@@ -111,6 +112,8 @@ class IntegrationConfig:
         for name in ("adv_warmup_epochs", "kl_warmup_epochs"):
             if getattr(self, name) is not None:
                 _non_negative(**{name: getattr(self, name)})
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"--dropout must be in [0, 1) (got {self.dropout}).")
         if not 0.0 <= self.val_fraction < 0.5:
             raise InputError(f"--val-fraction must be in [0, 0.5) (got {self.val_fraction}).")
         if self.max_epochs is not None:

@@ -87,7 +87,7 @@ class IntegrationModel(TrainedModel):
     def _build(self, n_genes: int) -> PairedVAE:
         cfg = self.config
         return PairedVAE(n_genes, cfg.latent_dim, cfg.hidden, len(self.domains_), cfg.likelihood,
-                         paired=cfg.design == "paired")
+                         paired=cfg.design == "paired", dropout=cfg.dropout)
 
     @property
     def steps_per_epoch(self) -> int:

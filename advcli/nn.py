@@ -163,12 +163,18 @@ class GradientReversal(nn.Module):
 
 
 class Encoder(nn.Module):
-    """log1p of library-normalised counts -> posterior mean and log-variance."""
+    """log1p of library-normalised counts -> posterior mean and log-variance.
 
-    def __init__(self, n_genes: int, latent_dim: int, hidden: int):
+    Dropout after each hidden layer (scVI's 0.1 by default) regularises the encoder: on a few
+    thousand cells the validation ELBO stops improving within tens of epochs.
+    """
+
+    def __init__(self, n_genes: int, latent_dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_genes, hidden), nn.LayerNorm(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU())
+                                 nn.Dropout(dropout),
+                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                                 nn.Dropout(dropout))
         self.mean = nn.Linear(hidden, latent_dim)
         self.logvar = nn.Linear(hidden, latent_dim)
 

@@ -152,12 +152,12 @@ class PairedVAE(torch.nn.Module):
     """
 
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_domains: int,
-                 likelihood: str, paired: bool = False):
+                 likelihood: str, paired: bool = False, dropout: float = 0.0):
         super().__init__()
         from .nn import Decoder, DomainDiscriminator, Encoder
 
         shared_decoder = not paired
-        self.encoders = torch.nn.ModuleList(Encoder(n_genes, latent_dim, hidden)
+        self.encoders = torch.nn.ModuleList(Encoder(n_genes, latent_dim, hidden, dropout)
                                             for _ in range(n_domains if paired else 1))
         n_dec = 1 if shared_decoder else n_domains
         self.decoders = torch.nn.ModuleList(

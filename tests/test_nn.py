@@ -1,6 +1,6 @@
 import torch
 
-from advcli.nn import GradientReversal, represent_z, straight_through
+from advcli.nn import Encoder, GradientReversal, represent_z, straight_through
 
 
 def test_straight_through_forward_is_binary_and_gradient_is_sigmoids():
@@ -34,3 +34,12 @@ def test_gradient_reversal_flips_and_scales_gradient_keeps_forward():
     w = torch.randn(5, 3)
     (y * w).sum().backward()
     assert torch.allclose(x.grad, -0.7 * w)
+
+
+def test_encoder_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    encoder, x = Encoder(20, 4, 16, dropout=0.5), torch.rand(8, 20)
+    encoder.train()
+    assert not torch.allclose(encoder(x)[0], encoder(x)[0])
+    encoder.eval()
+    assert torch.equal(encoder(x)[0], encoder(x)[0])
