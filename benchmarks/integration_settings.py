@@ -8,6 +8,8 @@ are") were made with this script, e.g.
         "dict(adv_loss='uniform', adv_weight=10)" "dict(adv_weight=3)"
 
 Each argument is one set of IntegrationModel options (a Python dict literal); one line per set.
+With `--seeds N` each set is trained with seeds 0..N-1 and a mean and sd line follows, to tell a
+setting's effect from seed-to-seed variation.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ast
 import time
 
 import anndata as ad
+import numpy as np
 import torch
 
 from advcli.integrate import IntegrationModel
@@ -39,20 +42,30 @@ def main(argv=None) -> int:
     parser.add_argument("settings", nargs="+", help="IntegrationModel options, e.g. dict(seed=1)")
     parser.add_argument("--label-key", default="cell_type")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seeds", type=int, default=1, help="train each set with seeds 0..N-1")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     a = ad.read_h5ad(args.data)
     for text in args.settings:
-        opts = options(text)
-        start = time.perf_counter()
-        model = IntegrationModel(a, **opts).train()
-        wall = time.perf_counter() - start
-        batch_key = model.config.batch_key
-        met = integration_metrics(model.get_latent_representation(), a.obs[batch_key].to_numpy(),
-                                  a.obs[args.label_key].to_numpy())
-        print(opts, f"epochs {model.summary_['epochs']}", f"{wall:.1f} s",
-              {k: round(met[k], 3) for k in SHOWN}, flush=True)
+        runs = []
+        for seed in range(args.seeds):
+            opts = options(text)
+            if args.seeds > 1:
+                opts["seed"] = seed
+            start = time.perf_counter()
+            model = IntegrationModel(a, **opts).train()
+            wall = time.perf_counter() - start
+            batch_key = model.config.batch_key
+            met = integration_metrics(model.get_latent_representation(),
+                                      a.obs[batch_key].to_numpy(), a.obs[args.label_key].to_numpy())
+            runs.append(met)
+            print(opts, f"epochs {model.summary_['epochs']}", f"{wall:.1f} s",
+                  {k: round(met[k], 3) for k in SHOWN}, flush=True)
+        if len(runs) > 1:
+            print(text, f"mean (sd) of {len(runs)} seeds",
+                  {k: f"{np.mean([r[k] for r in runs]):.3f} ({np.std([r[k] for r in runs], ddof=1):.3f})"
+                   for k in SHOWN}, flush=True)
     return 0
 
 
