@@ -48,11 +48,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     a = ad.read_h5ad(args.data)
     for text in args.settings:
-        runs = []
+        base, runs = options(text), []
         for seed in range(args.seeds):
-            opts = options(text)
-            if args.seeds > 1:
-                opts["seed"] = seed
+            opts = {**base, "seed": seed} if args.seeds > 1 else base
             start = time.perf_counter()
             model = IntegrationModel(a, **opts).train()
             wall = time.perf_counter() - start

@@ -101,8 +101,10 @@ def test_bad_inputs(tmp_path, invoke, write, integrate_file):
     r = invoke("fit", integrate_file, "--mode", "integrate", "--batch-key", "sample",
                "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "'batch', 'cell_type'" in r.stderr
-    r = invoke("fit", integrate_file, "--mode", "integrate", "--dropout", "1", "-o", tmp_path / "m.pt")
-    assert r.exit_code == 2 and "--dropout must be in [0, 1)" in r.stderr
+    for bad in ("1", "-0.1", "nan"):
+        r = invoke("fit", integrate_file, "--mode", "integrate", "--dropout", bad,
+                   "-o", tmp_path / "m.pt")
+        assert r.exit_code == 2 and "--dropout must be in [0, 1)" in r.stderr
     assert not (tmp_path / "m.pt").exists()
 
 
