@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,12 +16,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from . import __version__, keys
 from .config import ConfounderConfig, config_from_dict, config_to_dict
 from .data import (CountRows, CovariateEncoding, default_covariate_keys, encode_treatment,
-                   gene_order, load_counts, set_uns, validate_counts)
+                   gene_moments, gene_order, load_counts, obs_column_of, residual_factors,
+                   set_uns, size_factors, validate_counts)
+from .effects import treatment_effects
 from .errors import InputError
 from .io import load_model, plain, save_model
 from .losses import nb_log_prob
@@ -29,7 +33,8 @@ from .train import planned_confounder_epochs, train_confounder
 
 SEED_PRESET = dict(batch_size=32, lr=1e-3, lr_generator=None, outer_iterations=10, predictor_epochs=1,
                    generator_epochs=1, intercept=False, z_type="binary", nb_weight=1.0,
-                   patience=0, lr_final_fraction=1.0, preset="seed")
+                   patience=0, lr_final_fraction=1.0, size_factors="none", warm_start=False,
+                   preset="seed")
 
 
 def confounder_config(preset: str | None = None, **options) -> ConfounderConfig:
@@ -117,7 +122,11 @@ class ConfounderModel(TrainedModel):
         counts = load_counts(adata, cfg.layer)
         fixed_alpha = self._dispersion(adata)
         self.device = resolve_device(cfg.device)
-        log_y = counts.copy()
+        log_sf = np.log(size_factors(adata, counts, cfg.size_factors))
+        self.log_sf_center_ = float(log_sf.mean())
+        offset = log_sf - self.log_sf_center_
+        normalised = sp.diags(np.exp(-offset)) @ counts
+        log_y = normalised.copy()
         log_y.data = np.log1p(log_y.data)
         y_mean = np.asarray(log_y.mean(axis=0)).ravel()
         y_sd = np.sqrt(np.maximum(np.asarray(log_y.multiply(log_y).mean(axis=0)).ravel()
@@ -126,9 +135,18 @@ class ConfounderModel(TrainedModel):
         torch.manual_seed(cfg.seed)
         self.net = self._build(x.shape[1], len(self.genes_), torch.from_numpy(y_mean),
                                torch.from_numpy(y_sd), fixed_alpha).to(self.device)
+        log_mean, alpha = gene_moments(counts, np.exp(offset))
+        self.net.nb.start_from_data(torch.from_numpy(log_mean).float().to(self.device),
+                                    torch.from_numpy(alpha).float().to(self.device))
         self._x = torch.from_numpy(x).to(self.device)
         self._d = torch.from_numpy(d).to(self.device)
+        self._off = torch.from_numpy(offset.astype(np.float32)).to(self.device)
         self._y = CountRows(counts, self.device)
+        self._counts, self._obs = counts, adata.obs
+        if cfg.sample_key is not None:
+            _sample_labels(adata.obs, cfg.sample_key)
+        self._start = (residual_factors(log_y, y_mean, y_sd, np.column_stack([x, d]), cfg.z_dim,
+                                        cfg.seed) if cfg.warm_start else None)
         self.history_: dict | None = None
         self.optimizer_state_: dict | None = None
         self.summary_: dict | None = None
@@ -167,14 +185,15 @@ class ConfounderModel(TrainedModel):
 
     def _batch(self, idx: torch.Tensor):
         idx = idx.to(self._x.device)
-        return self._x[idx], self._d[idx], self._y.rows(idx)
+        return self._x[idx], self._d[idx], self._y.rows(idx), self._off[idx]
 
     def train(self, on_epoch=None) -> "ConfounderModel":
         """Train with the configured strategy; ``on_epoch(done, losses)`` reports progress."""
         start_wall, start_cpu = time.perf_counter(), time.process_time()
         torch.manual_seed(self.config.seed)
+        start = None if self._start is None else torch.from_numpy(self._start).to(self.device)
         self.history_, epochs, self.optimizer_state_ = train_confounder(
-            self.net, self._x.shape[0], self._batch, self.config, self.weights, on_epoch)
+            self.net, self._x.shape[0], self._batch, self.config, self.weights, on_epoch, start)
         self.is_trained_ = True
         self.summary_ = self._summarise(epochs, time.perf_counter() - start_wall,
                                         time.process_time() - start_cpu)
@@ -183,18 +202,18 @@ class ConfounderModel(TrainedModel):
     # ------------------------------------------------------------------ prediction
 
     @torch.inference_mode()
-    def _forward_all(self, x: torch.Tensor, d: torch.Tensor, rows, n: int, batch_size: int,
-                     keep_means: bool = True) -> dict[str, np.ndarray]:
+    def _forward_all(self, x: torch.Tensor, d: torch.Tensor, off: torch.Tensor, rows, n: int,
+                     batch_size: int, keep_means: bool = True) -> dict[str, np.ndarray]:
         net = self.net.eval()
         temperature = self.config.temperature_end
         parts: dict[str, list] = {k: [] for k in (keys.Z_HAT, keys.Z_PROB, keys.D_LOGIT,
                                                   keys.NB_MEAN, keys.LOG_LIK_Y)}
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(start + batch_size, n), device=x.device)
-            xb, db, yb = x[idx], d[idx], rows(idx)
-            logits = net.generator(xb, db, yb)
+            xb, db, yb, ob = x[idx], d[idx], rows(idx), off[idx]
+            logits = net.generator(xb, db, yb, ob)
             z = represent_z(logits, net.z_type, temperature, training=False)
-            d_logit, log_mu = net.heads(xb, db, z)
+            d_logit, log_mu = net.heads(xb, db, z, ob)
             parts[keys.Z_HAT].append(z.cpu())
             parts[keys.Z_PROB].append(torch.sigmoid(logits).cpu())
             parts[keys.D_LOGIT].append(d_logit.cpu())
@@ -213,7 +232,14 @@ class ConfounderModel(TrainedModel):
         d, _ = encode_treatment(adata, cfg.treatment_key, self.treatment_levels_[1])
         x = self.encoding_.transform(adata)
         counts = load_counts(adata, cfg.layer)[:, order]
-        return torch.from_numpy(x), torch.from_numpy(d), counts
+        offset = self._offset(adata, counts)
+        return torch.from_numpy(x), torch.from_numpy(d), torch.from_numpy(offset), counts
+
+    def _offset(self, adata, counts) -> np.ndarray:
+        """Centred log size factors, on the training data's scale. Library sizes are counted
+        over the model's genes, as at training, whatever else the file holds."""
+        log_sf = np.log(size_factors(adata, counts, self.config.size_factors))
+        return (log_sf - self.log_sf_center_).astype(np.float32)
 
     def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
                 keep_means: bool = True) -> dict[str, np.ndarray]:
@@ -222,13 +248,13 @@ class ConfounderModel(TrainedModel):
         if device is not None:
             self.to(resolve_device(device))
         if adata is None:
-            x, d, rows, n = self._x, self._d, self._y.rows, self._x.shape[0]
+            x, d, off, rows, n = self._x, self._d, self._off, self._y.rows, self._x.shape[0]
         else:
-            x, d, counts = self._inputs(adata)
-            x, d = x.to(self.device), d.to(self.device)
+            x, d, off, counts = self._inputs(adata)
+            x, d, off = x.to(self.device), d.to(self.device), off.to(self.device)
             rows = CountRows(counts, self.device).rows
             n = counts.shape[0]
-        return self._forward_all(x, d, rows, n, batch_size, keep_means)
+        return self._forward_all(x, d, off, rows, n, batch_size, keep_means)
 
     def predict_into(self, adata, batch_size: int = 1024, device: str = "auto") -> list[str]:
         """Add the predictions to ``adata`` (obsm, obs, layers); return the keys written."""
@@ -245,10 +271,37 @@ class ConfounderModel(TrainedModel):
                 f"obs['{keys.D_PROB}']", f"obs['{keys.LOG_LIK_Y}']", f"layers['{keys.NB_MEAN}']"]
 
     def input_description(self) -> dict:
-        """What diagnose needs to refit the treatment-effect GLM without the model file."""
+        """What diagnose needs to refit the treatment-effect GLM without the model file. The
+        covariate encoding is one JSON string: its per-covariate level lists differ in length,
+        which an .h5ad cannot store as an array."""
         cfg = self.config
         return {"treatment_key": cfg.treatment_key, "treated_level": self.treatment_levels_[1],
-                "layer": cfg.layer or "", "covariates": self.encoding_.to_dict()}
+                "layer": cfg.layer or "", "size_factors": cfg.size_factors,
+                "sample_key": cfg.sample_key or "",
+                "covariates_json": json.dumps(self.encoding_.to_dict())}
+
+    def treatment_effects(self, adata=None, sample_key: str | None = None) -> pd.DataFrame:
+        """Per-gene effects of D: naive ([X, D]) and adjusted for Z-hat ([X, D, Z-hat]), NB GLMs
+        with the model's size factors (see ``advcli.effects.treatment_effects``).
+
+        ``adata`` defaults to the training data; ``sample_key`` (default: the configured one)
+        sums cells to pseudobulk samples before testing.
+        """
+        self._require_trained()
+        if adata is None:
+            if getattr(self, "_counts", None) is None:
+                raise InputError("A loaded model has no training data; pass the AnnData.")
+            x, d, off, counts = (self._x.cpu().numpy(), self._d.cpu().numpy(),
+                                 self._off.cpu().numpy(), self._counts)
+            z, obs = self.predict(keep_means=False)[keys.Z_HAT], self._obs
+        else:
+            xt, dt, offt, counts = self._inputs(adata)
+            x, d, off = xt.numpy(), dt.numpy(), offt.numpy()
+            z, obs = self.predict(adata, keep_means=False)[keys.Z_HAT], adata.obs
+        key = sample_key if sample_key is not None else self.config.sample_key
+        sample = None if key is None else _sample_labels(obs, key)
+        return treatment_effects(counts, d, x, z, self.genes_, np.exp(off.astype(np.float64)),
+                                 sample)
 
     def to(self, device: torch.device) -> "ConfounderModel":
         self.device = device
@@ -308,17 +361,22 @@ class ConfounderModel(TrainedModel):
     def save(self, path: str | Path) -> None:
         self._save(path, {"covariates": self.encoding_.to_dict(),
                           "treatment_levels": list(self.treatment_levels_),
-                          "x_dim": self.net.x_dim})
+                          "x_dim": self.net.x_dim, "log_sf_center": self.log_sf_center_})
 
     @classmethod
     def from_payload(cls, payload: dict, path: str | Path = "model") -> "ConfounderModel":
         self = cls.__new__(cls)
         try:
-            self.config = config_from_dict(ConfounderConfig, payload["config"])
+            config = dict(payload["config"])
+            config.setdefault("size_factors", "none")  # files from before size factors
+            config.setdefault("warm_start", False)
+            self.config = config_from_dict(ConfounderConfig, config)
             self.genes_ = list(payload["genes"])
             enc = payload["encoding"]
             self.encoding_ = CovariateEncoding.from_dict(enc["covariates"])
             self.treatment_levels_ = list(enc["treatment_levels"])
+            self.log_sf_center_ = float(enc.get("log_sf_center", 0.0))
+            self._start = None
             state = payload["state"]
             fixed = torch.exp(-state["nb.log_theta"]) if self.config.dispersion_key else None
             self.net = self._build(int(enc["x_dim"]), len(self.genes_), state["generator.y_mean"],
@@ -327,6 +385,13 @@ class ConfounderModel(TrainedModel):
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise InputError(f"Model file '{path}' is damaged or inconsistent ({exc}).") from None
         return self._restored(payload)
+
+
+def _sample_labels(obs: pd.DataFrame, key: str) -> np.ndarray:
+    col = obs_column_of(obs, key)
+    if col.isna().any():
+        raise InputError(f"--sample-key obs['{key}'] has {int(col.isna().sum())} missing values.")
+    return col.astype(str).to_numpy()
 
 
 def load(payload: dict, path: str | Path = "model"):

@@ -170,7 +170,8 @@ def simulate_integrate(
 
 
 # Options of `fit` that belong to one mode only; giving one for the other mode is an error.
-CONFOUNDER_ONLY = ("treatment_key", "treated_level", "covariate_keys", "z_dim", "z_type",
+CONFOUNDER_ONLY = ("treatment_key", "treated_level", "covariate_keys", "size_factors",
+                   "sample_key", "warm_start", "z_dim", "z_type",
                    "strategy", "generator_inputs", "dispersion_key", "intercept", "bce_weight",
                    "nb_weight", "dbpr_weight", "outer_iterations", "predictor_epochs",
                    "generator_epochs", "preset")
@@ -206,9 +207,22 @@ def fit(
     covariate_keys: Optional[str] = typer.Option(None, "--covariate-keys",
                                                  help="[confounder] Comma list of obs columns "
                                                       "(default: those the simulator recorded)."),
+    size_factors: Optional[str] = typer.Option(None, "--size-factors",
+                                               help="[confounder] Per-cell offset of every NB "
+                                                    "model: library (total counts, default), "
+                                                    "none, or a numeric obs column."),
+    sample_key: Optional[str] = typer.Option(None, "--sample-key",
+                                             help="[confounder] obs column naming each cell's "
+                                                  "sample (donor): effects are tested on "
+                                                  "pseudobulk samples, not on cells."),
     z_dim: Optional[int] = typer.Option(None, "--z-dim", help="[confounder] Columns of Z (1)."),
     z_type: Optional[str] = typer.Option(None, "--z-type",
-                                         help="[confounder] binary, soft or gumbel."),
+                                         help="[confounder] gumbel (default, a near-binary "
+                                              "group), binary, soft, or continuous (a "
+                                              "gradient)."),
+    warm_start: Optional[bool] = typer.Option(None, "--warm-start/--no-warm-start",
+                                              help="[confounder] Start Z at the top residual "
+                                                   "factors of Y on [X, D] (default on)."),
     strategy: Optional[str] = typer.Option(None, "--strategy",
                                            help="[confounder] alternating or joint."),
     generator_inputs: Optional[str] = typer.Option(None, "--generator-inputs",
@@ -371,41 +385,54 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     decode_as: Optional[str] = typer.Option(None, "--decode-as",
                                             help="[integrate] Decode every cell as this domain."),
+    effects: Optional[Path] = typer.Option(None, "--effects",
+                                           help="[confounder] Also write the per-gene treatment "
+                                                "effects (naive and adjusted for Z-hat) as CSV."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add the model's per-cell outputs to a copy of DATA and write it to OUT."""
     from . import api
     from .data import set_uns
-    from .io import file_sha256, load_model, write_h5ad
+    from .io import file_sha256, load_model
 
     _check_out_differs(out, [data, model_path])
     if csv is not None:
         _check_out_differs(csv, [data, model_path, out])
+    if effects is not None:
+        _check_out_differs(effects, [data, model_path, out] + ([csv] if csv else []))
     start = time.perf_counter()
     payload = load_model(model_path)
     model = api.load(payload, model_path)
     if decode_as is not None and payload["mode"] != "integrate":
         raise InputError("--decode-as applies to integrate-mode models only.")
+    if effects is not None and payload["mode"] != "confounder":
+        raise InputError("--effects applies to confounder-mode models only.")
     adata = _read(data)
     written = model.predict_into(adata, batch_size=batch_size, device=device,
                                  **({"decode_as": decode_as} if decode_as is not None else {}))
     set_uns(adata, keys.PREDICT, {"model_sha256": file_sha256(model_path),
                                   "mode": payload["mode"], "version": __version__,
                                   "model_version": payload["version"]})
-    if csv is not None:
-        from .io import atomic_path
+    from .io import atomic_files
 
-        frame = api.per_cell_frame(adata, written)
-        with atomic_path(csv, ".csv") as tmp:
-            frame.to_csv(tmp, index_label="cell")
-    write_h5ad(adata, out)
+    table = model.treatment_effects(adata) if effects is not None else None
+    with atomic_files([out] + [p for p in (csv, effects) if p is not None]) as tmps:
+        if csv is not None:
+            api.per_cell_frame(adata, written).to_csv(tmps[csv], index_label="cell")
+        if table is not None:
+            table.to_csv(tmps[effects], index=False)
+        adata.write_h5ad(tmps[out])
     seconds = time.perf_counter() - start
     rows = _written_rows(out, seconds, adata.shape, written)
     if csv is not None:
         rows["csv"] = f"{csv} ({_file_size(csv)})"
+    if table is not None:
+        n_sig = int((table["qvalue"] < 0.05).sum())
+        rows["effects"] = f"{effects} ({len(table):,} genes, {n_sig:,} with q < 0.05)"
     _report(f"predict ({payload['mode']})", rows, as_json,
             {"command": "predict", "mode": payload["mode"], "out": str(out),
-             "csv": str(csv) if csv else None, "keys": written, "n_cells": adata.n_obs,
+             "csv": str(csv) if csv else None, "effects": str(effects) if effects else None,
+             "keys": written, "n_cells": adata.n_obs,
              "n_genes": adata.n_vars, "seconds": seconds})
 
 

@@ -21,8 +21,11 @@ class ConfounderConfig:
     covariate_keys: list[str] | None = None  # None: uns['advcli']['covariate_keys'], else none
     layer: str | None = None
     dispersion_key: str | None = None  # var column with a fixed NB dispersion alpha per gene
+    size_factors: str = "library"  # none | library | an obs column: log offset of every NB model
+    sample_key: str | None = None  # obs column: test effects on pseudobulk samples
     z_dim: int = 1
-    z_type: str = "gumbel"  # binary (straight-through) | soft (sigmoid) | gumbel (annealed)
+    z_type: str = "gumbel"  # binary (straight-through) | soft | gumbel (annealed) | continuous
+    warm_start: bool = True  # start Z at the top residual factors of Y on [X, D]
     strategy: str = "alternating"  # alternating | joint
     generator_inputs: list[str] = field(default_factory=lambda: ["x", "d", "y"])
     hidden: int = 128
@@ -47,7 +50,7 @@ class ConfounderConfig:
     preset: str = "default"
 
     def check(self) -> None:
-        _choice("--z-type", self.z_type, ("binary", "soft", "gumbel"))
+        _choice("--z-type", self.z_type, ("binary", "soft", "gumbel", "continuous"))
         _choice("--strategy", self.strategy, ("alternating", "joint"))
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
         bad = [g for g in self.generator_inputs if g not in ("x", "d", "y")]

@@ -119,10 +119,87 @@ def load_counts(adata, layer: str | None = None) -> sp.csr_matrix:
     return sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
 
 
+def library_sizes(counts) -> np.ndarray:
+    """Total counts per cell (float64)."""
+    return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+
+
+def size_factors(adata, counts, how: str) -> np.ndarray:
+    """Per-cell size factors (positive, not yet centred): ``none`` (all 1), ``library`` (total
+    counts) or the name of a numeric obs column (e.g. size factors from scran or DESeq2)."""
+    if how == "none":
+        return np.ones(counts.shape[0])
+    if how == "library":
+        values = library_sizes(counts)
+        if (values <= 0).any():
+            raise InputError(f"{int((values <= 0).sum())} cells have no counts at all, so their "
+                             "library size is 0. Remove empty cells (e.g. scanpy's "
+                             "pp.filter_cells(min_counts=1)) or give --size-factors none.")
+        return values
+    col = obs_column(adata, how, "Size-factor")
+    values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+    if not (np.isfinite(values).all() and (values > 0).all()):
+        raise InputError(f"--size-factors obs['{how}'] must be a finite, positive number for "
+                         "every cell (or give 'library' or 'none').")
+    return values
+
+
+def gene_moments(counts: sp.csr_matrix, sf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per gene: log of the mean normalised count and a moment estimate of the NB dispersion,
+    sum((y - m s)^2 - m s) / sum((m s)^2) with m = sum(y) / sum(s), clipped to [1e-3, 20]."""
+    total_s = sf.sum()
+    m = np.asarray(counts.sum(axis=0)).ravel() / total_s
+    sq = np.asarray(counts.multiply(counts).sum(axis=0)).ravel()
+    ys = np.asarray(counts.T @ sf).ravel()
+    s2 = float((sf ** 2).sum())
+    num = sq - 2.0 * m * ys + m ** 2 * s2 - m * total_s
+    alpha = np.clip(num / np.maximum(m ** 2 * s2, 1e-12), 1e-3, 20.0)
+    return np.log(np.maximum(m, 1e-8)), alpha
+
+
+def residual_factors(log_y: sp.csr_matrix, y_mean: np.ndarray, y_sd: np.ndarray,
+                     design: np.ndarray, k: int, seed: int, max_cells: int = 20_000) -> np.ndarray:
+    """Scores of the top-k principal components of the standardised log counts after regressing
+    out [1, X, D] (an SVA-like start for Z), for every cell, standardised per column.
+
+    Loadings come from at most ``max_cells`` cells; every cell is then scored in row blocks, so
+    memory stays bounded on large data.
+    """
+    n = log_y.shape[0]
+    rng = np.random.default_rng(seed)
+    design = np.column_stack([np.ones(n), design]).astype(np.float64)
+
+    def standardised(rows) -> np.ndarray:
+        block = log_y[rows].toarray() if sp.issparse(log_y) else np.asarray(log_y[rows])
+        return np.clip((block - y_mean) / y_sd, -10.0, 10.0)
+
+    sub = np.sort(rng.choice(n, max_cells, replace=False)) if n > max_cells else np.arange(n)
+    y_sub = standardised(sub)
+    coef, *_ = np.linalg.lstsq(design[sub], y_sub, rcond=None)
+    resid = y_sub - design[sub] @ coef
+    from sklearn.utils.extmath import randomized_svd
+
+    k_eff = min(k, min(resid.shape) - 1) if min(resid.shape) > 1 else 0
+    if k_eff < 1:
+        return np.zeros((n, k), dtype=np.float32)
+    _, _, vt = randomized_svd(resid, k_eff, random_state=seed)
+    scores = np.zeros((n, k))
+    for start in range(0, n, BLOCK_ROWS):
+        rows = np.arange(start, min(start + BLOCK_ROWS, n))
+        scores[rows, :k_eff] = (standardised(rows) - design[rows] @ coef) @ vt.T
+    sd = scores.std(axis=0)
+    scores = np.where(sd > 0, (scores - scores.mean(axis=0)) / np.where(sd > 0, sd, 1.0), 0.0)
+    return scores.astype(np.float32)
+
+
 def obs_column(adata, key: str, what: str) -> pd.Series:
-    if key not in adata.obs.columns:
-        raise _missing_key(f"{what} key", key, list(adata.obs.columns))
-    return adata.obs[key]
+    return obs_column_of(adata.obs, key, what)
+
+
+def obs_column_of(obs: pd.DataFrame, key: str, what: str = "Sample") -> pd.Series:
+    if key not in obs.columns:
+        raise _missing_key(f"{what} key", key, list(obs.columns))
+    return obs[key]
 
 
 def encode_treatment(adata, key: str, treated_level: str | None = None) -> tuple[np.ndarray, list[str]]:

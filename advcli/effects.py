@@ -1,9 +1,17 @@
 """Per-gene treatment effects from a negative-binomial GLM, fitted for all genes at once.
 
-For each gene, log E[y] = A beta with A = [1, X, D] (naive) or [1, X, D, Z-hat] (adjusted).
-IRLS runs on blocks of genes together: the weighted normal equations of every gene in a block
-come from one matrix product, so 100,000 cells x 2,000 genes take seconds, not minutes. The
-dispersion alpha of each gene is re-estimated between IRLS steps by the Pearson moment estimator.
+For each gene, log E[y] = log s + A beta with s the cell's size factor and A = [1, X, D] (naive)
+or [1, X, D, Z-hat] (adjusted). IRLS runs on blocks of genes together: the weighted normal
+equations of every gene in a block come from one matrix product, so 100,000 cells x 2,000 genes
+take seconds. Three guards keep the table honest on real counts:
+
+- step-halving: a step that raises a gene's deviance is halved until it does not (glm2, DESeq2),
+  so no gene oscillates off to a coefficient of thousands;
+- dispersions are moment estimates shrunk on the log scale towards a trend over the mean
+  (DESeq2 / edgeR style), capped, and then held fixed in both fits, so one gene cannot inflate
+  its own dispersion until its standard error means nothing;
+- a gene that did not converge, or whose fit separates (a coefficient beyond +-10 on the log
+  scale, i.e. a fold change over 20,000), gets NaN p and q: it is reported, never ranked.
 """
 
 from __future__ import annotations
@@ -12,78 +20,166 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from scipy import stats
+from scipy import special, stats
+
+from .errors import InputError
 
 GENE_BLOCK = 256
+MAX_ABS_COEF = 10.0  # a natural-log treatment effect beyond this is separation, not an effect
+RIDGE = 1e-3
+ALPHA_RANGE = (1e-4, 20.0)
 
 
-def nb_glm(counts, design: np.ndarray, max_iter: int = 30, tol: float = 1e-6,
-           alpha: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Fit an NB GLM with log link to every column of ``counts`` on the same ``design``.
+def _dense_block(counts, cols) -> torch.Tensor:
+    block = counts[:, cols]
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    return torch.as_tensor(block, dtype=torch.float64)
 
-    Returns ``coef`` and ``se`` (genes x covariates, Wald standard errors from the observed
-    information at the fit), ``alpha`` (per gene; fixed if given) and ``converged``.
+
+def nb_glm(counts, design: np.ndarray, offset: np.ndarray | None = None,
+           alpha: np.ndarray | None = None, max_iter: int = 50,
+           tol: float = 1e-8) -> dict[str, np.ndarray]:
+    """Fit an NB GLM with log link and a per-cell log offset to every column of ``counts``.
+
+    ``alpha`` fixes the dispersion per gene; None estimates it (``estimate_dispersion``).
+    Returns ``coef`` and ``se`` (genes x design columns; Wald standard errors from the Fisher
+    information at the fit), ``alpha``, ``deviance`` and ``converged`` (False for genes that did
+    not converge; their coefficients are kept but must not be tested).
     """
     A = torch.as_tensor(np.asarray(design, dtype=np.float64))
     n, p = A.shape
+    off = torch.zeros(n, dtype=torch.float64) if offset is None else \
+        torch.as_tensor(np.asarray(offset, dtype=np.float64))
+    if alpha is None:
+        alpha = estimate_dispersion(counts, design, offset)
+    alpha = np.asarray(alpha, dtype=np.float64)
     pairs = (A[:, :, None] * A[:, None, :]).reshape(n, p * p)
     n_genes = counts.shape[1]
-    coef = np.full((n_genes, p), np.nan)
-    se = np.full((n_genes, p), np.nan)
-    alphas = np.full(n_genes, np.nan)
-    converged = np.zeros(n_genes, dtype=bool)
+    out = {"coef": np.full((n_genes, p), np.nan), "se": np.full((n_genes, p), np.nan),
+           "deviance": np.full(n_genes, np.nan), "converged": np.zeros(n_genes, dtype=bool)}
     for start in range(0, n_genes, GENE_BLOCK):
         cols = slice(start, min(start + GENE_BLOCK, n_genes))
-        block = counts[:, cols]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        fixed = None if alpha is None else np.asarray(alpha, dtype=np.float64)[cols]
-        out = _irls_block(A, pairs, torch.as_tensor(block, dtype=torch.float64), max_iter, tol,
-                          fixed)
-        coef[cols], se[cols], alphas[cols], converged[cols] = out
-    return {"coef": coef, "se": se, "alpha": alphas, "converged": converged}
+        Y = _dense_block(counts, cols)
+        beta, se, dev, ok = _irls_block(A, pairs, off, Y, torch.as_tensor(alpha[cols]),
+                                        max_iter, tol)
+        out["coef"][cols], out["se"][cols], out["deviance"][cols], out["converged"][cols] = \
+            beta, se, dev, ok
+    out["alpha"] = alpha
+    return out
 
 
-def _irls_block(A, pairs, Y, max_iter, tol, fixed_alpha):
+def _irls_block(A, pairs, off, Y, alpha, max_iter, tol):
+    """IRLS with step-halving for one block of genes (columns of Y) sharing the design A."""
     n, p = A.shape
     g = Y.shape[1]
     ybar = Y.mean(dim=0)
     empty = ybar == 0
-    mu = (Y + ybar.clamp_min(1e-3)) / 2.0
-    eta = torch.log(mu)
-    alpha = (torch.full((g,), 0.1, dtype=A.dtype) if fixed_alpha is None
-             else torch.as_tensor(fixed_alpha, dtype=A.dtype))
-    beta = torch.zeros(g, p, dtype=A.dtype)
-    prev_dev = torch.full((g,), float("inf"), dtype=A.dtype)
-    done = torch.zeros(g, dtype=torch.bool)
-    ridge = 1e-9 * torch.eye(p, dtype=A.dtype)
-    for it in range(max_iter):
+    has_intercept = bool(torch.allclose(A[:, 0], torch.ones_like(A[:, 0])))
+    # a weak ridge on the slopes keeps a coefficient finite where a gene is absent from one
+    # level of a covariate (separation in a nuisance direction), so the others still converge
+    penalty = torch.full((p,), RIDGE, dtype=A.dtype)
+    if has_intercept:
+        penalty[0] = 1e-8
+    ridge = torch.diag(penalty)
+    beta = torch.zeros(g, p, dtype=A.dtype)  # intercept at the mean rate, the rest at zero
+    if has_intercept:
+        beta[:, 0] = torch.log(ybar.clamp_min(1e-8) / torch.exp(off).mean())
+    objective = lambda b: _nb_deviance(Y, _mu(A, b, off), alpha) + (penalty * b * b).sum(1)  # noqa: E731
+    dev = objective(beta)
+    done = empty.clone()
+    for _ in range(max_iter):
+        mu = _mu(A, beta, off)
         W = mu / (1.0 + alpha * mu)
-        z = eta + (Y - mu) / mu
+        z = (A @ beta.T) + (Y - mu) / mu
         xtwx = (pairs.T @ W).T.reshape(g, p, p) + ridge
         xtwz = (A.T @ (W * z)).T
-        beta = torch.linalg.solve(xtwx, xtwz.unsqueeze(-1)).squeeze(-1)
-        eta = (A @ beta.T).clamp(-30.0, 30.0)
-        mu = torch.exp(eta)
-        if fixed_alpha is None and it >= 1:
-            resid = ((Y - mu) ** 2 - mu) / mu.pow(2)
-            alpha = (resid.sum(dim=0) / max(n - p, 1)).clamp(1e-6, 1e3)
-        dev = _nb_deviance(Y, mu, alpha)
-        done = (prev_dev - dev).abs() <= tol * (dev.abs() + 1.0)
-        prev_dev = dev
-        if bool(done.all()) and it >= 2:
+        proposal = torch.linalg.solve(xtwx, xtwz.unsqueeze(-1)).squeeze(-1)
+        step = torch.where(done[:, None], torch.zeros_like(proposal), proposal - beta)
+        new_dev = objective(beta + step)
+        for _ in range(20):  # halve the steps that made a gene's fit worse
+            worse = ~(new_dev <= dev + 1e-10 * dev.abs()) & ~done
+            if not bool(worse.any()):
+                break
+            step[worse] *= 0.5
+            new_dev = torch.where(worse, objective(beta + step), new_dev)
+        beta = beta + step
+        settled = (dev - new_dev).abs() <= tol * (new_dev.abs() + 0.1)
+        dev = new_dev
+        done = done | settled
+        if bool(done.all()):
             break
+    mu = _mu(A, beta, off)
     W = mu / (1.0 + alpha * mu)
     cov = torch.linalg.inv((pairs.T @ W).T.reshape(g, p, p) + ridge)
     se = torch.sqrt(torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0.0))
+    ok = done & ~empty & torch.isfinite(se).all(dim=1)
     beta[empty] = float("nan")
     se[empty] = float("nan")
-    return beta.numpy(), se.numpy(), alpha.numpy(), (done & ~empty).numpy()
+    return beta.numpy(), se.numpy(), dev.numpy(), ok.numpy()
+
+
+def _tested(fit: dict, j: int) -> np.ndarray:
+    """Genes whose coefficient j may be tested: converged and not separated along it."""
+    return fit["converged"] & (np.abs(fit["coef"][:, j]) <= MAX_ABS_COEF)
+
+
+def _mu(A, beta, off):
+    return torch.exp(((A @ beta.T) + off[:, None]).clamp(-30.0, 30.0))
 
 
 def _nb_deviance(Y, mu, alpha):
     theta = 1.0 / alpha
     y_log = torch.where(Y > 0, Y * torch.log(Y.clamp_min(1e-12) / mu), torch.zeros_like(Y))
     return 2.0 * (y_log - (Y + theta) * torch.log((1.0 + alpha * Y) / (1.0 + alpha * mu))).sum(0)
+
+
+def estimate_dispersion(counts, design: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+    """Per-gene NB dispersion: a moment estimate at a Poisson-like fit, then at the NB fit, shrunk
+    towards a trend over log mean expression on the log scale (the shrinkage weight compares
+    the genes' spread around the trend with the estimator's own sampling variance)."""
+    n, p = np.asarray(design).shape
+    alpha = np.full(counts.shape[1], 0.1)
+    for _ in range(2):
+        fit = nb_glm(counts, design, offset, alpha=alpha, max_iter=15, tol=1e-6)
+        alpha = _moment_dispersion(counts, design, offset, fit["coef"])
+    raw = np.log(np.clip(alpha, *ALPHA_RANGE))
+    mean = np.asarray(counts.mean(axis=0)).ravel()
+    ok = np.isfinite(raw) & (mean > 0)
+    if ok.sum() < 10:
+        return np.exp(np.where(np.isfinite(raw), raw, np.log(0.1)))
+    trend = _trend(np.log(mean[ok]), raw[ok])
+    trend_all = np.interp(np.log(np.maximum(mean, 1e-12)), np.sort(np.log(mean[ok])),
+                          trend[np.argsort(np.log(mean[ok]))])
+    sampling = float(special.polygamma(1, max((n - p) / 2.0, 1.0)))
+    spread = float(np.var(raw[ok] - trend))
+    prior = max(spread - sampling, 0.25)
+    weight = prior / (prior + sampling)
+    shrunk = np.where(ok, trend_all + weight * (raw - trend_all), trend_all)
+    return np.exp(np.clip(shrunk, *np.log(ALPHA_RANGE)))
+
+
+def _moment_dispersion(counts, design, offset, coef) -> np.ndarray:
+    """sum((y - mu)^2 - mu) / sum(mu^2) per gene: the weighted moment estimator, stable where
+    most cells have tiny means."""
+    A = np.asarray(design, dtype=np.float64)
+    off = np.zeros(A.shape[0]) if offset is None else np.asarray(offset, dtype=np.float64)
+    out = np.full(counts.shape[1], np.nan)
+    for start in range(0, counts.shape[1], GENE_BLOCK):
+        cols = slice(start, min(start + GENE_BLOCK, counts.shape[1]))
+        Y = _dense_block(counts, cols).numpy()
+        beta = np.nan_to_num(coef[cols])
+        mu = np.exp(np.clip(A @ beta.T + off[:, None], -30, 30))
+        out[cols] = ((Y - mu) ** 2 - mu).sum(0) / np.maximum((mu ** 2).sum(0), 1e-12)
+    return out
+
+
+def _trend(x: np.ndarray, y: np.ndarray, bins: int = 20) -> np.ndarray:
+    """A running median of y over x (quantile bins, linear interpolation between bin centres)."""
+    order = np.argsort(x)
+    groups = np.array_split(order, min(bins, max(len(x) // 5, 1)))
+    centres = np.array([np.median(x[g]) for g in groups])
+    medians = np.array([np.median(y[g]) for g in groups])
+    return np.interp(x, centres, medians)
 
 
 def bh_qvalues(pvalues: np.ndarray) -> np.ndarray:
@@ -103,29 +199,104 @@ def bh_qvalues(pvalues: np.ndarray) -> np.ndarray:
     return q
 
 
-def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | None,
-                      genes) -> pd.DataFrame:
+def size_factor_offset(size_factors: np.ndarray) -> np.ndarray:
+    """log size factors, centred so the intercept stays on the scale of an average cell."""
+    log_s = np.log(np.asarray(size_factors, dtype=np.float64))
+    return log_s - log_s.mean()
+
+
+def pseudobulk(counts, sample: np.ndarray, d: np.ndarray, x: np.ndarray, z: np.ndarray | None,
+               size_factors: np.ndarray):
+    """Sum the counts of each sample (within each level of the 0/1 covariate columns, so a
+    cell-type covariate gives one profile per sample and cell type, as muscat does). D must be
+    constant within a sample; numeric covariates and Z-hat are averaged; the offset is the
+    group's summed size factor. Cells of one donor are not independent replicates; samples are."""
+    labels, sample_codes = np.unique(np.asarray(sample).astype(str), return_inverse=True)
+    d_by_sample = np.bincount(sample_codes, weights=d) / np.bincount(sample_codes)
+    mixed = labels[(d_by_sample > 0) & (d_by_sample < 1)]
+    if len(mixed):
+        raise InputError(f"--sample-key: samples {list(mixed[:5])} hold both treated and control "
+                         "cells; pseudobulk testing needs each sample under one treatment.")
+    binary = np.all((x == 0) | (x == 1), axis=0) if x.size else np.zeros(0, dtype=bool)
+    _, codes = np.unique(np.column_stack([sample_codes, x[:, binary]]), axis=0,
+                         return_inverse=True)
+    codes = codes.ravel()
+    m = int(codes.max()) + 1
+    member = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
+                           shape=(m, len(codes)))
+    size = np.asarray(member.sum(axis=1)).ravel()
+    mean = lambda a: None if a is None else (member @ a) / size[:, None]  # noqa: E731
+    return (sp.csr_matrix(member @ counts), member @ d / size, mean(x), mean(z),
+            member @ size_factors)
+
+
+def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | None, genes,
+                      size_factors: np.ndarray | None = None,
+                      sample: np.ndarray | None = None) -> pd.DataFrame:
     """The effect of D on each gene's log mean, naive ([1, X, D]) and adjusted ([1, X, D, Z-hat]).
 
+    Effects are natural-log fold changes; ``log2fc_adjusted`` gives the same on the log2 scale.
     p- and q-values are those of the adjusted effect when Z-hat is given (Wald, two-sided;
-    Benjamini-Hochberg over genes).
+    Benjamini-Hochberg over the genes whose fit converged), else of the naive one. With
+    ``sample`` the cells are summed to one pseudobulk profile per sample first.
     """
     n = len(d)
-    naive_design = np.column_stack([np.ones(n), x, d])
+    sf = np.ones(n) if size_factors is None else np.asarray(size_factors, dtype=np.float64)
+    if sample is not None:
+        counts, d, x, z_hat, sf = pseudobulk(counts, sample, d, x, z_hat, sf)
+        n = len(d)
+    offset = size_factor_offset(sf)
+    naive_design = _full_rank(np.column_stack([np.ones(n), x, d]), keep_last=1)
     j = naive_design.shape[1] - 1
-    naive = nb_glm(counts, naive_design)
+    p_needed = naive_design.shape[1] + (0 if z_hat is None else np.shape(z_hat)[1])
+    if n <= p_needed:
+        raise InputError(f"The effect GLM has {n} observations for {p_needed} coefficients"
+                         f"{' (pseudobulk samples)' if sample is not None else ''}; it needs more "
+                         "observations than coefficients.")
+    alpha = estimate_dispersion(counts, naive_design, offset)
+    naive = nb_glm(counts, naive_design, offset, alpha=alpha)
     frame = pd.DataFrame({"gene": list(genes), "effect_naive": naive["coef"][:, j]})
+    fit = naive
     if z_hat is not None:
-        adjusted = nb_glm(counts, np.column_stack([naive_design, z_hat]))
-        fit = adjusted
+        adjusted_design = _full_rank(np.column_stack([naive_design, z_hat]))
+        fit = nb_glm(counts, adjusted_design, offset, alpha=alpha)
+        frame["effect_adjusted"] = fit["coef"][:, j]
+        frame["se_adjusted"] = fit["se"][:, j]
     else:
-        fit = naive
-    frame["effect_adjusted"] = fit["coef"][:, j] if z_hat is not None else np.nan
-    frame["se_adjusted"] = fit["se"][:, j] if z_hat is not None else np.nan
+        frame["effect_adjusted"] = np.nan
+        frame["se_adjusted"] = np.nan
     wald = fit["coef"][:, j] / fit["se"][:, j]
-    frame["pvalue"] = 2.0 * stats.norm.sf(np.abs(wald))
-    frame["qvalue"] = bh_qvalues(frame["pvalue"].to_numpy())
+    pvalue = 2.0 * stats.norm.sf(np.abs(wald))
+    tested = _tested(fit, j)
+    pvalue[~tested] = np.nan
+    frame["pvalue"] = pvalue
+    frame["qvalue"] = bh_qvalues(pvalue)
+    frame["log2fc_adjusted"] = frame["effect_adjusted"] / np.log(2.0)
+    norm = np.asarray(counts.multiply(1.0 / sf[:, None]).mean(axis=0)).ravel() \
+        if sp.issparse(counts) else (np.asarray(counts) / sf[:, None]).mean(axis=0)
+    frame["base_mean"] = norm
     frame["se_naive"] = naive["se"][:, j]
-    frame["pvalue_naive"] = 2.0 * stats.norm.sf(np.abs(naive["coef"][:, j] / naive["se"][:, j]))
-    frame["converged"] = fit["converged"]
+    p_naive = 2.0 * stats.norm.sf(np.abs(naive["coef"][:, j] / naive["se"][:, j]))
+    p_naive[~_tested(naive, j)] = np.nan
+    frame["pvalue_naive"] = p_naive
+    frame["qvalue_naive"] = bh_qvalues(p_naive)
+    frame["dispersion"] = alpha
+    frame["converged"] = tested
     return frame
+
+
+def _full_rank(design: np.ndarray, keep_last: int = 0) -> np.ndarray:
+    """Drop design columns that are constant or linearly dependent on earlier ones (after
+    pseudobulk averaging a covariate can become collinear); the last ``keep_last`` columns
+    (the treatment) must survive or it is an error."""
+    kept: list[int] = []
+    for c in range(design.shape[1]):
+        trial = design[:, kept + [c]]
+        if np.linalg.matrix_rank(trial, tol=1e-8 * max(1.0, np.abs(trial).max())) == len(kept) + 1:
+            kept.append(c)
+        elif c >= design.shape[1] - keep_last:
+            raise InputError(f"The treatment is collinear with the covariates over these "
+                             f"{design.shape[0]} observations (cells or pseudobulk samples): "
+                             "the covariates already separate treated from control units, so "
+                             "no effect of the treatment can be estimated.")
+    return design[:, kept]

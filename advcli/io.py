@@ -42,6 +42,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(paths: list) -> Iterator[dict]:
+    """Several outputs that appear together or not at all: yield {path: temporary path}; the
+    renames happen only once every file has been written."""
+    paths = [Path(p) for p in paths]
+    with contextlib.ExitStack() as stack:
+        tmps = {p: stack.enter_context(atomic_path(p, "".join(p.suffixes[-1:]))) for p in paths}
+        yield tmps
+
+
 def write_h5ad(adata, path: str | os.PathLike) -> None:
     """Write an AnnData atomically (compressed CSR stays CSR)."""
     with atomic_path(path, ".h5ad") as tmp:

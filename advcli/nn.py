@@ -46,8 +46,10 @@ class ZGenerator(nn.Module):
         self.register_buffer("y_mean", y_mean.float())
         self.register_buffer("y_scale", y_scale.float())
 
-    def forward(self, x: torch.Tensor, d: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Logits of Z (n x k)."""
+    def forward(self, x: torch.Tensor, d: torch.Tensor, y: torch.Tensor,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of Z (n x k). ``offset`` (log size factor per cell) normalises the counts
+        first, so sequencing depth is not the first thing Z learns."""
         parts = []
         if "x" in self.inputs:
             parts.append(x)
@@ -56,6 +58,8 @@ class ZGenerator(nn.Module):
         if "y" in self.inputs:
             # clipped like scanpy's scale(max_value=10): a rare gene's lone count would
             # otherwise reach z-scores near 40 and saturate the generator at once
+            if offset is not None:
+                y = y * torch.exp(-offset)[:, None]
             parts.append(((torch.log1p(y) - self.y_mean) / self.y_scale).clamp(-10.0, 10.0))
         return self.net(torch.cat(parts, dim=1))
 
@@ -64,8 +68,11 @@ def represent_z(logits: torch.Tensor, z_type: str, temperature: float, training:
     """Turn generator logits into the Z the heads consume.
 
     binary: straight-through 0/1; soft: sigmoid; gumbel: a logistic-noise relaxation at the given
-    temperature while training, its noise-free value at prediction.
+    temperature while training, its noise-free value at prediction; continuous: the logits
+    themselves (a linear factor, for hidden factors that are gradients rather than groups).
     """
+    if z_type == "continuous":
+        return logits
     if z_type == "soft":
         return torch.sigmoid(logits)
     if z_type == "binary":
@@ -109,8 +116,21 @@ class NBRegression(nn.Module):
     def theta(self) -> torch.Tensor:
         return torch.exp(self.log_theta.clamp(-10.0, 10.0))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features)
+    @torch.no_grad()
+    def start_from_data(self, log_mean: torch.Tensor, alpha: torch.Tensor | None) -> None:
+        """Gene intercepts at the log mean normalised count, slopes at zero and (unless fixed)
+        dispersions at their moment estimates: real log means span -6 to +4, and heads that
+        start near 0 let the generator spend Z on a shared intercept and saturate."""
+        if self.linear.bias is not None:
+            self.linear.bias.copy_(log_mean)
+        self.linear.weight.zero_()
+        if alpha is not None and isinstance(self.log_theta, nn.Parameter):
+            self.log_theta.copy_(-torch.log(alpha))
+
+    def forward(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Log mean of every gene; ``offset`` is the cell's log size factor."""
+        out = self.linear(features)
+        return out if offset is None else out + offset[:, None]
 
 
 class ConfounderNet(nn.Module):
@@ -127,14 +147,15 @@ class ConfounderNet(nn.Module):
         """Covariate columns, read off the classifier (which sees [X, Z])."""
         return self.classifier.linear.in_features - self.generator.net[-1].out_features
 
-    def z(self, x, d, y, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def z(self, x, d, y, offset=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(Z the heads consume, Z probability)."""
-        logits = self.generator(x, d, y)
+        logits = self.generator(x, d, y, offset)
         return represent_z(logits, self.z_type, temperature, self.training), torch.sigmoid(logits)
 
-    def heads(self, x, d, z) -> tuple[torch.Tensor, torch.Tensor]:
+    def heads(self, x, d, z, offset=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(D logit, log mean of Y)."""
-        return self.classifier(torch.cat([x, z], dim=1)), self.nb(torch.cat([x, d[:, None], z], dim=1))
+        return (self.classifier(torch.cat([x, z], dim=1)),
+                self.nb(torch.cat([x, d[:, None], z], dim=1), offset))
 
 
 # ---------------------------------------------------------------- integrate mode

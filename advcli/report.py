@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from . import keys
-from .data import CovariateEncoding, encode_treatment, load_counts, read_h5ad
+from .data import (CovariateEncoding, encode_treatment, load_counts, obs_column, read_h5ad,
+                   size_factors)
 from .errors import InputError
 from .io import load_model, plain
 
@@ -143,11 +144,19 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
         return None
     layer = str(inputs.get("layer", "")) or None
     d, _ = encode_treatment(adata, str(inputs["treatment_key"]), str(inputs["treated_level"]))
-    cov = inputs["covariates"]
-    encoding = CovariateEncoding.from_dict({k: _as_list(cov[k]) for k in ("keys", "kinds", "levels")})
+    if "covariates_json" in inputs:
+        encoding = CovariateEncoding.from_dict(json.loads(str(inputs["covariates_json"])))
+    else:  # files predicted before the encoding was stored as JSON
+        cov = inputs["covariates"]
+        encoding = CovariateEncoding.from_dict({k: _as_list(cov[k])
+                                                for k in ("keys", "kinds", "levels")})
     x = encoding.transform(adata)
     counts = load_counts(adata, layer)
-    frame = treatment_effects(counts, d, x, z_hat, adata.var_names)
+    sf = size_factors(adata, counts, str(inputs.get("size_factors", "none")))
+    sample_key = str(inputs.get("sample_key", "")) or None
+    sample = None if sample_key is None else \
+        obs_column(adata, sample_key, "Sample").astype(str).to_numpy()
+    frame = treatment_effects(counts, d, x, z_hat, adata.var_names, sf, sample)
     sim = adata.uns.get(keys.UNS, {}).get(keys.SIMULATION)
     if isinstance(sim, dict) and "beta_2" in sim:
         truth = np.asarray(sim["beta_2"])[x.shape[1]]  # the D row of beta_2

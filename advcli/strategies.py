@@ -28,21 +28,22 @@ class Baselines:
     nb: torch.nn.Module
 
 
-def generator_objective(net: ConfounderNet, x, d, y, weights: dict[str, float], temperature: float,
-                        baselines: Baselines | None = None) -> dict[str, torch.Tensor]:
+def generator_objective(net: ConfounderNet, x, d, y, off, weights: dict[str, float],
+                        temperature: float, baselines: Baselines | None = None
+                        ) -> dict[str, torch.Tensor]:
     """The Z-generator's loss: bce_w * BCE + nb_w * NB - dbpr_w * (w' + v').
 
     BCE is per cell, NB per cell and gene; the DBPR terms are rewarded (subtracted), the sign
     seed 002's critique asks for.
     """
-    z, _ = net.z(x, d, y, temperature)
-    d_logit, log_mu = net.heads(x, d, z)
+    z, _ = net.z(x, d, y, off, temperature)
+    d_logit, log_mu = net.heads(x, d, z, off)
     out = {"bce": losses.bce(d_logit, d), "nb": losses.nb_nll(y, log_mu, net.nb.theta)}
     total = weights["bce"] * out["bce"] + weights["nb"] * out["nb"]
     if baselines is not None and weights["dbpr"] > 0:
         with torch.no_grad():
             d_logit_base = baselines.classifier(x)
-            log_mu_base = baselines.nb(torch.cat([x, d[:, None]], dim=1))
+            log_mu_base = baselines.nb(torch.cat([x, d[:, None]], dim=1), off)
         w, v = losses.dbpr_terms(d_logit, d_logit_base, d, y, log_mu, log_mu_base, net.nb.theta)
         out["dbpr_d"], out["dbpr_y"] = w, v
         total = total - weights["dbpr"] * (w + v)
@@ -78,14 +79,15 @@ class AlternatingFreeze:
         set_trainable(net.nb, True)
         sums = {"bce": 0.0, "nb": 0.0}
         for idx in batches:
-            x, d, y = get_batch(idx)
+            x, d, y, off = get_batch(idx)
             with torch.no_grad():
-                z, _ = net.z(x, d, y, temperature)
+                z, _ = net.z(x, d, y, off, temperature)
             loss_d = losses.bce(net.classifier(torch.cat([x, z], dim=1)), d)
             self.opt_classifier.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_classifier.step()
-            loss_y = losses.nb_nll(y, net.nb(torch.cat([x, d[:, None], z], dim=1)), net.nb.theta)
+            loss_y = losses.nb_nll(y, net.nb(torch.cat([x, d[:, None], z], dim=1), off),
+                                   net.nb.theta)
             self.opt_nb.zero_grad(set_to_none=True)
             loss_y.backward()
             self.opt_nb.step()
@@ -102,8 +104,8 @@ class AlternatingFreeze:
         set_trainable(net.nb, False)
         sums: dict[str, float] = {}
         for idx in batches:
-            x, d, y = get_batch(idx)
-            out = generator_objective(net, x, d, y, weights, temperature, baselines)
+            x, d, y, off = get_batch(idx)
+            out = generator_objective(net, x, d, y, off, weights, temperature, baselines)
             self.opt_generator.zero_grad(set_to_none=True)
             out["total"].backward()
             self.opt_generator.step()
@@ -124,8 +126,8 @@ class JointUpdate(AlternatingFreeze):
         sums: dict[str, float] = {}
         opts = list(self.optimizers().values())
         for idx in batches:
-            x, d, y = get_batch(idx)
-            out = generator_objective(self.net, x, d, y, weights, temperature, baselines)
+            x, d, y, off = get_batch(idx)
+            out = generator_objective(self.net, x, d, y, off, weights, temperature, baselines)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             out["total"].backward()

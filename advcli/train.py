@@ -18,6 +18,9 @@ from .strategies import AlternatingFreeze, Baselines, JointUpdate
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 BASELINE_EPOCHS = 10
+WARM_START_EPOCHS = 5  # the generator learns the residual-factor start
+FIRST_HEAD_EPOCHS = 10  # the heads fit [X, D, start Z] before the generator first moves
+WARM_START_SCALE = 3.0  # start logits at +-3 per sd of the factor: a clear split, not saturated
 
 
 def planned_confounder_epochs(cfg: ConfounderConfig) -> int:
@@ -31,6 +34,10 @@ def planned_confounder_epochs(cfg: ConfounderConfig) -> int:
             planned += cfg.predictor_epochs  # the heads are refit to the final Z
     if cfg.dbpr_weight > 0:
         planned += BASELINE_EPOCHS
+    if cfg.warm_start:
+        planned += WARM_START_EPOCHS
+        if cfg.strategy == "alternating":
+            planned += max(FIRST_HEAD_EPOCHS - cfg.predictor_epochs, 0)
     return min(planned, cfg.max_epochs) if cfg.max_epochs else planned
 
 
@@ -51,9 +58,9 @@ def fit_baselines(x_dim: int, get_batch, n: int, cfg: ConfounderConfig, generato
     opt = torch.optim.Adam(list(classifier.parameters()) + list(nb.parameters()), lr=cfg.lr)
     for _ in range(BASELINE_EPOCHS):
         for idx in minibatches(n, cfg.batch_size, generator):
-            xb, db, yb = get_batch(idx)
+            xb, db, yb, off = get_batch(idx)
             loss = (losses.bce(classifier(xb), db)
-                    + losses.nb_nll(yb, nb(torch.cat([xb, db[:, None]], dim=1)), nb.theta))
+                    + losses.nb_nll(yb, nb(torch.cat([xb, db[:, None]], dim=1), off), nb.theta))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -63,10 +70,36 @@ def fit_baselines(x_dim: int, get_batch, n: int, cfg: ConfounderConfig, generato
     return Baselines(classifier, nb), BASELINE_EPOCHS
 
 
+def warm_start(net: ConfounderNet, n: int, get_batch: Callable, start: torch.Tensor,
+               cfg: ConfounderConfig, generator: torch.Generator) -> list[float]:
+    """Teach the generator to output the residual factors ``start`` (n x k, standardised): Z
+    begins at the main axes of Y that [X, D] leave unexplained, one different axis per column,
+    instead of at a random direction that can saturate. Returns the MSE per epoch."""
+    scale = 1.0 if cfg.z_type == "continuous" else WARM_START_SCALE
+    opt = torch.optim.Adam(net.generator.parameters(), lr=cfg.lr)
+    record = []
+    for _ in range(WARM_START_EPOCHS):
+        total = 0.0
+        for idx in minibatches(n, cfg.batch_size, generator):
+            x, d, y, off = get_batch(idx)
+            target = start[idx.to(start.device)] * scale
+            loss = torch.nn.functional.mse_loss(net.generator(x, d, y, off), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        record.append(total / n)
+    return record
+
+
 def train_confounder(net: ConfounderNet, n: int, get_batch: Callable, cfg: ConfounderConfig,
                      weights: dict[str, float], on_epoch: EpochCallback | None = None,
-                     ) -> tuple[dict, int, dict]:
-    """Train ``net`` in place; return (history, epochs used, optimizer states)."""
+                     start: torch.Tensor | None = None) -> tuple[dict, int, dict]:
+    """Train ``net`` in place; return (history, epochs used, optimizer states).
+
+    With ``start`` (residual factors) the generator is first taught to output them, and the
+    first head phase runs up to FIRST_HEAD_EPOCHS so the heads fit before Z moves.
+    """
     generator = torch.Generator().manual_seed(cfg.seed)
     strategy_cls = JointUpdate if cfg.strategy == "joint" else AlternatingFreeze
     strategy = strategy_cls(net, cfg.lr, cfg.lr_generator or cfg.lr, cfg.weight_decay)
@@ -93,6 +126,9 @@ def train_confounder(net: ConfounderNet, n: int, get_batch: Callable, cfg: Confo
         epochs += used
 
     net.train()
+    if start is not None:
+        history["warm_start"] = {"mse": warm_start(net, n, get_batch, start, cfg, generator)}
+        epochs += WARM_START_EPOCHS
     head_budget = cfg.predictor_epochs if cfg.strategy == "alternating" else 0
     last_phase = None
     base_lr = {id(opt): [g["lr"] for g in opt.param_groups] for opt in strategy.optimizers().values()}
@@ -112,7 +148,9 @@ def train_confounder(net: ConfounderNet, n: int, get_batch: Callable, cfg: Confo
                     baselines))
         elif outer % 2 == 1:
             _head_phase(strategy, n, get_batch, cfg, generator, temperature, outer, log,
-                        lambda: epochs < budget)
+                        lambda: epochs < budget,
+                        max(cfg.predictor_epochs, FIRST_HEAD_EPOCHS)
+                        if outer == 1 and cfg.warm_start else cfg.predictor_epochs)
             last_phase = "heads"
         else:
             if epochs >= budget - head_budget:
@@ -128,18 +166,20 @@ def train_confounder(net: ConfounderNet, n: int, get_batch: Callable, cfg: Confo
             break
     if last_phase == "generator":  # refit the heads to the generator's final Z
         _head_phase(strategy, n, get_batch, cfg, generator, temperature_at(cfg, cfg.outer_iterations),
-                    cfg.outer_iterations + 1, log, lambda: epochs < max(budget, 1))
+                    cfg.outer_iterations + 1, log, lambda: epochs < max(budget, 1),
+                    cfg.predictor_epochs)
     net.eval()
     optim_state = {k: opt.state_dict() for k, opt in strategy.optimizers().items()}
     return history, epochs, optim_state
 
 
-def _head_phase(strategy, n, get_batch, cfg, generator, temperature, outer, log, may_continue):
-    """Train the heads for up to predictor_epochs, stopping when neither loss improves by 0.1%
+def _head_phase(strategy, n, get_batch, cfg, generator, temperature, outer, log, may_continue,
+                max_epochs: int):
+    """Train the heads for up to ``max_epochs``, stopping when neither loss improves by 0.1%
     for ``patience`` epochs (patience 0: always run them all)."""
     best = {"bce": math.inf, "nb": math.inf}
     stale = 0
-    for _ in range(cfg.predictor_epochs):
+    for _ in range(max_epochs):
         if not may_continue():
             break
         record = strategy.head_epoch(minibatches(n, cfg.batch_size, generator), get_batch,

@@ -5,7 +5,8 @@ from advcli.effects import bh_qvalues, nb_glm, treatment_effects
 
 def test_single_binary_covariate_matches_closed_form():
     """With design [1, D] the NB MLE of each group's mean is its sample mean, so the effect is
-    log(mean_treated / mean_control), and the Wald variance is 1/sum(W) per group."""
+    log(mean_treated / mean_control), and the Wald variance is 1/sum(W) per group (up to the
+    weak ridge on the slopes: 1e-3 against an information of hundreds)."""
     rng = np.random.default_rng(1)
     n = 600
     d = (np.arange(n) % 3 == 0).astype(float)
@@ -14,8 +15,8 @@ def test_single_binary_covariate_matches_closed_form():
     y = rng.poisson(rng.gamma(theta, mu / theta))
     fit = nb_glm(y, np.column_stack([np.ones(n), d]))
     m1, m0 = y[d == 1].mean(axis=0), y[d == 0].mean(axis=0)
-    np.testing.assert_allclose(fit["coef"][:, 1], np.log(m1 / m0), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(fit["coef"][:, 0], np.log(m0), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(fit["coef"][:, 1], np.log(m1 / m0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fit["coef"][:, 0], np.log(m0), rtol=1e-4, atol=1e-6)
     a = fit["alpha"]
     w1 = (d == 1).sum() * m1 / (1 + a * m1)
     w0 = (d == 0).sum() * m0 / (1 + a * m0)

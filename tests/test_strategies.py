@@ -21,7 +21,7 @@ def _setup(cls=AlternatingFreeze, z_type="soft"):
     net = ConfounderNet(gen, TreatmentClassifier(x_dim + 1), NBRegression(x_dim + 2, genes), z_type)
     strategy = cls(net, lr=1e-2, lr_generator=1e-2, weight_decay=0.0)
     batches = list(torch.randperm(n).split(16))
-    return net, strategy, batches, (lambda idx: (x[idx], d[idx], y[idx]))
+    return net, strategy, batches, (lambda idx: (x[idx], d[idx], y[idx], None))
 
 
 def _changed(before, module):
