@@ -33,7 +33,7 @@ from .train import planned_confounder_epochs, train_confounder
 
 SEED_PRESET = dict(batch_size=32, lr=1e-3, lr_generator=None, outer_iterations=10, predictor_epochs=1,
                    generator_epochs=1, intercept=False, z_type="binary", nb_weight=1.0,
-                   patience=0, lr_final_fraction=1.0, size_factors="none", warm_start=False,
+                   patience=0, lr_final_fraction=1.0, size_factors="none", warm_start=False, z_dim=1,
                    preset="seed")
 
 
@@ -132,6 +132,10 @@ class ConfounderModel(TrainedModel):
         y_sd = np.sqrt(np.maximum(np.asarray(log_y.multiply(log_y).mean(axis=0)).ravel()
                                   - y_mean ** 2, 0.0))
         y_sd = np.maximum(y_sd, 0.1)  # sparse genes: no division by a near-zero sd
+        start = residual_factors(log_y, y_mean, y_sd, np.column_stack([x, d]), cfg.z_dim,
+                                 cfg.seed)
+        self.config = cfg = replace(self.config, z_dim=start.shape[1])
+        self._start = start if cfg.warm_start else None
         torch.manual_seed(cfg.seed)
         self.net = self._build(x.shape[1], len(self.genes_), torch.from_numpy(y_mean),
                                torch.from_numpy(y_sd), fixed_alpha).to(self.device)
@@ -145,8 +149,6 @@ class ConfounderModel(TrainedModel):
         self._counts, self._obs = counts, adata.obs
         if cfg.sample_key is not None:
             _sample_labels(adata.obs, cfg.sample_key)
-        self._start = (residual_factors(log_y, y_mean, y_sd, np.column_stack([x, d]), cfg.z_dim,
-                                        cfg.seed) if cfg.warm_start else None)
         self.history_: dict | None = None
         self.optimizer_state_: dict | None = None
         self.summary_: dict | None = None
@@ -327,16 +329,30 @@ class ConfounderModel(TrainedModel):
 
         auroc = float(roc_auc_score(d, out[keys.D_LOGIT]))
         warnings = self.leakage_warnings(corr_d, auroc)
+        auroc_x = _auroc_from(x, d)
+        if auroc_x > 0.95:
+            warnings.append(
+                f"The covariates alone separate treated from control cells (AUROC {auroc_x:.2f}):"
+                " there is little overlap, so adjusted effects rest on extrapolation between "
+                "groups that never share covariate values.")
         flat = [j for j in range(z.shape[1]) if z[:, j].std() < 1e-3]
         if flat:
             warnings.append(f"Z-hat column(s) {flat} are constant across cells: the generator "
                             "saturated and adjusting for them changes nothing. Try a lower "
                             "--lr or another --seed.")
+        if self.config.z_type != "continuous":
+            side = np.maximum((z > 0.5).mean(axis=0), (z <= 0.5).mean(axis=0))
+            lopsided = [j for j in range(z.shape[1]) if side[j] > 0.99 and j not in flat]
+            if lopsided:
+                warnings.append(f"Z-hat column(s) {lopsided} put over 99% of cells in one "
+                                "group: a near-constant factor. If the hidden factor is a "
+                                "gradient rather than groups, try --z-type continuous.")
         return {"mode": self.mode, "n_cells": int(self._x.shape[0]), "n_genes": len(self.genes_),
                 "epochs": epochs, "train_seconds": wall, "train_cpu_seconds": cpu,
                 "final_losses": final, "strategy": self.config.strategy,
-                "z_type": self.config.z_type, "corr_z_d": corr_d, "corr_z_covariates": corr_x,
-                "auroc_d": auroc, "warnings": warnings}
+                "z_type": self.config.z_type, "z_dim": int(z.shape[1]), "corr_z_d": corr_d,
+                "corr_z_covariates": corr_x, "auroc_d": auroc, "auroc_d_from_x": auroc_x,
+                "warnings": warnings}
 
     def leakage_warnings(self, corr_d: list[float], auroc: float) -> list[str]:
         """Warn when Z-hat explains D far better than a confounder plausibly can.
@@ -350,10 +366,11 @@ class ConfounderModel(TrainedModel):
         if worst > 0.7 or auroc > 0.95:
             hint = " --generator-inputs x,y" if "d" in self.config.generator_inputs else ""
             warnings.append(
-                f"Z-hat may have copied the treatment: |corr(Z-hat, D)| = {worst:.2f} and the "
-                f"D-classifier on [X, Z-hat] reaches AUROC {auroc:.2f}. A confounder rarely "
-                f"decides treatment so cleanly; treat adjusted effects with suspicion, or refit"
-                f" with{hint or ' other settings'} (see docs/confounder.md).")
+                f"Z-hat nearly determines the treatment: |corr(Z-hat, D)| = {worst:.2f} and the "
+                f"D-classifier on [X, Z-hat] reaches AUROC {auroc:.2f}. Either Z-hat copied D, "
+                f"or the hidden factor decides treatment and treated and control cells do not "
+                f"overlap; in both cases the adjusted effects cannot be trusted. Refit with"
+                f"{hint or ' other settings'} (see docs/confounder.md).")
         return warnings
 
     # ------------------------------------------------------------------ files
@@ -385,6 +402,17 @@ class ConfounderModel(TrainedModel):
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise InputError(f"Model file '{path}' is damaged or inconsistent ({exc}).") from None
         return self._restored(payload)
+
+
+def _auroc_from(features: np.ndarray, d: np.ndarray) -> float:
+    """In-sample AUROC of a logistic regression of D on ``features`` (0.5 with none)."""
+    if features.shape[1] == 0:
+        return 0.5
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    fit = LogisticRegression(C=1.0, max_iter=500).fit(features, d)
+    return float(roc_auc_score(d, fit.decision_function(features)))
 
 
 def _sample_labels(obs: pd.DataFrame, key: str) -> np.ndarray:

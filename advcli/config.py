@@ -23,7 +23,7 @@ class ConfounderConfig:
     dispersion_key: str | None = None  # var column with a fixed NB dispersion alpha per gene
     size_factors: str = "library"  # none | library | an obs column: log offset of every NB model
     sample_key: str | None = None  # obs column: test effects on pseudobulk samples
-    z_dim: int = 1
+    z_dim: int | None = None  # None: counted from the residuals (parallel analysis), 1-10
     z_type: str = "gumbel"  # binary (straight-through) | soft | gumbel (annealed) | continuous
     warm_start: bool = True  # start Z at the top residual factors of Y on [X, D]
     strategy: str = "alternating"  # alternating | joint
@@ -57,7 +57,9 @@ class ConfounderConfig:
         if bad or not self.generator_inputs:
             raise InputError(f"--generator-inputs takes a comma list of x, d, y (got "
                              f"{','.join(self.generator_inputs) or 'nothing'}).")
-        _positive(z_dim=self.z_dim, hidden=self.hidden, outer_iterations=self.outer_iterations,
+        if self.z_dim is not None:
+            _positive(z_dim=self.z_dim)
+        _positive(hidden=self.hidden, outer_iterations=self.outer_iterations,
                   predictor_epochs=self.predictor_epochs, generator_epochs=self.generator_epochs,
                   batch_size=self.batch_size, lr=self.lr, temperature_end=self.temperature_end,
                   temperature_start=self.temperature_start)

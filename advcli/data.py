@@ -157,11 +157,18 @@ def gene_moments(counts: sp.csr_matrix, sf: np.ndarray) -> tuple[np.ndarray, np.
     return np.log(np.maximum(m, 1e-8)), alpha
 
 
+MAX_FACTORS = 10
+
+
 def residual_factors(log_y: sp.csr_matrix, y_mean: np.ndarray, y_sd: np.ndarray,
-                     design: np.ndarray, k: int, seed: int, max_cells: int = 20_000) -> np.ndarray:
+                     design: np.ndarray, k: int | None, seed: int,
+                     max_cells: int = 20_000) -> np.ndarray:
     """Scores of the top-k principal components of the standardised log counts after regressing
     out [1, X, D] (an SVA-like start for Z), for every cell, standardised per column.
 
+    ``k`` None counts the factors by parallel analysis (Buja and Eyuboglu, as SVA does): the
+    leading components whose singular value beats the largest one of the residuals with every
+    gene permuted independently across cells (at most MAX_FACTORS, at least 1).
     Loadings come from at most ``max_cells`` cells; every cell is then scored in row blocks, so
     memory stays bounded on large data.
     """
@@ -179,6 +186,8 @@ def residual_factors(log_y: sp.csr_matrix, y_mean: np.ndarray, y_sd: np.ndarray,
     resid = y_sub - design[sub] @ coef
     from sklearn.utils.extmath import randomized_svd
 
+    if k is None:
+        k = count_factors(resid, seed)
     k_eff = min(k, min(resid.shape) - 1) if min(resid.shape) > 1 else 0
     if k_eff < 1:
         return np.zeros((n, k), dtype=np.float32)
@@ -190,6 +199,22 @@ def residual_factors(log_y: sp.csr_matrix, y_mean: np.ndarray, y_sd: np.ndarray,
     sd = scores.std(axis=0)
     scores = np.where(sd > 0, (scores - scores.mean(axis=0)) / np.where(sd > 0, sd, 1.0), 0.0)
     return scores.astype(np.float32)
+
+
+def count_factors(resid: np.ndarray, seed: int, permutations: int = 3) -> int:
+    """Leading singular values of ``resid`` above the largest singular value of any of a few
+    gene-wise permutations of it (structure beyond what noise of the same marginals shows)."""
+    from sklearn.utils.extmath import randomized_svd
+
+    top = min(MAX_FACTORS, min(resid.shape) - 1)
+    if top < 1:
+        return 1
+    rng = np.random.default_rng(seed)
+    real = randomized_svd(resid, top, random_state=seed)[1]
+    null = max(randomized_svd(np.column_stack([rng.permutation(col) for col in resid.T]), 1,
+                              random_state=seed)[1][0] for _ in range(permutations))
+    above = real > null
+    return int(max(1, np.argmin(above) if not above.all() else top))
 
 
 def obs_column(adata, key: str, what: str) -> pd.Series:

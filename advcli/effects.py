@@ -230,9 +230,40 @@ def pseudobulk(counts, sample: np.ndarray, d: np.ndarray, x: np.ndarray, z: np.n
             member @ size_factors)
 
 
+def sparse_calibration(effect: np.ndarray, se: np.ndarray, loadings: np.ndarray,
+                       tested: np.ndarray, k: float = 1.345) -> tuple[np.ndarray, np.ndarray]:
+    """The treatment's share of Z-hat, fixed by assuming most genes are unaffected (as CATE and
+    RUV-4 do).
+
+    Y ~ D c + Z w fits exactly as well as Y ~ D (c - w g) + (Z + g D) w for any g: how much
+    of D the estimated Z carries is not identified by the fit. Among the genes' adjusted
+    effects c and Z-loadings w, a Huber regression of c / se on w / se (across genes, no
+    intercept) finds the g that leaves most effects at zero. Returns g (k,) and its covariance.
+    """
+    t = effect[tested] / se[tested]
+    u = loadings[tested] / se[tested, None]
+    if len(t) <= 3 * u.shape[1]:
+        return np.zeros(u.shape[1]), np.zeros((u.shape[1], u.shape[1]))
+    g, *_ = np.linalg.lstsq(u, t, rcond=None)
+    for _ in range(50):
+        r = t - u @ g
+        scale = 1.4826 * np.median(np.abs(r - np.median(r))) + 1e-12
+        w = np.minimum(1.0, k * scale / np.maximum(np.abs(r), 1e-12))
+        new = np.linalg.lstsq(u * np.sqrt(w)[:, None], t * np.sqrt(w), rcond=None)[0]
+        if np.allclose(new, g, atol=1e-8):
+            g = new
+            break
+        g = new
+    r = t - u @ g
+    scale = 1.4826 * np.median(np.abs(r - np.median(r)))
+    inside = np.abs(r) <= k * scale
+    cov = np.linalg.pinv((u * w[:, None]).T @ u) * scale ** 2 / max(inside.mean(), 0.1)
+    return g, cov
+
+
 def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | None, genes,
                       size_factors: np.ndarray | None = None,
-                      sample: np.ndarray | None = None) -> pd.DataFrame:
+                      sample: np.ndarray | None = None, calibrate: bool = True) -> pd.DataFrame:
     """The effect of D on each gene's log mean, naive ([1, X, D]) and adjusted ([1, X, D, Z-hat]).
 
     Effects are natural-log fold changes; ``log2fc_adjusted`` gives the same on the log2 scale.
@@ -260,8 +291,18 @@ def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | 
     if z_hat is not None:
         adjusted_design = _full_rank(np.column_stack([naive_design, z_hat]))
         fit = nb_glm(counts, adjusted_design, offset, alpha=alpha)
-        frame["effect_adjusted"] = fit["coef"][:, j]
-        frame["se_adjusted"] = fit["se"][:, j]
+        effect, se = fit["coef"][:, j], fit["se"][:, j]
+        loadings = fit["coef"][:, j + 1:]
+        if calibrate and loadings.shape[1]:
+            g, cov = sparse_calibration(effect, se, loadings, _tested(fit, j))
+            effect = effect - loadings @ g
+            se = np.sqrt(se ** 2 + np.einsum("gi,ij,gj->g", loadings, cov, loadings))
+            fit = {**fit, "coef": fit["coef"].copy()}
+            fit["coef"][:, j] = effect
+            fit["se"] = fit["se"].copy()
+            fit["se"][:, j] = se
+        frame["effect_adjusted"] = effect
+        frame["se_adjusted"] = se
     else:
         frame["effect_adjusted"] = np.nan
         frame["se_adjusted"] = np.nan
@@ -282,6 +323,14 @@ def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | 
     frame["qvalue_naive"] = bh_qvalues(p_naive)
     frame["dispersion"] = alpha
     frame["converged"] = tested
+    both = tested & _tested(naive, j)
+    frame.attrs["z_deviance_explained"] = (
+        float(1.0 - fit["deviance"][both].sum() / naive["deviance"][both].sum())
+        if z_hat is not None and both.any() else float("nan"))
+    chi2 = (frame["effect_adjusted" if z_hat is not None else "effect_naive"]
+            / frame["se_adjusted" if z_hat is not None else "se_naive"]).to_numpy()[tested] ** 2
+    frame.attrs["inflation"] = float(np.median(chi2) / stats.chi2.ppf(0.5, 1)) \
+        if tested.any() else float("nan")
     return frame
 
 

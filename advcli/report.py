@@ -170,6 +170,18 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
         metrics["effect_ci95_coverage_adjusted"] = float(np.nanmean(cover))
         headline["effect RMSE naive / adjusted"] = (
             f"{metrics['effect_rmse_naive']:.3f} / {metrics['effect_rmse_adjusted']:.3f}")
+    metrics["z_deviance_explained"] = frame.attrs["z_deviance_explained"]
+    metrics["effect_inflation"] = frame.attrs["inflation"]
+    metrics["genes_not_tested"] = int((~frame["converged"]).sum())
+    headline["deviance explained by Z-hat"] = f"{frame.attrs['z_deviance_explained']:.1%}"
+    if frame.attrs["z_deviance_explained"] < 0.01:
+        notes.append("Z-hat explains under 1% of the counts' deviance beyond [X, D]: it captured "
+                     "little, and the adjusted effects are close to the naive ones.")
+    if frame.attrs["inflation"] > 3:
+        notes.append(f"The adjusted Wald statistics are inflated (median chi-square "
+                     f"{frame.attrs['inflation']:.1f} x its null value): unless most genes "
+                     "respond to the treatment, p-values are too small; consider --sample-key "
+                     "to test on samples rather than cells.")
     metrics["genes_q_below_0.05"] = int((frame["qvalue"] < 0.05).sum())
     headline["genes with q < 0.05"] = metrics["genes_q_below_0.05"]
     return frame
@@ -261,30 +273,60 @@ def _loss_curves(plt, history, path):
     plt.close(fig)
 
 
+def _robust_limits(values: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
+    """Axis limits from the 0.5-99.5% quantiles: one diverged gene cannot stretch the plot."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return -1.0, 1.0
+    lo, hi = np.quantile(v, [0.005, 0.995])
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    span = max(hi - lo, 1e-6)
+    return lo - pad * span, hi + pad * span
+
+
+def _clipped(ax, x, y, xlim, ylim, **kw):
+    """Scatter with points outside the limits drawn on the edge as triangles."""
+    inside = (x >= xlim[0]) & (x <= xlim[1]) & (y >= ylim[0]) & (y <= ylim[1])
+    ax.scatter(x[inside], y[inside], **kw)
+    out = ~inside & np.isfinite(x) & np.isfinite(y)
+    if out.any():
+        kw = {**kw, "c": "black" if "c" in kw else None}
+        ax.scatter(np.clip(x[out], *xlim), np.clip(y[out], *ylim), marker="^", s=18, **kw,
+                   label=f"{int(out.sum())} beyond the axes (at the edge)")
+        ax.legend(loc="best", fontsize=8)
+
+
 def _effects_plot(plt, frame, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     naive, adj = frame["effect_naive"].to_numpy(), frame["effect_adjusted"].to_numpy()
     ax = axes[0]
-    ax.scatter(naive, adj, s=10, alpha=0.6)
-    finite = np.isfinite(naive) & np.isfinite(adj)
-    if finite.any():
-        lo, hi = float(min(naive[finite].min(), adj[finite].min())), float(
-            max(naive[finite].max(), adj[finite].max()))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set_xlabel("naive effect of D (log mean, [X, D])")
+    lim = _robust_limits(np.concatenate([naive, adj]))
+    _clipped(ax, naive, adj, lim, lim, s=10, alpha=0.6)
+    ax.plot(lim, lim, "k--", lw=1)
+    ax.set_xlim(lim)
+    ax.set_ylim(lim)
+    ax.set_xlabel("naive effect of D (log fold change, [X, D])")
     ax.set_ylabel("adjusted effect of D ([X, D, Z-hat])")
     ax.set_title("Treatment effect per gene")
     ax = axes[1]
     q = frame["qvalue"].to_numpy()
-    ax.scatter(adj, -np.log10(np.clip(frame["pvalue"].to_numpy(), 1e-300, 1)), s=10,
-               c=np.where(q < 0.05, "tab:red", "tab:gray"), alpha=0.7)
-    top = frame.assign(absq=q).nsmallest(8, "absq")
-    for _, row in top.iterrows():
-        ax.annotate(str(row["gene"]), (row["effect_adjusted"], -np.log10(max(row["pvalue"], 1e-300))),
+    tested = frame["converged"].to_numpy(bool) & np.isfinite(frame["pvalue"].to_numpy())
+    logp = -np.log10(np.clip(frame["pvalue"].to_numpy(), 1e-300, 1))
+    xlim = _robust_limits(adj[tested])
+    top = np.nanquantile(logp[tested], 0.995) if tested.any() else 1.0
+    ylim = (0.0, max(top * 1.1, 2.0))
+    colours = np.where(q[tested] < 0.05, "tab:red", "tab:gray")
+    _clipped(ax, adj[tested], logp[tested], xlim, ylim, s=10, c=colours, alpha=0.7)
+    best = frame[tested].assign(q=q[tested]).nsmallest(8, "q")
+    for _, row in best.iterrows():
+        ax.annotate(str(row["gene"]), (np.clip(row["effect_adjusted"], *xlim),
+                                       min(-np.log10(max(row["pvalue"], 1e-300)), ylim[1])),
                     fontsize=7)
-    ax.set_xlabel("adjusted effect of D")
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+    ax.set_xlabel("adjusted effect of D (natural-log fold change)")
     ax.set_ylabel("-log10 p")
-    ax.set_title("Adjusted effects (red: q < 0.05)")
+    ax.set_title(f"Adjusted effects (red: q < 0.05; {int((~tested).sum())} genes not tested)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
