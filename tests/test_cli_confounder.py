@@ -4,6 +4,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -271,3 +272,93 @@ def test_fixed_dispersion_is_kept(tmp_path, invoke, confounder_file):
     state = torch.load(tmp_path / "m.pt", weights_only=True)["state"]
     alpha = ad.read_h5ad(confounder_file).var["alpha_true"].to_numpy()
     np.testing.assert_allclose(torch.exp(-state["nb.log_theta"]).numpy(), alpha, rtol=1e-5)
+
+
+def test_mixed_covariates_of_different_level_counts(tmp_path, invoke, write):
+    """Two categorical covariates with 3 and 2 levels beside a numeric one: fit, predict (with
+    --effects) and diagnose all succeed (predict used to crash writing the ragged levels)."""
+    rng = np.random.default_rng(0)
+    adata = make_adata(n=120, genes=15, num=rng.normal(size=120))
+    data = write(adata)
+    model = tmp_path / "m.pt"
+    r = invoke("fit", data, "--mode", "confounder", "-o", model, "--covariate-keys",
+               "group,batch,num", "--outer-iterations", "2")
+    assert r.exit_code == 0, r.output
+    pred, effects = tmp_path / "p.h5ad", tmp_path / "effects.csv"
+    r = invoke("predict", model, data, "-o", pred, "--effects", effects, "--json")
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(effects)
+    for col in ("gene", "effect_naive", "effect_adjusted", "se_adjusted", "pvalue", "qvalue",
+                "log2fc_adjusted", "base_mean", "converged"):
+        assert col in table.columns
+    assert len(table) == 15 and not np.isfinite(table.loc[~table.converged, "qvalue"]).any()
+    r = invoke("diagnose", pred, "-o", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "treatment_effects.csv").exists()
+
+
+def test_predict_effects_needs_a_confounder_model(tmp_path, invoke, integrate_file):
+    model = tmp_path / "i.pt"
+    assert invoke("fit", integrate_file, "--mode", "integrate", "-o", model,
+                  "--max-epochs", "1").exit_code == 0
+    r = invoke("predict", model, integrate_file, "-o", tmp_path / "p.h5ad", "--effects",
+               tmp_path / "e.csv")
+    assert r.exit_code == 2 and "confounder" in r.output
+    assert not (tmp_path / "p.h5ad").exists() and not (tmp_path / "e.csv").exists()
+
+
+@pytest.mark.parametrize("value,match", [("nope", "not found"), ("bad_sf", "positive"),
+                                         ("D", None)])
+def test_size_factors_option(value, match, tmp_path, invoke, write):
+    adata = make_adata(n=60, bad_sf=np.r_[np.zeros(1), np.ones(59)])
+    adata.obs["D"] = (np.arange(60) % 2).astype(int)
+    data = write(adata)
+    r = invoke("fit", data, "--mode", "confounder", "-o", tmp_path / "m.pt",
+               "--size-factors", value, "--outer-iterations", "2")
+    if match is None:  # D is 0/1, so 0 is not a valid size factor either
+        assert r.exit_code == 2
+    else:
+        assert r.exit_code == 2 and match in r.output
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_empty_cell_with_library_size_factors_is_bad_input(tmp_path, invoke, write):
+    adata = make_adata(n=50)
+    counts = adata.X.toarray()
+    counts[3, :] = 0
+    adata.X = sp.csr_matrix(counts)
+    r = invoke("fit", write(adata), "--mode", "confounder", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "library size is 0" in r.output
+
+
+def test_sample_key_tests_pseudobulk(tmp_path, invoke, write):
+    adata = make_adata(n=160, genes=10)
+    adata.obs["donor"] = np.repeat([f"s{i}" for i in range(8)], 20)
+    adata.obs["D"] = np.repeat([0, 1] * 4, 20)
+    data = write(adata)
+    model = tmp_path / "m.pt"
+    r = invoke("fit", data, "--mode", "confounder", "-o", model, "--sample-key", "donor",
+               "--outer-iterations", "2", "--z-dim", "1")
+    assert r.exit_code == 0, r.output
+    r = invoke("predict", model, data, "-o", tmp_path / "p.h5ad", "--effects",
+               tmp_path / "e.csv")
+    assert r.exit_code == 0, r.output
+    adata.obs["D"] = np.tile([0, 1], 80)  # now every donor holds both arms
+    r = invoke("fit", write(adata, "mixed.h5ad"), "--mode", "confounder", "-o",
+               tmp_path / "m2.pt", "--sample-key", "donor", "--outer-iterations", "2")
+    assert r.exit_code == 0  # fitting is fine; testing is where it fails
+    r = invoke("predict", tmp_path / "m2.pt", tmp_path / "mixed.h5ad", "-o",
+               tmp_path / "p2.h5ad", "--effects", tmp_path / "e2.csv")
+    assert r.exit_code == 2 and "both treated and control" in r.output
+    assert not (tmp_path / "p2.h5ad").exists() and not (tmp_path / "e2.csv").exists()
+
+
+def test_python_treatment_effects_and_loaded_model(fitted, confounder_file):
+    from advcli.api import ConfounderModel
+
+    adata = ad.read_h5ad(confounder_file)
+    loaded = ConfounderModel.load(fitted["model"])
+    table = loaded.treatment_effects(adata)
+    assert len(table) == adata.n_vars and np.isfinite(table["effect_adjusted"]).any()
+    with pytest.raises(Exception, match="pass the AnnData"):
+        loaded.treatment_effects()

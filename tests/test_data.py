@@ -179,3 +179,27 @@ def test_treated_level_flips_numeric_and_bool_treatments():
     assert levels == ["True", "False"] and d[1] == 1.0
     with pytest.raises(InputError, match="not a level"):
         encode_treatment(a, "D", "2")
+
+
+def test_count_factors_finds_planted_structure_and_not_noise():
+    from advcli.data import count_factors
+
+    rng = np.random.default_rng(0)
+    n, g = 600, 200
+    noise = rng.normal(size=(n, g))
+    assert count_factors(noise, 0) == 1  # at least one, none found
+    factors = rng.normal(size=(n, 2)) @ rng.normal(size=(2, g)) * 0.6
+    assert count_factors(noise + factors, 0) == 2
+
+
+def test_gene_moments_match_the_simulated_dispersion():
+    from advcli.data import gene_moments
+
+    rng = np.random.default_rng(1)
+    n, theta = 5000, 2.0
+    sf = np.exp(rng.normal(0, 0.3, n))
+    mu = 4.0 * sf[:, None] * np.ones((1, 3))
+    y = sp.csr_matrix(rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32))
+    log_mean, alpha = gene_moments(y, sf)
+    np.testing.assert_allclose(np.exp(log_mean), 4.0, rtol=0.05)
+    np.testing.assert_allclose(alpha, 1 / theta, atol=0.06)

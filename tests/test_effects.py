@@ -1,6 +1,10 @@
 import numpy as np
+import pytest
+import scipy.sparse as sp
 
-from advcli.effects import bh_qvalues, nb_glm, treatment_effects
+from advcli.effects import (bh_qvalues, nb_glm, pseudobulk, sparse_calibration,
+                            treatment_effects)
+from advcli.errors import InputError
 
 
 def test_single_binary_covariate_matches_closed_form():
@@ -61,3 +65,87 @@ def test_all_zero_gene_gives_nan_not_crash():
     y[:, 1] = np.arange(50) % 4
     fit = nb_glm(y, np.column_stack([np.ones(50), np.arange(50) % 2]))
     assert np.isnan(fit["coef"][0]).all() and np.isfinite(fit["coef"][1]).all()
+
+
+def test_separated_gene_is_reported_but_never_tested():
+    """A gene with no counts in any control cell has an infinite MLE effect: its p and q must
+    be NaN (never a q of 0), while the other genes are tested as usual."""
+    rng = np.random.default_rng(3)
+    n = 400
+    d = (np.arange(n) % 2).astype(float)
+    y = rng.poisson(3.0, (n, 3)).astype(float)
+    y[d == 0, 0] = 0.0
+    y[d == 1, 0] = rng.poisson(20.0, int(d.sum()))
+    frame = treatment_effects(y, d, np.zeros((n, 0)), None, ["sep", "a", "b"])
+    assert not frame["converged"][0] and np.isnan(frame["pvalue"][0])
+    assert np.isnan(frame["qvalue"][0])
+    assert frame["converged"][1:].all() and np.isfinite(frame["qvalue"][1:]).all()
+
+
+def test_step_halving_keeps_heavy_outlier_gene_finite():
+    """One huge count in a sparse gene (the HBB case) must not send the effect to thousands."""
+    rng = np.random.default_rng(4)
+    n = 500
+    d = (rng.random(n) < 0.5).astype(float)
+    y = rng.poisson(0.05, (n, 4)).astype(float)
+    y[0, 0] = 5000.0
+    frame = treatment_effects(y, d, np.zeros((n, 0)), rng.normal(size=(n, 1)), list("abcd"))
+    eff = frame["effect_adjusted"].to_numpy()
+    assert np.all(np.abs(eff[np.isfinite(eff)]) < 15)
+    assert np.all(frame["dispersion"] <= 20.0)
+    bad = (np.abs(eff) > 5) & (frame["qvalue"] < 0.05)
+    assert not bad.any()
+
+
+def test_library_offset_removes_depth_confounding():
+    """D raises sequencing depth but not expression: with the library offset the effect is ~0,
+    without it every gene seems to respond."""
+    rng = np.random.default_rng(5)
+    n, g = 2000, 30
+    d = (rng.random(n) < 0.5).astype(float)
+    depth = np.exp(rng.normal(0, 0.3, n) + 0.8 * d)
+    y = rng.poisson(depth[:, None] * rng.uniform(1, 5, g))
+    genes = [f"g{i}" for i in range(g)]
+    with_offset = treatment_effects(y, d, np.zeros((n, 0)), None, genes, size_factors=y.sum(1))
+    without = treatment_effects(y, d, np.zeros((n, 0)), None, genes)
+    assert np.abs(with_offset["effect_naive"]).max() < 0.1
+    assert np.abs(without["effect_naive"] - 0.8).max() < 0.1
+
+
+def test_sparse_calibration_recovers_the_treatment_share():
+    """Effects c0 (sparse) seen through a Z-hat that carries g x D: c = c0 + w g."""
+    rng = np.random.default_rng(6)
+    genes = 800
+    w = rng.normal(0, 1, (genes, 2))
+    c0 = np.where(rng.random(genes) < 0.1, rng.choice([-1.0, 1.0], genes), 0.0)
+    g = np.array([0.5, -0.3])
+    se = np.full(genes, 0.05)
+    c = c0 + w @ g + rng.normal(0, 0.05, genes)
+    est, cov = sparse_calibration(c, se, w, np.ones(genes, bool))
+    np.testing.assert_allclose(est, g, atol=0.02)
+    assert np.all(np.diag(cov) > 0)
+
+
+def test_pseudobulk_sums_per_sample_and_level():
+    n = 12
+    counts = sp.csr_matrix(np.ones((n, 2)))
+    sample = np.repeat(["s1", "s2", "s3", "s4"], 3)
+    d = np.repeat([0.0, 0.0, 1.0, 1.0], 3)
+    x = np.tile([[0.0], [1.0], [1.0]], (4, 1))  # a 0/1 covariate splits each sample in two
+    agg, d_pb, x_pb, z_pb, sf = pseudobulk(counts, sample, d, x, None, np.ones(n))
+    assert agg.shape == (8, 2) and z_pb is None
+    assert sorted(np.asarray(agg.sum(axis=1)).ravel().tolist()) == [2.0] * 4 + [4.0] * 4
+    assert set(d_pb.tolist()) == {0.0, 1.0}
+
+
+def test_pseudobulk_refuses_mixed_samples():
+    d = np.array([0.0, 1.0, 0.0, 1.0])
+    with pytest.raises(InputError, match="both treated and control"):
+        pseudobulk(sp.csr_matrix(np.ones((4, 2))), np.array(["a", "a", "b", "b"]), d,
+                   np.zeros((4, 0)), None, np.ones(4))
+
+
+def test_treatment_collinear_with_covariates_is_bad_input():
+    d = np.array([0.0, 0.0, 1.0, 1.0] * 5)
+    with pytest.raises(InputError, match="collinear"):
+        treatment_effects(np.ones((20, 2)), d, d[:, None], None, ["a", "b"])
