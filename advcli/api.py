@@ -149,6 +149,14 @@ class ConfounderModel(TrainedModel):
         self._counts, self._obs = counts, adata.obs
         if cfg.sample_key is not None:
             _sample_labels(adata.obs, cfg.sample_key)
+        if cfg.control_genes:
+            unknown = sorted(set(cfg.control_genes) - set(self.genes_))
+            if unknown:
+                raise InputError(f"--control-genes names {len(unknown)} gene(s) not in the "
+                                 f"data: {', '.join(unknown[:10])}.")
+            if len(cfg.control_genes) <= cfg.z_dim:
+                raise InputError(f"--control-genes needs more genes than Z has columns "
+                                 f"({cfg.z_dim}); {len(cfg.control_genes)} given.")
         self.history_: dict | None = None
         self.optimizer_state_: dict | None = None
         self.summary_: dict | None = None
@@ -280,6 +288,7 @@ class ConfounderModel(TrainedModel):
         return {"treatment_key": cfg.treatment_key, "treated_level": self.treatment_levels_[1],
                 "layer": cfg.layer or "", "size_factors": cfg.size_factors,
                 "sample_key": cfg.sample_key or "",
+                "control_genes_json": json.dumps(list(cfg.control_genes or [])),
                 "covariates_json": json.dumps(self.encoding_.to_dict())}
 
     def treatment_effects(self, adata=None, sample_key: str | None = None) -> pd.DataFrame:
@@ -303,7 +312,7 @@ class ConfounderModel(TrainedModel):
         key = sample_key if sample_key is not None else self.config.sample_key
         sample = None if key is None else _sample_labels(obs, key)
         return treatment_effects(counts, d, x, z, self.genes_, np.exp(off.astype(np.float64)),
-                                 sample)
+                                 sample, control_genes=self.config.control_genes)
 
     def to(self, device: torch.device) -> "ConfounderModel":
         self.device = device

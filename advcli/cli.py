@@ -171,7 +171,7 @@ def simulate_integrate(
 
 # Options of `fit` that belong to one mode only; giving one for the other mode is an error.
 CONFOUNDER_ONLY = ("treatment_key", "treated_level", "covariate_keys", "size_factors",
-                   "sample_key", "warm_start", "z_dim", "z_type",
+                   "sample_key", "control_genes", "warm_start", "z_dim", "z_type",
                    "strategy", "generator_inputs", "dispersion_key", "intercept", "bce_weight",
                    "nb_weight", "dbpr_weight", "outer_iterations", "predictor_epochs",
                    "generator_epochs", "preset")
@@ -215,7 +215,14 @@ def fit(
                                              help="[confounder] obs column naming each cell's "
                                                   "sample (donor): effects are tested on "
                                                   "pseudobulk samples, not on cells."),
-    z_dim: Optional[int] = typer.Option(None, "--z-dim", help="[confounder] Columns of Z (1)."),
+    control_genes: Optional[str] = typer.Option(None, "--control-genes",
+                                                help="[confounder] Negative-control genes (not "
+                                                     "affected by the treatment): a comma list "
+                                                     "or a text file with one gene per line. "
+                                                     "They fix Z-hat's treatment share."),
+    z_dim: Optional[int] = typer.Option(None, "--z-dim",
+                                        help="[confounder] Columns of Z (default: counted from "
+                                             "the data, 1-10)."),
     z_type: Optional[str] = typer.Option(None, "--z-type",
                                          help="[confounder] gumbel (default, a near-binary "
                                               "group), binary, soft, or continuous (a "
@@ -292,6 +299,8 @@ def fit(
                                     "patience") if k in given}
     specific = {k: given[k] for k in (CONFOUNDER_ONLY if mode == "confounder" else INTEGRATE_ONLY)
                 if k in given}
+    if "control_genes" in specific:
+        specific["control_genes"] = _gene_list(specific["control_genes"])
     for list_key in ("covariate_keys", "generator_inputs"):
         if list_key in specific:
             from .data import parse_key_list
@@ -321,6 +330,22 @@ def fit(
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     _report(f"fit --mode {mode}", rows, as_json,
             {"command": "fit", "out": str(out), "seconds": seconds, **summary})
+
+
+def _gene_list(text: str) -> list[str]:
+    """A comma list of genes, or the path of a text file with one gene per line."""
+    path = Path(text)
+    if path.is_file():
+        try:
+            genes = [line.strip() for line in path.read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--control-genes file '{path}' cannot be read ({exc}).") from None
+    else:
+        genes = [g.strip() for g in text.split(",")]
+    genes = [g for g in genes if g and not g.startswith("#")]
+    if not genes:
+        raise InputError("--control-genes names no genes.")
+    return genes
 
 
 def _fmt(value: Any) -> str:

@@ -23,6 +23,7 @@ class ConfounderConfig:
     dispersion_key: str | None = None  # var column with a fixed NB dispersion alpha per gene
     size_factors: str = "library"  # none | library | an obs column: log offset of every NB model
     sample_key: str | None = None  # obs column: test effects on pseudobulk samples
+    control_genes: list[str] | None = None  # negative controls: genes D does not affect
     z_dim: int | None = None  # None: counted from the residuals (parallel analysis), 1-10
     z_type: str = "gumbel"  # binary (straight-through) | soft | gumbel (annealed) | continuous
     warm_start: bool = True  # start Z at the top residual factors of Y on [X, D]

@@ -231,15 +231,29 @@ def pseudobulk(counts, sample: np.ndarray, d: np.ndarray, x: np.ndarray, z: np.n
 
 
 def sparse_calibration(effect: np.ndarray, se: np.ndarray, loadings: np.ndarray,
-                       tested: np.ndarray, k: float = 1.345) -> tuple[np.ndarray, np.ndarray]:
+                       tested: np.ndarray, k: float = 1.345,
+                       controls: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The treatment's share of Z-hat, fixed by assuming most genes are unaffected (as CATE and
     RUV-4 do).
 
     Y ~ D c + Z w fits exactly as well as Y ~ D (c - w g) + (Z + g D) w for any g: how much
     of D the estimated Z carries is not identified by the fit. Among the genes' adjusted
     effects c and Z-loadings w, a Huber regression of c / se on w / se (across genes, no
-    intercept) finds the g that leaves most effects at zero. Returns g (k,) and its covariance.
+    intercept) finds the g that leaves most effects at zero. With ``controls`` (negative-control
+    genes, known not to respond, as RUV uses them) g is the least-squares fit on those alone.
+    Returns g (k,) and its covariance.
     """
+    if controls is not None:
+        use = tested & controls
+        if use.sum() <= loadings.shape[1]:
+            raise InputError(f"Only {int(use.sum())} of the negative-control genes could be "
+                             f"tested; at least {loadings.shape[1] + 1} are needed for "
+                             f"{loadings.shape[1]} Z-hat column(s).")
+        t, u = effect[use] / se[use], loadings[use] / se[use, None]
+        g, *_ = np.linalg.lstsq(u, t, rcond=None)
+        resid = t - u @ g
+        dof = max(len(t) - u.shape[1], 1)
+        return g, np.linalg.pinv(u.T @ u) * max(float(resid @ resid) / dof, 1.0)
     t = effect[tested] / se[tested]
     u = loadings[tested] / se[tested, None]
     if len(t) <= 3 * u.shape[1]:
@@ -263,7 +277,8 @@ def sparse_calibration(effect: np.ndarray, se: np.ndarray, loadings: np.ndarray,
 
 def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | None, genes,
                       size_factors: np.ndarray | None = None,
-                      sample: np.ndarray | None = None, calibrate: bool = True) -> pd.DataFrame:
+                      sample: np.ndarray | None = None, calibrate: bool = True,
+                      control_genes: list[str] | None = None) -> pd.DataFrame:
     """The effect of D on each gene's log mean, naive ([1, X, D]) and adjusted ([1, X, D, Z-hat]).
 
     Effects are natural-log fold changes; ``log2fc_adjusted`` gives the same on the log2 scale.
@@ -294,7 +309,11 @@ def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | 
         effect, se = fit["coef"][:, j], fit["se"][:, j]
         loadings = fit["coef"][:, j + 1:]
         if calibrate and loadings.shape[1]:
-            g, cov = sparse_calibration(effect, se, loadings, _tested(fit, j))
+            controls = None
+            if control_genes:
+                controls = np.isin(np.asarray(list(genes), dtype=str), list(control_genes))
+            g, cov = sparse_calibration(effect, se, loadings, _tested(fit, j),
+                                        controls=controls)
             effect = effect - loadings @ g
             se = np.sqrt(se ** 2 + np.einsum("gi,ij,gj->g", loadings, cov, loadings))
             fit = {**fit, "coef": fit["coef"].copy()}

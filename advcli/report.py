@@ -156,7 +156,9 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
     sample_key = str(inputs.get("sample_key", "")) or None
     sample = None if sample_key is None else \
         obs_column(adata, sample_key, "Sample").astype(str).to_numpy()
-    frame = treatment_effects(counts, d, x, z_hat, adata.var_names, sf, sample)
+    controls = json.loads(str(inputs.get("control_genes_json", "[]"))) or None
+    frame = treatment_effects(counts, d, x, z_hat, adata.var_names, sf, sample,
+                              control_genes=controls)
     sim = adata.uns.get(keys.UNS, {}).get(keys.SIMULATION)
     if isinstance(sim, dict) and "beta_2" in sim:
         truth = np.asarray(sim["beta_2"])[x.shape[1]]  # the D row of beta_2

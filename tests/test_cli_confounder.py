@@ -362,3 +362,18 @@ def test_python_treatment_effects_and_loaded_model(fitted, confounder_file):
     assert len(table) == adata.n_vars and np.isfinite(table["effect_adjusted"]).any()
     with pytest.raises(Exception, match="pass the AnnData"):
         loaded.treatment_effects()
+
+
+def test_control_genes_option(tmp_path, invoke, write):
+    data = write(make_adata(n=80, genes=12))
+    r = invoke("fit", data, "--mode", "confounder", "-o", tmp_path / "m.pt", "--control-genes",
+               "g0,nope", "--z-dim", "1")
+    assert r.exit_code == 2 and "nope" in r.output and not (tmp_path / "m.pt").exists()
+    listing = tmp_path / "controls.txt"
+    listing.write_text("# housekeeping\ng0\ng1\ng2\ng3\n")
+    r = invoke("fit", data, "--mode", "confounder", "-o", tmp_path / "m.pt", "--control-genes",
+               listing, "--z-dim", "1", "--outer-iterations", "2")
+    assert r.exit_code == 0, r.output
+    r = invoke("predict", tmp_path / "m.pt", data, "-o", tmp_path / "p.h5ad", "--effects",
+               tmp_path / "e.csv")
+    assert r.exit_code == 0, r.output

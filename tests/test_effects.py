@@ -149,3 +149,19 @@ def test_treatment_collinear_with_covariates_is_bad_input():
     d = np.array([0.0, 0.0, 1.0, 1.0] * 5)
     with pytest.raises(InputError, match="collinear"):
         treatment_effects(np.ones((20, 2)), d, d[:, None], None, ["a", "b"])
+
+
+def test_negative_controls_fix_the_treatment_share_even_with_dense_effects():
+    """When most genes respond, the sparse assumption fails; known unaffected genes still
+    identify g."""
+    rng = np.random.default_rng(7)
+    genes = 600
+    w = rng.normal(0, 1, (genes, 1))
+    controls = np.arange(genes) < 60
+    c0 = np.where(controls, 0.0, rng.normal(0.8, 0.5, genes))  # dense, mostly positive
+    c = c0 + w @ np.array([0.4]) + rng.normal(0, 0.02, genes)
+    se = np.full(genes, 0.02)
+    est, _ = sparse_calibration(c, se, w, np.ones(genes, bool), controls=controls)
+    assert abs(est[0] - 0.4) < 0.01
+    with pytest.raises(InputError, match="negative-control"):
+        sparse_calibration(c, se, w, np.ones(genes, bool), controls=np.arange(genes) < 1)
