@@ -104,6 +104,9 @@ class TrainedModel:
         return cls.from_payload(load_model(path, mode=cls.mode), path)
 
 
+MAX_RESTARTS = 2
+
+
 class ConfounderModel(TrainedModel):
     """Infer a hidden confounder Z of a binary treatment D and counts Y, given covariates X."""
 
@@ -136,12 +139,10 @@ class ConfounderModel(TrainedModel):
                                  cfg.seed)
         self.config = cfg = replace(self.config, z_dim=start.shape[1])
         self._start = start if cfg.warm_start else None
-        torch.manual_seed(cfg.seed)
-        self.net = self._build(x.shape[1], len(self.genes_), torch.from_numpy(y_mean),
-                               torch.from_numpy(y_sd), fixed_alpha).to(self.device)
         log_mean, alpha = gene_moments(counts, np.exp(offset))
-        self.net.nb.start_from_data(torch.from_numpy(log_mean).float().to(self.device),
-                                    torch.from_numpy(alpha).float().to(self.device))
+        self._init = (x.shape[1], torch.from_numpy(y_mean), torch.from_numpy(y_sd), fixed_alpha,
+                      torch.from_numpy(log_mean).float(), torch.from_numpy(alpha).float())
+        self.net = self._fresh_net(cfg.seed)
         self._x = torch.from_numpy(x).to(self.device)
         self._d = torch.from_numpy(d).to(self.device)
         self._off = torch.from_numpy(offset.astype(np.float32)).to(self.device)
@@ -197,17 +198,68 @@ class ConfounderModel(TrainedModel):
         idx = idx.to(self._x.device)
         return self._x[idx], self._d[idx], self._y.rows(idx), self._off[idx]
 
+    def _fresh_net(self, seed: int) -> ConfounderNet:
+        """A network with the data-driven start (heads at the genes' log means and dispersions)."""
+        x_dim, y_mean, y_sd, fixed_alpha, log_mean, alpha = self._init
+        torch.manual_seed(seed)
+        net = self._build(x_dim, len(self.genes_), y_mean, y_sd, fixed_alpha).to(self.device)
+        net.nb.start_from_data(log_mean.to(self.device), alpha.to(self.device))
+        return net
+
     def train(self, on_epoch=None) -> "ConfounderModel":
-        """Train with the configured strategy; ``on_epoch(done, losses)`` reports progress."""
+        """Train with the configured strategy; ``on_epoch(done, losses)`` reports progress.
+
+        If a column of Z-hat ends constant or with over 99% of cells in one group, training
+        restarts from a fresh network with the generator's learning rate divided by 10 (at most
+        MAX_RESTARTS times); the summary records the restarts, and a collapse that survives
+        them is a warning.
+        """
         start_wall, start_cpu = time.perf_counter(), time.process_time()
-        torch.manual_seed(self.config.seed)
         start = None if self._start is None else torch.from_numpy(self._start).to(self.device)
-        self.history_, epochs, self.optimizer_state_ = train_confounder(
-            self.net, self._x.shape[0], self._batch, self.config, self.weights, on_epoch, start)
+        cfg, restarts = self.config, []
+        epochs_total = 0
+        for attempt in range(MAX_RESTARTS + 1):
+            if attempt:
+                cfg = replace(cfg, lr_generator=(cfg.lr_generator or cfg.lr) / 10)
+                self.net = self._fresh_net(cfg.seed + attempt)
+            torch.manual_seed(cfg.seed + attempt)
+            self.history_, epochs, self.optimizer_state_ = train_confounder(
+                self.net, self._x.shape[0], self._batch, cfg, self.weights, on_epoch, start)
+            epochs_total += epochs
+            collapsed = self._collapsed(self.predict_training_z())
+            if not collapsed or attempt == MAX_RESTARTS:
+                break
+            restarts.append({"columns": collapsed, "lr_generator": cfg.lr_generator or cfg.lr})
         self.is_trained_ = True
-        self.summary_ = self._summarise(epochs, time.perf_counter() - start_wall,
+        self.summary_ = self._summarise(epochs_total, time.perf_counter() - start_wall,
                                         time.process_time() - start_cpu)
+        self.summary_["restarts"] = restarts
+        if restarts:
+            self.summary_["warnings"].insert(0, (
+                f"Z-hat collapsed (column(s) {restarts[0]['columns']}) with a generator learning "
+                f"rate of {restarts[0]['lr_generator']:g}; training restarted {len(restarts)} "
+                f"time(s) with a lower rate (final {cfg.lr_generator:g})."))
         return self
+
+    @torch.inference_mode()
+    def predict_training_z(self) -> np.ndarray:
+        """Z-hat of the training cells (no means, no likelihoods): what the collapse check reads."""
+        self.net.eval()
+        parts = []
+        for idx in torch.arange(self._x.shape[0], device=self._x.device).split(4096):
+            x, d, y, off = self._batch(idx)
+            logits = self.net.generator(x, d, y, off)
+            parts.append(represent_z(logits, self.net.z_type, self.config.temperature_end,
+                                     training=False).cpu())
+        return torch.cat(parts).numpy()
+
+    def _collapsed(self, z: np.ndarray) -> list[int]:
+        """Columns of Z-hat that are constant, or (for group-like Z) hold over 99% of cells in
+        one group."""
+        flat = z.std(axis=0) < 1e-3
+        if self.config.z_type != "continuous":
+            flat |= np.maximum((z > 0.5).mean(axis=0), (z <= 0.5).mean(axis=0)) > 0.99
+        return [int(j) for j in np.flatnonzero(flat)]
 
     # ------------------------------------------------------------------ prediction
 
@@ -344,18 +396,12 @@ class ConfounderModel(TrainedModel):
                 f"The covariates alone separate treated from control cells (AUROC {auroc_x:.2f}):"
                 " there is little overlap, so adjusted effects rest on extrapolation between "
                 "groups that never share covariate values.")
-        flat = [j for j in range(z.shape[1]) if z[:, j].std() < 1e-3]
-        if flat:
-            warnings.append(f"Z-hat column(s) {flat} are constant across cells: the generator "
-                            "saturated and adjusting for them changes nothing. Try a lower "
-                            "--lr or another --seed.")
-        if self.config.z_type != "continuous":
-            side = np.maximum((z > 0.5).mean(axis=0), (z <= 0.5).mean(axis=0))
-            lopsided = [j for j in range(z.shape[1]) if side[j] > 0.99 and j not in flat]
-            if lopsided:
-                warnings.append(f"Z-hat column(s) {lopsided} put over 99% of cells in one "
-                                "group: a near-constant factor. If the hidden factor is a "
-                                "gradient rather than groups, try --z-type continuous.")
+        collapsed = self._collapsed(z)
+        if collapsed:
+            warnings.append(
+                f"Z-hat column(s) {collapsed} are constant or put over 99% of cells in one "
+                "group: adjusting for them changes little. Try another --seed, a lower --lr, "
+                "or --z-type continuous if the hidden factor is a gradient rather than groups.")
         return {"mode": self.mode, "n_cells": int(self._x.shape[0]), "n_genes": len(self.genes_),
                 "epochs": epochs, "train_seconds": wall, "train_cpu_seconds": cpu,
                 "final_losses": final, "strategy": self.config.strategy,

@@ -289,11 +289,13 @@ def _robust_limits(values: np.ndarray, pad: float = 0.08) -> tuple[float, float]
 def _clipped(ax, x, y, xlim, ylim, **kw):
     """Scatter with points outside the limits drawn on the edge as triangles."""
     inside = (x >= xlim[0]) & (x <= xlim[1]) & (y >= ylim[0]) & (y <= ylim[1])
+    if isinstance(kw.get("c"), np.ndarray):
+        kw = {**kw, "c": kw["c"][inside]}
     ax.scatter(x[inside], y[inside], **kw)
     out = ~inside & np.isfinite(x) & np.isfinite(y)
     if out.any():
-        kw = {**kw, "c": "black" if "c" in kw else None}
-        ax.scatter(np.clip(x[out], *xlim), np.clip(y[out], *ylim), marker="^", s=18, **kw,
+        ax.scatter(np.clip(x[out], *xlim), np.clip(y[out], *ylim), marker="^", s=18,
+                   color="black", alpha=kw.get("alpha", 1.0),
                    label=f"{int(out.sum())} beyond the axes (at the edge)")
         ax.legend(loc="best", fontsize=8)
 

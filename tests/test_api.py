@@ -1,0 +1,68 @@
+"""The Python API of confounder mode: data-driven starts, restarts after a collapse, effects."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from advcli.api import MAX_RESTARTS, ConfounderModel
+from conftest import SAMPLE
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return ad.read_h5ad(SAMPLE / "confounder.h5ad")
+
+
+def test_heads_start_at_the_genes_log_means(sample):
+    model = ConfounderModel(sample, z_dim=1)
+    counts = sample.X.toarray()
+    lib = counts.sum(1)
+    sf = np.exp(np.log(lib) - np.log(lib).mean())
+    expected = np.log(counts.sum(0) / sf.sum())
+    bias = model.net.nb.linear.bias.detach().numpy()
+    np.testing.assert_allclose(bias, expected, rtol=1e-4, atol=1e-4)
+    assert torch.all(model.net.nb.linear.weight == 0)
+
+
+def test_warm_start_puts_z_on_the_residual_factor(sample):
+    model = ConfounderModel(sample, z_dim=1, outer_iterations=1)
+    model.train()
+    z = model.predict_training_z()[:, 0]
+    start = model._start[:, 0]
+    assert abs(np.corrcoef(z, start)[0, 1]) > 0.8
+    assert "warm_start" in model.history_ and len(model.history_["warm_start"]["mse"]) == 5
+
+
+def test_factor_count_is_one_on_a_one_factor_simulation(sample):
+    assert ConfounderModel(sample).config.z_dim == 1
+
+
+def test_collapse_triggers_a_restart_with_a_lower_rate(sample, monkeypatch):
+    calls = []
+
+    def collapsed_once(self, z):
+        calls.append(self.net)
+        return [0] if len(calls) == 1 else []
+
+    monkeypatch.setattr(ConfounderModel, "_collapsed", collapsed_once)
+    model = ConfounderModel(sample, z_dim=1, outer_iterations=2).train()
+    summary = model.fit_summary()
+    assert len(summary["restarts"]) == 1 and summary["restarts"][0]["lr_generator"] == 1e-3
+    assert "restarted 1 time" in summary["warnings"][0]
+    assert calls[0] is not calls[1]  # a fresh network, not the collapsed one
+
+
+def test_collapse_that_survives_restarts_is_a_warning(sample, monkeypatch):
+    monkeypatch.setattr(ConfounderModel, "_collapsed", lambda self, z: [0])
+    model = ConfounderModel(sample, z_dim=1, outer_iterations=2).train()
+    summary = model.fit_summary()
+    assert len(summary["restarts"]) == MAX_RESTARTS
+    assert any("constant or put over 99%" in w for w in summary["warnings"])
+
+
+def test_collapsed_detects_lopsided_and_constant_columns(sample):
+    model = ConfounderModel(sample, z_dim=1)
+    z = np.column_stack([np.r_[np.ones(999), 0.0], np.full(1000, 0.3),
+                         np.tile([0.1, 0.9], 500)])
+    assert model._collapsed(z) == [0, 1]
