@@ -391,6 +391,12 @@ class ConfounderModel(TrainedModel):
         auroc = float(roc_auc_score(d, out[keys.D_LOGIT]))
         warnings = self.leakage_warnings(corr_d, auroc)
         auroc_x = _auroc_from(x, d)
+        extreme = _extreme_propensity(np.column_stack([x, z]), d)
+        if extreme > 0.1 and not warnings:
+            warnings.append(
+                f"{extreme:.0%} of cells have a treatment probability below 0.05 or above 0.95 "
+                "given [X, Z-hat]: treated and control cells overlap poorly, so the adjusted "
+                "effects compare cells that are not alike and rest on extrapolation.")
         if auroc_x > 0.95:
             warnings.append(
                 f"The covariates alone separate treated from control cells (AUROC {auroc_x:.2f}):"
@@ -407,6 +413,7 @@ class ConfounderModel(TrainedModel):
                 "final_losses": final, "strategy": self.config.strategy,
                 "z_type": self.config.z_type, "z_dim": int(z.shape[1]), "corr_z_d": corr_d,
                 "corr_z_covariates": corr_x, "auroc_d": auroc, "auroc_d_from_x": auroc_x,
+                "extreme_propensity_fraction": extreme,
                 "warnings": warnings}
 
     def leakage_warnings(self, corr_d: list[float], auroc: float) -> list[str]:
@@ -468,6 +475,17 @@ def _auroc_from(features: np.ndarray, d: np.ndarray) -> float:
 
     fit = LogisticRegression(C=1.0, max_iter=500).fit(features, d)
     return float(roc_auc_score(d, fit.decision_function(features)))
+
+
+def _extreme_propensity(features: np.ndarray, d: np.ndarray) -> float:
+    """Fraction of cells whose propensity, from a logistic regression of D on ``features``, lies
+    outside [0.05, 0.95]: the usual positivity diagnostic."""
+    from sklearn.linear_model import LogisticRegression
+
+    if features.shape[1] == 0:
+        return 0.0
+    p = LogisticRegression(C=1.0, max_iter=500).fit(features, d).predict_proba(features)[:, 1]
+    return float(np.mean((p < 0.05) | (p > 0.95)))
 
 
 def _sample_labels(obs: pd.DataFrame, key: str) -> np.ndarray:

@@ -166,6 +166,8 @@ def run_one(args) -> list[dict]:
     rows["advcli"] = score(model.treatment_effects(), truth, z, hs)
     rows["advcli"]["fit_cpu_s"] = cpu
     rows["advcli"]["warnings"] = len(model.fit_summary()["warnings"])
+    rows["advcli"]["k"] = model.config.z_dim
+    rows["advcli"]["extreme_propensity"] = model.fit_summary()["extreme_propensity_fraction"]
     common = np.logical_and.reduce([r["ok"] for r in rows.values()])
     out = []
     for method, r in rows.items():
@@ -205,6 +207,11 @@ def main() -> None:
     adv = table[table.method == "advcli"]
     print(f"\nadvcli fit CPU seconds: median {adv.fit_cpu_s.median():.1f}; "
           f"runs with a warning: {int((adv.warnings > 0).sum())} of {len(adv)}")
+    print("advcli runs with a warning (of the seeds), k and the extreme-propensity fraction:")
+    print(adv.groupby(["scenario", "strength"], sort=False)[
+        ["warnings", "k", "extreme_propensity"]].agg(
+        {"warnings": lambda w: int((w > 0).sum()), "k": "mean", "extreme_propensity": "mean"})
+        .round(2).to_string())
     print(f"wall {time.perf_counter() - start:.0f} s for {len(tasks)} runs, {args.jobs} jobs")
 
 
