@@ -172,6 +172,23 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
         metrics["effect_ci95_coverage_adjusted"] = float(np.nanmean(cover))
         headline["effect RMSE naive / adjusted"] = (
             f"{metrics['effect_rmse_naive']:.3f} / {metrics['effect_rmse_adjusted']:.3f}")
+    k = z_hat.shape[1]
+    if k >= 2:  # sensitivity to k: the same table with the first half of Z-hat's columns
+        half = treatment_effects(counts, d, x, z_hat[:, :k // 2], adata.var_names, sf, sample,
+                                 control_genes=controls)
+        both = frame["converged"].to_numpy() & half["converged"].to_numpy()
+        from scipy.stats import spearmanr
+
+        rho = float(spearmanr(frame["effect_adjusted"][both], half["effect_adjusted"][both])[0])
+        change = float(np.median(np.abs(frame["effect_adjusted"][both]
+                                        - half["effect_adjusted"][both])))
+        metrics["k_sensitivity"] = {"k": k, "k_half": k // 2, "spearman": rho,
+                                    "median_abs_change": change}
+        headline[f"effects with k = {k} vs {k // 2}: Spearman"] = round(rho, 3)
+        if rho < 0.8:
+            notes.append(f"The adjusted effects change with the number of Z-hat columns "
+                         f"(Spearman {rho:.2f} between k = {k} and k = {k // 2}): read them "
+                         "with care, or anchor Z-hat with --control-genes.")
     metrics["z_deviance_explained"] = frame.attrs["z_deviance_explained"]
     metrics["effect_inflation"] = frame.attrs["inflation"]
     metrics["genes_not_tested"] = int((~frame["converged"]).sum())
