@@ -123,7 +123,7 @@ def simulate_confounder(
     covariates: int = typer.Option(4, "--covariates", help="Binary covariates X."),
     z_dim: int = typer.Option(1, "--z-dim", help="Columns of the hidden confounder Z."),
     setting: str = typer.Option("extreme", "--setting",
-                                help="extreme: beta_1 = beta_2 = 0 (seed 002); general: X acts "
+                                help="extreme: beta_1 = beta_2 = 0 (D a fair coin); general: X acts "
                                      "on D and [X, D] on Y, so Z confounds D's effect."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JSON_OPTION,
@@ -255,8 +255,8 @@ def fit(
                                                    help="[confounder] Generator epochs per even "
                                                         "iteration."),
     preset: Optional[str] = typer.Option(None, "--preset",
-                                         help="[confounder] 'seed' reproduces the proof of "
-                                              "concept's settings."),
+                                         help="[confounder] 'seed' reproduces the original "
+                                              "design's settings."),
     # integrate mode
     batch_key: Optional[str] = typer.Option(None, "--batch-key", help="[integrate] obs column "
                                             "with the domains (default batch)."),
