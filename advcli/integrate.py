@@ -24,6 +24,7 @@ from .errors import InputError
 from .strategies import AlternatingAdversary, GradientReversalStep, PairedVAE
 
 TARGET_SUM = 1e4
+MIXING_CELLS = 5000
 
 
 DEFAULT_EPOCHS = 100  # passes over the data, as scVI's benchmarks train
@@ -182,7 +183,35 @@ class IntegrationModel(TrainedModel):
             "final_losses": {k: history[k][-1] for k in ("elbo", "recon", "kl", "disc_ce",
                                                           "disc_acc", "val_elbo")},
             "adversary": cfg.adversary, "likelihood": cfg.likelihood, "warnings": []}
+        mixing = self.mixing_ilisi()
+        self.summary_["mixing_ilisi"] = mixing
+        from .metrics import UNMIXED_ILISI
+
+        if mixing < UNMIXED_ILISI:
+            self.summary_["warnings"].append(
+                f"The domains are not mixed: the embedding's iLISI is {mixing:.2f} (0 = each "
+                f"cell's neighbours all from its own domain, 1 = as mixed as the domains' sizes "
+                f"allow). The adversary lost. Try --patience 0 (train all epochs), a higher "
+                f"--adv-weight, or --adversary alternate, and check the result with `advcli "
+                f"diagnose`.")
         return self
+
+    def mixing_ilisi(self, max_cells: int = MIXING_CELLS) -> float:
+        """Median iLISI (scIB-normalised) of the training cells' posterior means, on a seeded
+        subsample: a check that the domains share the latent space. Domain-specific cell types
+        lower it only for their own cells, which the median passes over."""
+        from .metrics import knn, lisi
+
+        n = int(self._domain.shape[0])
+        keep = np.sort(np.random.default_rng(self.config.seed).choice(n, min(n, max_cells),
+                                                                       replace=False))
+        latent = self.predict()["latent"][keep]
+        domain = self._domain.cpu().numpy()[keep]
+        if len(np.unique(domain)) < 2 or len(keep) < 10:
+            return float("nan")
+        dist, idx = knn(latent.astype(np.float64), 90)
+        k = len(self.domains_)
+        return float((np.median(lisi(dist, idx, domain)) - 1.0) / (k - 1.0))
 
     def schedules(self):
         """KL weight and adversarial weight per epoch, and the epoch after which early stopping

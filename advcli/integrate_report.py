@@ -11,7 +11,7 @@ import numpy as np
 from . import keys
 from .data import obs_column
 from .errors import InputError
-from .metrics import integration_metrics
+from .metrics import UNMIXED_ILISI, integration_metrics
 from .io import plain
 from .report import _plt
 
@@ -45,6 +45,10 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         _loss_curves(plt, payload["history"], folder / "loss_curves.png")
     else:
         notes.append("No --model given: loss_curves.png needs the model file's history.")
+    if metrics.get("ilisi", 1.0) < UNMIXED_ILISI:
+        notes.append(f"The domains are not mixed (iLISI {metrics['ilisi']:.2f}): each cell's "
+                     "neighbours come from its own domain. Refit with --patience 0, a higher "
+                     "--adv-weight or --adversary alternate.")
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
                                         "overall_score") if k in metrics}
     return {"metrics": metrics, "headline": headline, "notes": notes}

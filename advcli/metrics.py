@@ -62,6 +62,10 @@ def ols_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 # ---------------------------------------------------------------- integrate mode (scIB definitions)
 
+# Below this median iLISI the domains are called unmixed: failed integrations measured 0.00-0.04,
+# working ones 0.2-0.8, and an unadversarial shared VAE 0.27 (docs/integrate.md).
+UNMIXED_ILISI = 0.1
+
 
 def knn(embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Distances and indices of each cell's k nearest other cells (scikit-learn)."""

@@ -153,3 +153,28 @@ def test_python_api_roundtrip(tmp_path, integrate_file):
     again = advcli.IntegrationModel.load(tmp_path / "m.pt")
     np.testing.assert_allclose(again.get_latent_representation(a),
                                model.get_latent_representation(a), rtol=1e-5, atol=1e-6)
+
+
+def test_unmixed_domains_are_a_warning_in_fit_and_diagnose(tmp_path, invoke, integrate_file):
+    """Separate encoders and no adversary leave the domains apart: fit and diagnose say so."""
+    import json
+
+    model = tmp_path / "m.pt"
+    r = invoke("fit", integrate_file, "--mode", "integrate", "-o", model, "--design", "paired",
+               "--adv-weight", "0", "--max-epochs", "15", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["mixing_ilisi"] < 0.1
+    assert any("not mixed" in w for w in summary["warnings"])
+    pred = tmp_path / "p.h5ad"
+    assert invoke("predict", model, integrate_file, "-o", pred).exit_code == 0
+    r = invoke("diagnose", pred, "-o", tmp_path / "rep", "--json")
+    assert r.exit_code == 0 and any("not mixed" in n for n in json.loads(r.stdout)["notes"])
+
+
+def test_default_fit_reports_mixing_without_warning(tmp_path, invoke, integrate_file):
+    import json
+
+    r = invoke("fit", integrate_file, "--mode", "integrate", "-o", tmp_path / "m.pt", "--json")
+    summary = json.loads(r.stdout)
+    assert summary["mixing_ilisi"] > 0.2 and not summary["warnings"]
