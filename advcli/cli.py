@@ -451,13 +451,22 @@ def predict(
     rows = _written_rows(out, seconds, adata.shape, written)
     if csv is not None:
         rows["csv"] = f"{csv} ({_file_size(csv)})"
+    extra: dict[str, Any] = {}
     if table is not None:
         n_sig = int((table["qvalue"] < 0.05).sum())
+        explained = table.attrs["z_deviance_explained"]
         rows["effects"] = f"{effects} ({len(table):,} genes, {n_sig:,} with q < 0.05)"
+        rows["deviance explained by Z-hat"] = f"{explained:.1%}"
+        extra = {"genes_q_below_0.05": n_sig, "z_deviance_explained": explained,
+                 "genes_not_tested": int((~table["converged"]).sum())}
+        if explained < 0.01:
+            console.print("[bold yellow]warning:[/] Z-hat explains under 1% of the counts' "
+                          "deviance beyond [X, D]: it captured little, and the adjusted effects "
+                          "are close to the naive ones.", highlight=False)
     _report(f"predict ({payload['mode']})", rows, as_json,
             {"command": "predict", "mode": payload["mode"], "out": str(out),
              "csv": str(csv) if csv else None, "effects": str(effects) if effects else None,
-             "keys": written, "n_cells": adata.n_obs,
+             "keys": written, "n_cells": adata.n_obs, **extra,
              "n_genes": adata.n_vars, "seconds": seconds})
 
 

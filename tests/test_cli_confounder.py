@@ -287,6 +287,8 @@ def test_mixed_covariates_of_different_level_counts(tmp_path, invoke, write):
     pred, effects = tmp_path / "p.h5ad", tmp_path / "effects.csv"
     r = invoke("predict", model, data, "-o", pred, "--effects", effects, "--json")
     assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert 0.0 <= out["z_deviance_explained"] < 1.0 and out["genes_q_below_0.05"] >= 0
     table = pd.read_csv(effects)
     for col in ("gene", "effect_naive", "effect_adjusted", "se_adjusted", "pvalue", "qvalue",
                 "log2fc_adjusted", "base_mean", "converged"):
