@@ -22,7 +22,7 @@ import torch
 from . import __version__, keys
 from .config import ConfounderConfig, config_from_dict, config_to_dict
 from .data import (CountRows, CovariateEncoding, default_covariate_keys, encode_treatment,
-                   gene_moments, gene_order, load_counts, obs_column_of, residual_factors,
+                   gene_moments, gene_order, load_counts, residual_factors, sample_labels,
                    set_uns, size_factors, validate_counts)
 from .effects import treatment_effects
 from .errors import InputError
@@ -128,16 +128,17 @@ class ConfounderModel(TrainedModel):
         log_sf = np.log(size_factors(adata, counts, cfg.size_factors))
         self.log_sf_center_ = float(log_sf.mean())
         offset = log_sf - self.log_sf_center_
-        normalised = sp.diags(np.exp(-offset)) @ counts
-        log_y = normalised.copy()
+        log_y = sp.csr_matrix(sp.diags(np.exp(-offset)) @ counts)  # a new matrix: counts kept
         log_y.data = np.log1p(log_y.data)
         y_mean = np.asarray(log_y.mean(axis=0)).ravel()
         y_sd = np.sqrt(np.maximum(np.asarray(log_y.multiply(log_y).mean(axis=0)).ravel()
                                   - y_mean ** 2, 0.0))
         y_sd = np.maximum(y_sd, 0.1)  # sparse genes: no division by a near-zero sd
-        start = residual_factors(log_y, y_mean, y_sd, np.column_stack([x, d]), cfg.z_dim,
-                                 cfg.seed)
-        self.config = cfg = replace(self.config, z_dim=start.shape[1])
+        start = None
+        if cfg.warm_start or cfg.z_dim is None:  # the factors start Z and/or count its columns
+            start = residual_factors(log_y, y_mean, y_sd, np.column_stack([x, d]), cfg.z_dim,
+                                     cfg.seed)
+            self.config = cfg = replace(self.config, z_dim=start.shape[1])
         self._start = start if cfg.warm_start else None
         log_mean, alpha = gene_moments(counts, np.exp(offset))
         self._init = (x.shape[1], torch.from_numpy(y_mean), torch.from_numpy(y_sd), fixed_alpha,
@@ -149,7 +150,7 @@ class ConfounderModel(TrainedModel):
         self._y = CountRows(counts, self.device)
         self._counts, self._obs = counts, adata.obs
         if cfg.sample_key is not None:
-            _sample_labels(adata.obs, cfg.sample_key)
+            sample_labels(adata.obs, cfg.sample_key)
         if cfg.control_genes:
             unknown = sorted(set(cfg.control_genes) - set(self.genes_))
             if unknown:
@@ -241,17 +242,10 @@ class ConfounderModel(TrainedModel):
                 f"time(s) with a lower rate (final {cfg.lr_generator:g})."))
         return self
 
-    @torch.inference_mode()
     def predict_training_z(self) -> np.ndarray:
-        """Z-hat of the training cells (no means, no likelihoods): what the collapse check reads."""
-        self.net.eval()
-        parts = []
-        for idx in torch.arange(self._x.shape[0], device=self._x.device).split(4096):
-            x, d, y, off = self._batch(idx)
-            logits = self.net.generator(x, d, y, off)
-            parts.append(represent_z(logits, self.net.z_type, self.config.temperature_end,
-                                     training=False).cpu())
-        return torch.cat(parts).numpy()
+        """Z-hat of the training cells (no means): what the collapse check reads."""
+        return self._forward_all(self._x, self._d, self._off, self._y.rows, self._x.shape[0],
+                                 4096, keep_means=False)[keys.Z_HAT]
 
     def _collapsed(self, z: np.ndarray) -> list[int]:
         """Columns of Z-hat that are constant, or (for group-like Z) hold over 99% of cells in
@@ -305,7 +299,7 @@ class ConfounderModel(TrainedModel):
 
     def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
                 keep_means: bool = True) -> dict[str, np.ndarray]:
-        """Per-cell outputs (SPEC.md keys) for ``adata`` (default: the training data), in row order."""
+        """Per-cell outputs (keys in docs/data_format.md) for ``adata`` (default: the training data), in row order."""
         self._require_trained()
         if device is not None:
             self.to(resolve_device(device))
@@ -362,7 +356,7 @@ class ConfounderModel(TrainedModel):
             x, d, off = xt.numpy(), dt.numpy(), offt.numpy()
             z, obs = self.predict(adata, keep_means=False)[keys.Z_HAT], adata.obs
         key = sample_key if sample_key is not None else self.config.sample_key
-        sample = None if key is None else _sample_labels(obs, key)
+        sample = None if key is None else sample_labels(obs, key)
         return treatment_effects(counts, d, x, z, self.genes_, np.exp(off.astype(np.float64)),
                                  sample, control_genes=self.config.control_genes)
 
@@ -390,8 +384,9 @@ class ConfounderModel(TrainedModel):
 
         auroc = float(roc_auc_score(d, out[keys.D_LOGIT]))
         warnings = self.leakage_warnings(corr_d, auroc)
-        auroc_x = _auroc_from(x, d)
-        extreme = _extreme_propensity(np.column_stack([x, z]), d)
+        auroc_x = float(roc_auc_score(d, _propensity(x, d)))
+        p = _propensity(np.column_stack([x, z]), d)
+        extreme = float(np.mean((p < 0.05) | (p > 0.95)))  # the usual positivity diagnostic
         if extreme > 0.1 and not warnings:
             warnings.append(
                 f"{extreme:.0%} of cells have a treatment probability below 0.05 or above 0.95 "
@@ -466,33 +461,13 @@ class ConfounderModel(TrainedModel):
         return self._restored(payload)
 
 
-def _auroc_from(features: np.ndarray, d: np.ndarray) -> float:
-    """In-sample AUROC of a logistic regression of D on ``features`` (0.5 with none)."""
+def _propensity(features: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """In-sample P(D = 1 | features) from a logistic regression (0.5 everywhere with none)."""
     if features.shape[1] == 0:
-        return 0.5
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    fit = LogisticRegression(C=1.0, max_iter=500).fit(features, d)
-    return float(roc_auc_score(d, fit.decision_function(features)))
-
-
-def _extreme_propensity(features: np.ndarray, d: np.ndarray) -> float:
-    """Fraction of cells whose propensity, from a logistic regression of D on ``features``, lies
-    outside [0.05, 0.95]: the usual positivity diagnostic."""
+        return np.full(len(d), 0.5)
     from sklearn.linear_model import LogisticRegression
 
-    if features.shape[1] == 0:
-        return 0.0
-    p = LogisticRegression(C=1.0, max_iter=500).fit(features, d).predict_proba(features)[:, 1]
-    return float(np.mean((p < 0.05) | (p > 0.95)))
-
-
-def _sample_labels(obs: pd.DataFrame, key: str) -> np.ndarray:
-    col = obs_column_of(obs, key)
-    if col.isna().any():
-        raise InputError(f"--sample-key obs['{key}'] has {int(col.isna().sum())} missing values.")
-    return col.astype(str).to_numpy()
+    return LogisticRegression(C=1.0, max_iter=500).fit(features, d).predict_proba(features)[:, 1]
 
 
 def load(payload: dict, path: str | Path = "model"):

@@ -128,7 +128,7 @@ def simulate_confounder(
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Seed 002's simulation: X, hidden Z, treatment D and NB counts Y, with the truth."""
+    """The latent-confounder simulation: X, hidden Z, treatment D and NB counts Y, with the truth."""
     from .simulate import ConfounderSimulation, simulate_confounder as run
 
     start = time.perf_counter()
@@ -265,7 +265,7 @@ def fit(
     design: Optional[str] = typer.Option(None, "--design",
                                          help="[integrate] shared (one encoder, domain-"
                                               "conditioned decoder) or paired (one VAE per "
-                                              "domain, the seed's)."),
+                                              "domain, the original design)."),
     lr_discriminator: Optional[float] = typer.Option(None, "--lr-discriminator",
                                                      help="[integrate] (default: --lr)"),
     adversary: Optional[str] = typer.Option(None, "--adversary",

@@ -13,8 +13,8 @@ from .errors import InputError
 
 @dataclass
 class ConfounderConfig:
-    """Confounder mode (seed 002). Defaults are the best settings found by
-    benchmarks/confounder_quality.py; ``preset='seed'`` restores the proof of concept's."""
+    """Confounder mode. Defaults are chosen by the benchmarks in docs/confounder.md;
+    ``preset='seed'`` restores the original design's settings."""
 
     treatment_key: str = "D"
     treated_level: str | None = None
@@ -79,7 +79,7 @@ class IntegrationConfig:
 
     batch_key: str = "batch"
     layer: str | None = None
-    latent_dim: int = 10  # SPEC's synopsis shows 32, which mixed worse (docs/integrate.md)
+    latent_dim: int = 10  # 32 mixed worse (docs/integrate.md)
     hidden: int = 128
     likelihood: str = "nb"  # nb | mse
     design: str = "shared"  # shared: one encoder, one domain-conditioned decoder | paired (seed)

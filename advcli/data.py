@@ -1,6 +1,6 @@
 """Reading and validating AnnData inputs: every command goes through here.
 
-Checks follow SPEC.md: a readable .h5ad, keys that exist (the message lists those that do), raw
+Checks follow the data contract (docs/data_format.md): a readable .h5ad, keys that exist (the message lists those that do), raw
 counts that are finite, non-negative whole numbers, at least one cell and one gene, unique gene
 names, a binary treatment, a batch key with two or more domains, covariates that encode cleanly.
 Counts are checked in row blocks so a backed (on-disk) file is never loaded whole.
@@ -225,6 +225,14 @@ def obs_column_of(obs: pd.DataFrame, key: str, what: str = "Sample") -> pd.Serie
     if key not in obs.columns:
         raise _missing_key(f"{what} key", key, list(obs.columns))
     return obs[key]
+
+
+def sample_labels(obs: pd.DataFrame, key: str) -> np.ndarray:
+    """Each cell's sample (donor) for pseudobulk testing, as strings; no missing values."""
+    col = obs_column_of(obs, key, "Sample")
+    if col.isna().any():
+        raise InputError(f"--sample-key obs['{key}'] has {int(col.isna().sum())} missing values.")
+    return col.astype(str).to_numpy()
 
 
 def encode_treatment(adata, key: str, treated_level: str | None = None) -> tuple[np.ndarray, list[str]]:

@@ -1,7 +1,7 @@
 """Atomic output files and safe model files.
 
 Every output goes to a temporary name in the destination folder and is renamed at the end, so a
-failed command never leaves a partial file (SPEC.md). Model files are tensors and plain containers
+failed command never leaves a partial file (docs/data_format.md). Model files are tensors and plain containers
 only, loaded with ``weights_only=True``: opening a model never runs code from the file.
 """
 

@@ -1,7 +1,7 @@
 """Names that files and code share, in one place (cf. scvi-tools' REGISTRY_KEYS).
 
 Anything read from or written to an .h5ad or a model file is named here, never as a string
-literal elsewhere, so the contract in SPEC.md lives in one file.
+literal elsewhere, so the data contract (docs/data_format.md) lives in one file.
 """
 
 UNS = "advcli"  # uns['advcli'] holds everything advcli writes into uns

@@ -48,7 +48,7 @@ def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def dbpr_terms(d_logit: torch.Tensor, d_logit_base: torch.Tensor, d: torch.Tensor,
                y: torch.Tensor, log_mu: torch.Tensor, log_mu_base: torch.Tensor,
                theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed 002's deviance-based partial R^2 of Z for D (w') and for Y (v', mean over genes).
+    """The deviance-based partial R^2 of Z for D (w') and for Y (v', mean over genes).
 
     Each is 1 - deviance(with Z) / deviance(baseline without Z): positive when Z-hat improves on
     the baseline. The objective *subtracts* them (the seed added them, penalising improvement).
@@ -81,7 +81,7 @@ def encoder_adversarial_loss(logits: torch.Tensor, domain: torch.Tensor, kind: s
     """What the encoders minimise to fool the discriminator (it is frozen or reversed elsewhere).
 
     negce: -CE(true domain), i.e. maximise the discriminator's loss;
-    uniform: CE to the uniform distribution (minimal at p = 1/K, seed 000's "(0.5, 0.5)" target);
+    uniform: CE to the uniform distribution (minimal at p = 1/K, the "(0.5, 0.5)" target of two classes);
     flip: CE to every wrong domain, as scvi-tools' adversarial classifier trains the encoder.
     All three are zero-centred at the uniform prediction up to a constant, and decrease as the
     discriminator's probability of the true domain falls.

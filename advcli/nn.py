@@ -21,7 +21,7 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 1) -> nn.Sequentia
 
 
 def straight_through(probs: torch.Tensor) -> torch.Tensor:
-    """Forward: 0/1 by thresholding at 0.5; backward: the gradient of ``probs`` (seed 002)."""
+    """Forward: 0/1 by thresholding at 0.5; backward: the gradient of ``probs`` (straight-through estimator)."""
     hard = (probs > 0.5).to(probs.dtype)
     return hard + (probs - probs.detach())  # exactly 0/1 forward
 
@@ -29,7 +29,7 @@ def straight_through(probs: torch.Tensor) -> torch.Tensor:
 class ZGenerator(nn.Module):
     """Infers the hidden confounder from any of [X, D, Y~], Y~ = standardised log1p counts.
 
-    Feeding raw counts (the proof of concept) lets a few high-count genes dominate the first
+    Feeding raw counts (the original design) lets a few high-count genes dominate the first
     layer; the per-gene centring and scaling are buffers, so predict replays them exactly.
     Z-scores are clipped at +-10 and the per-gene sd floored at 0.1 (see api.ConfounderModel).
     """

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import keys
-from .data import (CovariateEncoding, encode_treatment, load_counts, obs_column, read_h5ad,
+from .data import (CovariateEncoding, encode_treatment, load_counts, read_h5ad, sample_labels,
                    size_factors)
 from .errors import InputError
 from .io import load_model, plain
@@ -154,8 +154,7 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
     counts = load_counts(adata, layer)
     sf = size_factors(adata, counts, str(inputs.get("size_factors", "none")))
     sample_key = str(inputs.get("sample_key", "")) or None
-    sample = None if sample_key is None else \
-        obs_column(adata, sample_key, "Sample").astype(str).to_numpy()
+    sample = None if sample_key is None else sample_labels(adata.obs, sample_key)
     controls = json.loads(str(inputs.get("control_genes_json", "[]"))) or None
     frame = treatment_effects(counts, d, x, z_hat, adata.var_names, sf, sample,
                               control_genes=controls)

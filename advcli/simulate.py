@@ -1,4 +1,4 @@
-"""The two simulators: seed 002's latent-confounder data and a two-domain integration benchmark.
+"""The two simulators: the design documents' latent-confounder data and a two-domain integration benchmark.
 
 Both draw from one ``numpy.random.Generator`` seeded by ``seed`` alone, generate cells in blocks
 of a fixed size (so the stream of draws, and the file, depend on the seed only) and stream the
@@ -25,9 +25,9 @@ SIM_BLOCK = 8192  # cells per generated block; fixed, because it orders the rand
 
 @dataclass
 class ConfounderSimulation:
-    """Seed 002's simulation. ``setting='extreme'`` is the seed's last version (beta_1 = beta_2 = 0).
+    """The latent-confounder simulation. ``setting='extreme'`` is the original design's last version (beta_1 = beta_2 = 0).
 
-    With beta_1 = 0 the seed's rescaling leaves beta_1 at 0 and its variance-ratio rule
+    With beta_1 = 0 the design's rescaling leaves beta_1 at 0 and its variance-ratio rule
     gamma_1 = sqrt(r*) sd(X beta_1) / sd(Z) then gives gamma_1 = 0 too: in the extreme setting D is
     a fair coin, independent of Z and X, and Z acts on Y alone. We keep that, as the seed does.
     """
@@ -93,7 +93,7 @@ def _nb_counts(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> n
 
 
 def simulate_confounder(cfg: ConfounderSimulation, path: str | Path) -> dict:
-    """Write seed 002's confounder simulation to ``path``; return a summary of what was drawn."""
+    """Write the latent-confounder simulation to ``path``; return a summary of what was drawn."""
     cfg.check()
     rng = np.random.default_rng(cfg.seed)
     n, p, d, k = cfg.n, cfg.genes, cfg.covariates, cfg.z_dim
@@ -103,7 +103,7 @@ def simulate_confounder(cfg: ConfounderSimulation, path: str | Path) -> dict:
 
     beta_1 = rng.standard_normal((d, 1)) if cfg.setting == "general" else np.zeros((d, 1))
     xb = X @ beta_1
-    beta_1 = beta_1 * (cfg.sd_target / (_sd(xb) + 1e-8))  # the seed's rescaling
+    beta_1 = beta_1 * (cfg.sd_target / (_sd(xb) + 1e-8))  # the design's rescaling
     sd_xb = _sd(X @ beta_1)
     gamma_1 = np.full((k, 1), math.sqrt(cfg.r_star) * sd_xb / (_sd(Z) + 1e-8))
     logit_d = (X @ beta_1 + Z @ gamma_1).ravel()

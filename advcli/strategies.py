@@ -1,7 +1,7 @@
 """How one pass over the data updates which modules. The strategies ARE the control flow of
 adversarial and alternating training, so each is straight-line code over the same modules.
 
-Confounder mode: ``AlternatingFreeze`` (seed 002: heads learn with the generator frozen, then the
+Confounder mode: ``AlternatingFreeze`` (heads learn with the generator frozen, then the
 generator learns through the frozen heads) and ``JointUpdate`` (one backward on the weighted sum).
 Integrate mode: ``GradientReversalStep`` and ``AlternatingAdversary`` (freeze-and-alternate).
 """
@@ -34,7 +34,7 @@ def generator_objective(net: ConfounderNet, x, d, y, off, weights: dict[str, flo
     """The Z-generator's loss: bce_w * BCE + nb_w * NB - dbpr_w * (w' + v').
 
     BCE is per cell, NB per cell and gene; the DBPR terms are rewarded (subtracted), the sign
-    seed 002's critique asks for.
+    the design's critique asks for.
     """
     z, _ = net.z(x, d, y, off, temperature)
     d_logit, log_mu = net.heads(x, d, z, off)
@@ -52,7 +52,7 @@ def generator_objective(net: ConfounderNet, x, d, y, off, weights: dict[str, flo
 
 
 class AlternatingFreeze:
-    """Seed 002's alternating scheme, with its own optimizer for each module (warm-started).
+    """The alternating scheme of the original design, with its own optimizer for each module (warm-started).
 
     Head phase: the generator is frozen and run under no_grad; the classifier (BCE) and the NB
     model (NB) each take a step on their own loss. Generator phase: both heads are frozen
@@ -146,7 +146,7 @@ class PairedVAE(torch.nn.Module):
     """The domains' VAEs, per-domain NB dispersions and the domain discriminator on the posterior
     means.
 
-    ``paired``: one encoder and one decoder per domain, seed 002's separate VAEs. Otherwise
+    ``paired``: one encoder and one decoder per domain, the original design's separate VAEs. Otherwise
     (``shared``) one encoder for every cell and one decoder conditioned on the domain: each
     domain's VAE is the shared pair seen with its own condition. Measured in docs/integrate.md:
     with separate encoders each domain can move its whole cloud through one bias vector, and the

@@ -379,3 +379,21 @@ def test_control_genes_option(tmp_path, invoke, write):
     r = invoke("predict", tmp_path / "m.pt", data, "-o", tmp_path / "p.h5ad", "--effects",
                tmp_path / "e.csv")
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("column,match", [(None, "not found"), ("nan", "missing values")])
+def test_sample_key_bad_values(column, match, tmp_path, invoke, write):
+    adata = make_adata(n=60)
+    if column == "nan":
+        adata.obs["donor"] = np.where(np.arange(60) == 5, None, "s1").astype(object)
+    r = invoke("fit", write(adata), "--mode", "confounder", "-o", tmp_path / "m.pt",
+               "--sample-key", "donor", "--z-dim", "1")
+    assert r.exit_code == 2 and match in r.output and not (tmp_path / "m.pt").exists()
+
+
+def test_control_genes_empty_list_is_bad_input(tmp_path, invoke, write):
+    listing = tmp_path / "controls.txt"
+    listing.write_text("# nothing here\n\n")
+    r = invoke("fit", write(make_adata()), "--mode", "confounder", "-o", tmp_path / "m.pt",
+               "--control-genes", listing)
+    assert r.exit_code == 2 and "names no genes" in r.output
