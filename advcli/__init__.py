@@ -8,12 +8,8 @@ __all__ = ["ConfounderModel", "IntegrationModel", "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "ConfounderModel":
-        from .api import ConfounderModel
+    if name in __all__[:-1]:
+        from . import models
 
-        return ConfounderModel
-    if name == "IntegrationModel":
-        from .integrate import IntegrationModel
-
-        return IntegrationModel
+        return getattr(models, name)
     raise AttributeError(f"module 'advcli' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -20,7 +21,6 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, keys
-from .config import IntegrationConfig
 from .errors import InputError
 
 console = Console(stderr=True)
@@ -169,159 +169,147 @@ def simulate_integrate(
             {"command": "simulate integrate", "out": str(out), "seconds": seconds, **info})
 
 
-# Options of `fit` that belong to one mode only; giving one for the other mode is an error.
-CONFOUNDER_ONLY = ("treatment_key", "treated_level", "covariate_keys", "size_factors",
-                   "sample_key", "control_genes", "warm_start", "z_dim", "z_type",
-                   "strategy", "generator_inputs", "dispersion_key", "intercept", "bce_weight",
-                   "nb_weight", "dbpr_weight", "outer_iterations", "predictor_epochs",
-                   "generator_epochs", "preset")
-INTEGRATE_ONLY = ("batch_key", "latent_dim", "likelihood", "adversary", "adv_loss", "adv_weight",
-                  "grl_lambda", "d_steps", "e_steps", "beta_kl", "dropout", "val_fraction",
-                  "design", "lr_discriminator")
+def _fit_option_specs() -> dict[str, dict]:
+    """Every config field of every mode as one `fit` option: its type, modes, group and help
+    with the default of each mode that has it."""
+    import dataclasses
+    import typing
+
+    from .config import CONFIGS, TRAINING, default_of
+
+    specs: dict[str, dict] = {}
+    for mode, cls in CONFIGS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            spec = specs.setdefault(f.name, {"modes": [], "defaults": {}, "meta": f.metadata,
+                                             "type": hints[f.name]})
+            spec["modes"].append(mode)
+            shown = f.metadata.get("shown")
+            default = default_of(f)
+            if isinstance(default, list):
+                default = ",".join(default)
+            spec["defaults"][mode] = shown if shown is not None else default
+            if f.metadata.get("group") != TRAINING:
+                spec["meta"] = f.metadata
+    return specs
 
 
-@app.command("fit")
-@_handle_errors
-def fit(
-    data: Path = typer.Argument(..., help="Input .h5ad with raw counts."),
-    mode: str = typer.Option(..., "--mode", help="confounder or integrate."),
-    out: Path = typer.Option(..., "-o", "--out", help="Model file to write (.pt)."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Counts layer instead of X."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    max_epochs: Optional[int] = typer.Option(None, "--max-epochs",
-                                             help="Upper bound on passes over the data, all "
-                                                  "phases counted."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
-    patience: Optional[int] = typer.Option(None, "--patience",
-                                           help="Epochs without improvement before a phase (or "
-                                                "training) stops."),
-    backed: bool = typer.Option(False, "--backed", help="Read cells from disk in blocks."),
-    as_json: bool = JSON_OPTION,
-    # confounder mode
-    treatment_key: Optional[str] = typer.Option(None, "--treatment-key", help="[confounder] obs "
-                                                "column with the binary treatment (default D)."),
-    treated_level: Optional[str] = typer.Option(None, "--treated-level",
-                                                help="[confounder] Level that means treated."),
-    covariate_keys: Optional[str] = typer.Option(None, "--covariate-keys",
-                                                 help="[confounder] Comma list of obs columns "
-                                                      "(default: those the simulator recorded)."),
-    size_factors: Optional[str] = typer.Option(None, "--size-factors",
-                                               help="[confounder] Per-cell offset of every NB "
-                                                    "model: library (total counts, default), "
-                                                    "none, or a numeric obs column."),
-    sample_key: Optional[str] = typer.Option(None, "--sample-key",
-                                             help="[confounder] obs column naming each cell's "
-                                                  "sample (donor): effects are tested on "
-                                                  "pseudobulk samples, not on cells."),
-    control_genes: Optional[str] = typer.Option(None, "--control-genes",
-                                                help="[confounder] Negative-control genes (not "
-                                                     "affected by the treatment): a comma list "
-                                                     "or a text file with one gene per line. "
-                                                     "They fix Z-hat's treatment share."),
-    z_dim: Optional[int] = typer.Option(None, "--z-dim",
-                                        help="[confounder] Columns of Z (default: counted from "
-                                             "the data, 1-10)."),
-    z_type: Optional[str] = typer.Option(None, "--z-type",
-                                         help="[confounder] gumbel (default, a near-binary "
-                                              "group), binary, soft, or continuous (a "
-                                              "gradient)."),
-    warm_start: Optional[bool] = typer.Option(None, "--warm-start/--no-warm-start",
-                                              help="[confounder] Start Z at the top residual "
-                                                   "factors of Y on [X, D] (default on)."),
-    strategy: Optional[str] = typer.Option(None, "--strategy",
-                                           help="[confounder] alternating or joint."),
-    generator_inputs: Optional[str] = typer.Option(None, "--generator-inputs",
-                                                   help="[confounder] What the Z-generator sees: "
-                                                        "comma list of x, d, y."),
-    dispersion_key: Optional[str] = typer.Option(None, "--dispersion-key",
-                                                 help="[confounder] var column with a fixed NB "
-                                                      "dispersion per gene."),
-    intercept: Optional[bool] = typer.Option(None, "--intercept/--no-intercept",
-                                             help="[confounder] Intercepts in the heads."),
-    bce_weight: Optional[float] = typer.Option(None, "--bce-weight", help="[confounder]"),
-    nb_weight: Optional[float] = typer.Option(None, "--nb-weight",
-                                              help="[confounder] Weight of the per-gene mean NB "
-                                                   "loss (default: the number of genes)."),
-    dbpr_weight: Optional[float] = typer.Option(None, "--dbpr-weight",
-                                                help="[confounder] Weight of the DBPR reward."),
-    outer_iterations: Optional[int] = typer.Option(None, "--outer-iterations",
-                                                   help="[confounder] Alternating iterations."),
-    predictor_epochs: Optional[int] = typer.Option(None, "--predictor-epochs",
-                                                   help="[confounder] Head epochs per odd "
-                                                        "iteration."),
-    generator_epochs: Optional[int] = typer.Option(None, "--generator-epochs",
-                                                   help="[confounder] Generator epochs per even "
-                                                        "iteration."),
-    preset: Optional[str] = typer.Option(None, "--preset",
-                                         help="[confounder] 'seed' reproduces the original "
-                                              "design's settings."),
-    # integrate mode
-    batch_key: Optional[str] = typer.Option(None, "--batch-key", help="[integrate] obs column "
-                                            "with the domains (default batch)."),
-    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="[integrate] (10)"),
-    likelihood: Optional[str] = typer.Option(None, "--likelihood", help="[integrate] nb or mse."),
-    design: Optional[str] = typer.Option(None, "--design",
-                                         help="[integrate] shared (one encoder, domain-"
-                                              "conditioned decoder) or paired (one VAE per "
-                                              "domain, the original design)."),
-    lr_discriminator: Optional[float] = typer.Option(None, "--lr-discriminator",
-                                                     help="[integrate] (default: --lr)"),
-    adversary: Optional[str] = typer.Option(None, "--adversary",
-                                            help="[integrate] grl or alternate."),
-    adv_loss: Optional[str] = typer.Option(None, "--adv-loss",
-                                           help="[integrate] negce, uniform or flip."),
-    adv_weight: Optional[float] = typer.Option(None, "--adv-weight", help="[integrate]"),
-    grl_lambda: Optional[float] = typer.Option(None, "--grl-lambda", help="[integrate]"),
-    d_steps: Optional[int] = typer.Option(None, "--d-steps", help="[integrate] alternate only."),
-    e_steps: Optional[int] = typer.Option(None, "--e-steps", help="[integrate] alternate only."),
-    beta_kl: Optional[float] = typer.Option(None, "--beta-kl", help="[integrate] KL weight."),
-    dropout: Optional[float] = typer.Option(None, "--dropout",
-                                            help="[integrate] Dropout in the encoder (default "
-                                                 "0.1)."),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
-                                                 help="[integrate] Held-out cells for early "
-                                                      "stopping."),
-) -> None:
-    """Train a model and write it to one file (loadable with torch.load(weights_only=True))."""
-    given = {k: v for k, v in locals().items() if v is not None}
-    if mode not in keys.MODES:
-        raise InputError(f"--mode must be 'confounder' or 'integrate' (got '{mode}').")
-    wrong = CONFOUNDER_ONLY if mode == "integrate" else INTEGRATE_ONLY
-    misplaced = ["--" + k.replace("_", "-") for k in wrong if k in given]
-    if misplaced:
-        raise InputError(f"{', '.join(misplaced)} do(es) not apply to --mode {mode}.")
-    if backed:
-        raise InputError("--backed comes with the scale work and is not available yet; drop it "
-                         "to load the cells into memory.")
-    shared = {k: given[k] for k in ("layer", "seed", "device", "max_epochs", "batch_size", "lr",
-                                    "patience") if k in given}
-    specific = {k: given[k] for k in (CONFOUNDER_ONLY if mode == "confounder" else INTEGRATE_ONLY)
-                if k in given}
-    if "control_genes" in specific:
-        specific["control_genes"] = _gene_list(specific["control_genes"])
-    for list_key in ("covariate_keys", "generator_inputs"):
-        if list_key in specific:
+def _cli_type(hint) -> type:
+    """The command-line type of a config field (lists are comma-separated text)."""
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = args[0]
+    return str if typing.get_origin(base) is list or base is list else base
+
+
+def _help_with_default(spec: dict) -> str:
+    defaults = spec["defaults"]
+    values = {m: ("none" if v is None else v) for m, v in defaults.items()}
+    if len(set(map(str, values.values()))) == 1:
+        text = str(next(iter(values.values())))
+    else:
+        text = "; ".join(f"{m}: {v}" for m, v in values.items())
+    choices = spec["meta"].get("choices")
+    extra = f" One of: {', '.join(choices)}." if choices and len(choices) > 2 else ""
+    return f"{spec['meta']['help']}{extra} [default: {text}]"
+
+
+def _fit_parameters() -> tuple[list, dict]:
+    """The generated options of `fit` as inspect parameters and their annotations."""
+    import inspect
+
+    params, annotations = [], {}
+    for name, spec in _fit_option_specs().items():
+        kind = _cli_type(spec["type"])
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
+        from rich.markup import escape
+
+        option_ = typer.Option(None, *decls, help=escape(_help_with_default(spec)),
+                               rich_help_panel=spec["meta"]["group"], show_default=False)
+        annotations[name] = Optional[kind]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option_,
+                                        annotation=Optional[kind]))
+    return params, annotations
+
+
+def _options_for(mode: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options given for ``mode``, parsed; an option of another mode is bad input."""
+    specs = _fit_option_specs()
+    wrong = ["--" + k.replace("_", "-") for k in given if mode not in specs[k]["modes"]]
+    if wrong:
+        other = [m for m in keys.MODES if m != mode]
+        raise InputError(f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to "
+                         f"--mode {' or '.join(other)} only, not to --mode {mode}.")
+    options = dict(given)
+    if "control_genes" in options:
+        options["control_genes"] = _gene_list(options["control_genes"])
+    for name in ("covariate_keys", "generator_inputs"):
+        if name in options:
             from .data import parse_key_list
 
-            specific[list_key] = parse_key_list(specific[list_key])
-    _check_out_differs(out, [data])
+            options[name] = parse_key_list(options[name])
+    return options
 
-    from . import api
+
+def _checkpoint_path(out: Path) -> Path:
+    """Where fit keeps its resumable state: next to the model file, MODEL.ckpt.pt."""
+    return out.with_name(out.name[:-3] + ".ckpt.pt" if out.name.endswith(".pt")
+                         else out.name + ".ckpt.pt")
+
+
+def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoint_every: int,
+        resume: Optional[Path], **given) -> None:
+    """Train a model and write it to one file (loadable with torch.load(weights_only=True))."""
+    if mode not in keys.MODES:
+        raise InputError(f"--mode must be one of {', '.join(keys.MODES)} (got '{mode}').")
+    options = _options_for(mode, {k: v for k, v in given.items() if v is not None})
+    if backed:
+        raise InputError("--backed (reading cells from disk in blocks) is not available yet; "
+                         "drop it to load the cells into memory.")
+    if checkpoint_every < 0:
+        raise InputError(f"--checkpoint-every must be zero or more (got {checkpoint_every}).")
+    _check_out_differs(out, [data] + ([resume] if resume else []))
+    _check_writable(out)
+
+    from .config import make_config
 
     start = time.perf_counter()
-    if mode == "confounder":
-        cfg = api.confounder_config(**shared, **specific)
-    else:
-        cfg = IntegrationConfig(**shared, **specific)
+    cfg = make_config(mode, **options)
     cfg.check()
     adata = _read(data)
-    model_cls = api.ConfounderModel if mode == "confounder" else api.IntegrationModel
-    model = model_cls(adata, cfg)
-    with _progress_bar(model.planned_epochs, f"fit {mode}") as on_epoch:
-        model.train(on_epoch=on_epoch)
+    from .io import load_model
+    from .models import MODELS
+
+    model = MODELS[mode](adata, cfg)
+    if resume is not None:
+        model.resume_from(load_model(resume, mode=mode), resume)
+    checkpoint = _checkpoint_path(out)
+    from .train import DivergedAt, TrainingInterrupted
+
+    done = model.epochs_
+    try:
+        with _progress_bar(model.planned_epochs, f"fit {mode}", model.progress_keys,
+                           done) as on_epoch:
+            model.train(on_epoch=on_epoch, checkpoint_path=checkpoint,
+                        checkpoint_every=checkpoint_every)
+    except TrainingInterrupted as exc:
+        import signal
+
+        name = signal.Signals(exc.signum).name
+        console.print(f"[bold red]interrupted[/] ({name}) in epoch {exc.epoch}. The state is "
+                      f"saved in {checkpoint}; continue with the same command and --resume "
+                      f"{checkpoint}.", highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + exc.signum) from None
+    except DivergedAt as exc:
+        kept = (f" The last good checkpoint is {checkpoint}." if checkpoint.exists()
+                else " No model was written.")
+        console.print(f"[bold red]error:[/] {exc} Try a lower --lr (now {cfg.lr:g}) or "
+                      f"--max-grad-norm 1.{kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     model.save(out)
+    checkpoint.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     summary = model.fit_summary()
     rows = _written_rows(out, seconds, (summary["n_cells"], summary["n_genes"]))
@@ -330,6 +318,43 @@ def fit(
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     _report(f"fit --mode {mode}", rows, as_json,
             {"command": "fit", "out": str(out), "seconds": seconds, **summary})
+
+
+def _register_fit() -> None:
+    """`fit` with its fixed arguments and the options generated from the configs."""
+    import inspect
+
+    fixed = [
+        ("data", Path, typer.Argument(..., help="Input .h5ad with raw counts.")),
+        ("mode", str, typer.Option(..., "--mode", help="confounder or integrate.")),
+        ("out", Path, typer.Option(..., "-o", "--out", help="Model file to write (.pt).")),
+        ("backed", bool, typer.Option(False, "--backed", help="Read cells from disk in blocks "
+                                      "(not available yet).")),
+        ("as_json", bool, JSON_OPTION),
+        ("checkpoint_every", int, typer.Option(0, "--checkpoint-every", help="Write a "
+                                               "resumable MODEL.ckpt.pt every N epochs (0: "
+                                               "only on SIGINT / SIGTERM).",
+                                               rich_help_panel="Checkpoints")),
+        ("resume", Optional[Path], typer.Option(None, "--resume", help="Continue from a "
+                                                "checkpoint (or model file) written with the "
+                                                "same options and data.",
+                                                rich_help_panel="Checkpoints")),
+    ]
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d,
+                                annotation=t) for n, t, d in fixed]
+    generated, annotations = _fit_parameters()
+
+    @functools.wraps(fit)
+    def command(**kwargs):
+        return fit(**kwargs)
+
+    command.__signature__ = inspect.Signature(params + generated)
+    command.__annotations__ = {**{n: t for n, t, _ in fixed}, **annotations}
+    del command.__wrapped__
+    app.command("fit")(_handle_errors(command))
+
+
+_register_fit()
 
 
 def _gene_list(text: str) -> list[str]:
@@ -361,8 +386,8 @@ def _fmt(value: Any) -> str:
 class _progress_bar:
     """A rich progress bar over epochs showing the latest losses; yields the per-epoch callback."""
 
-    def __init__(self, total: int, title: str):
-        self.total, self.title = total, title
+    def __init__(self, total: int, title: str, shown: tuple[str, ...], done: int = 0):
+        self.total, self.title, self.shown, self.done = total, title, shown, done
 
     def __enter__(self):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -374,11 +399,14 @@ class _progress_bar:
                                  transient=False, disable=not console.is_terminal
                                  and os.environ.get("ADVCLI_PROGRESS") != "1")
         self.progress.__enter__()
-        self.task = self.progress.add_task(self.title, total=self.total, losses="")
+        self.task = self.progress.add_task(self.title, total=max(self.total, self.done),
+                                           completed=self.done, losses="")
 
-        def on_epoch(done: int, losses: dict[str, float]) -> None:
-            text = "  ".join(f"{k} {v:.4g}" for k, v in losses.items())
-            self.progress.update(self.task, completed=done, losses=text)
+        def on_epoch(done: int, record: dict[str, Any]) -> None:
+            text = "  ".join(f"{k} {record[k]:.4g}" for k in self.shown
+                             if isinstance(record.get(k), float) and math.isfinite(record[k]))
+            total = max(self.total, done)
+            self.progress.update(self.task, completed=done, total=total, losses=text)
 
         return on_epoch
 
@@ -390,6 +418,23 @@ def _read(path: Path):
     from .data import read_h5ad
 
     return read_h5ad(path)
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before any work, an output that cannot be written: a folder, a parent that is a
+    file, or a folder without write permission."""
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"Output '{out}' is a folder; give a file name.")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"Output '{out}' cannot be created: '{parent}' is a file, not a "
+                         "folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"Output '{out}' cannot be written: no write permission in "
+                         f"'{parent}'.")
 
 
 def _check_out_differs(out: Path, inputs: list[Path]) -> None:
@@ -416,9 +461,9 @@ def predict(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add the model's per-cell outputs to a copy of DATA and write it to OUT."""
-    from . import api
-    from .data import set_uns
+    from .data import per_cell_frame, set_uns
     from .io import file_sha256, load_model
+    from .models import load
 
     _check_out_differs(out, [data, model_path])
     if csv is not None:
@@ -427,7 +472,7 @@ def predict(
         _check_out_differs(effects, [data, model_path, out] + ([csv] if csv else []))
     start = time.perf_counter()
     payload = load_model(model_path)
-    model = api.load(payload, model_path)
+    model = load(payload, model_path)
     if decode_as is not None and payload["mode"] != "integrate":
         raise InputError("--decode-as applies to integrate-mode models only.")
     if effects is not None and payload["mode"] != "confounder":
@@ -443,7 +488,7 @@ def predict(
     table = model.treatment_effects(adata) if effects is not None else None
     with atomic_files([out] + [p for p in (csv, effects) if p is not None]) as tmps:
         if csv is not None:
-            api.per_cell_frame(adata, written).to_csv(tmps[csv], index_label="cell")
+            per_cell_frame(adata, written).to_csv(tmps[csv], index_label="cell")
         if table is not None:
             table.to_csv(tmps[effects], index=False)
         adata.write_h5ad(tmps[out])

@@ -1,120 +1,207 @@
-"""Training configurations: one dataclass per mode flows from the command line into the model file.
+"""Training configurations: one dataclass per mode, the single source of the options.
 
-Kept free of torch so the CLI starts fast and can check options before any heavy import.
+Every field carries its help text and option group as metadata: `advcli fit`'s options, its
+``--help`` and docs/cli.md are generated from these classes, so a default is written once, here.
+Kept free of torch so the CLI starts fast and checks options before any heavy import.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InputError
 
+TRAINING = "Training (both modes)"
+CONFOUNDER = "Confounder mode"
+INTEGRATE = "Integrate mode"
+
+
+def option(default: Any, help: str, group: str, *, shown: str | None = None,
+           choices: tuple[str, ...] | None = None, factory=None):
+    """A config field with its command-line help. ``shown`` replaces the default in the help
+    (for a None that means "chosen from the data"); ``choices`` are checked and listed."""
+    meta = {"help": help, "group": group, "shown": shown, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
-class ConfounderConfig:
+class TrainConfig:
+    """Options every mode shares; each mode's class may give them other defaults."""
+
+    layer: str | None = option(None, "Counts layer to use instead of X.", TRAINING, shown="X")
+    seed: int = option(0, "Random seed: the same seed gives the same model.", TRAINING)
+    device: str = option("auto", "Where to train: auto (a GPU if torch sees one), cpu or cuda.",
+                         TRAINING, choices=("auto", "cpu", "cuda"))
+    max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
+                                    "counted.", TRAINING, shown="no bound")
+    batch_size: int | None = option(None, "Cells per minibatch.", TRAINING)
+    lr: float = option(1e-3, "Learning rate.", TRAINING)
+    patience: int = option(20, "Epochs without improvement before a phase (or training) "
+                           "stops; 0 turns early stopping off.", TRAINING)
+    hidden: int = option(128, "Hidden units per layer of the networks.", TRAINING)
+    max_grad_norm: float | None = option(None, "Clip each player's gradient to this norm "
+                                         "before its step (a guard against exploding "
+                                         "updates).", TRAINING, shown="no clipping")
+
+    def check(self) -> None:
+        """Exit-2 checks of the option values (InputError), before any data is read."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"{_option(f.name)} must be a finite number (got {value}).")
+            choices = f.metadata.get("choices")
+            if choices and value is not None:
+                _choice(_option(f.name), value, choices)
+        _positive(lr=self.lr, hidden=self.hidden)
+        _non_negative(patience=self.patience)
+        for name in ("max_epochs", "batch_size", "max_grad_norm"):
+            if getattr(self, name) is not None:
+                _positive(**{name: getattr(self, name)})
+
+
+@dataclass
+class ConfounderConfig(TrainConfig):
     """Confounder mode. Defaults are chosen by the benchmarks in docs/confounder.md;
     ``preset='seed'`` restores the original design's settings."""
 
-    treatment_key: str = "D"
-    treated_level: str | None = None
-    covariate_keys: list[str] | None = None  # None: uns['advcli']['covariate_keys'], else none
-    layer: str | None = None
-    dispersion_key: str | None = None  # var column with a fixed NB dispersion alpha per gene
-    size_factors: str = "library"  # none | library | an obs column: log offset of every NB model
-    sample_key: str | None = None  # obs column: test effects on pseudobulk samples
-    control_genes: list[str] | None = None  # negative controls: genes D does not affect
-    z_dim: int | None = None  # None: counted from the residuals (parallel analysis), 1-10
-    z_type: str = "gumbel"  # binary (straight-through) | soft | gumbel (annealed) | continuous
-    warm_start: bool = True  # start Z at the top residual factors of Y on [X, D]
-    strategy: str = "alternating"  # alternating | joint
-    generator_inputs: list[str] = field(default_factory=lambda: ["x", "d", "y"])
-    hidden: int = 128
-    intercept: bool = True
-    bce_weight: float = 1.0
-    nb_weight: float | None = None  # None: the number of genes (NB summed over genes per cell)
-    dbpr_weight: float = 0.0
-    outer_iterations: int = 60
-    predictor_epochs: int = 1
-    generator_epochs: int = 1
-    patience: int = 2
-    batch_size: int = 128
-    lr: float = 1e-2
-    lr_generator: float | None = 1e-3  # None: lr. Slower than the heads: Z must not outrun them
-    lr_final_fraction: float = 0.1  # learning rates decay linearly to this fraction (1: constant)
-    weight_decay: float = 0.0
-    temperature_start: float = 2.0
-    temperature_end: float = 0.5
-    max_epochs: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    preset: str = "default"
+    treatment_key: str = option("D", "obs column with the binary treatment.", CONFOUNDER)
+    treated_level: str | None = option(None, "Level of a two-level treatment column that means "
+                                       "treated.", CONFOUNDER, shown="1, true or the 2nd level")
+    covariate_keys: list[str] | None = option(
+        None, "Comma list of obs columns used as covariates X (categorical ones one-hot "
+        "encoded).", CONFOUNDER, shown="those the simulator recorded, else none")
+    dispersion_key: str | None = option(None, "var column with a fixed NB dispersion per gene.",
+                                        CONFOUNDER, shown="learned")
+    size_factors: str = option("library", "Per-cell offset of every NB model: library (total "
+                               "counts), none, or a numeric obs column of size factors.",
+                               CONFOUNDER)
+    sample_key: str | None = option(None, "obs column naming each cell's sample (donor): "
+                                    "effects are tested on pseudobulk samples, not cells.",
+                                    CONFOUNDER)
+    control_genes: list[str] | None = option(
+        None, "Negative-control genes the treatment does not affect (comma list or a file, one "
+        "per line): they fix Z-hat's treatment share.", CONFOUNDER, shown="none")
+    z_dim: int | None = option(None, "Columns of Z.", CONFOUNDER,
+                               shown="counted from the data, 1-10")
+    z_type: str = option("gumbel", "gumbel (annealed, near-binary groups), binary (straight-"
+                         "through), soft (sigmoid) or continuous (a gradient).", CONFOUNDER,
+                         choices=("binary", "soft", "gumbel", "continuous"))
+    warm_start: bool = option(True, "Start Z at the top residual factors of Y on [X, D] and "
+                              "fit the heads before the generator moves.", CONFOUNDER)
+    strategy: str = option("alternating", "alternating (freeze the heads, then the generator) "
+                           "or joint (every module steps on its own loss together).",
+                           CONFOUNDER, choices=("alternating", "joint"))
+    generator_inputs: list[str] = option(None, "What the Z-generator sees: a comma list of x, "
+                                         "d, y.", CONFOUNDER, shown="x,d,y",
+                                         factory=lambda: ["x", "d", "y"])
+    intercept: bool = option(True, "Intercepts in the D-classifier and the NB model.",
+                             CONFOUNDER)
+    bce_weight: float = option(1.0, "Weight of the D-classifier's BCE in the generator's "
+                               "objective.", CONFOUNDER)
+    nb_weight: float | None = option(None, "Weight of the per-gene mean NB loss in the "
+                                     "generator's objective.", CONFOUNDER,
+                                     shown="the number of genes")
+    dbpr_weight: float = option(0.0, "Weight of the deviance-based partial R^2 reward "
+                                "(subtracted).", CONFOUNDER)
+    outer_iterations: int = option(60, "Alternating iterations (odd: heads, even: generator).",
+                                   CONFOUNDER)
+    predictor_epochs: int = option(1, "Head epochs per odd iteration.", CONFOUNDER)
+    generator_epochs: int = option(1, "Generator epochs per even iteration.", CONFOUNDER)
+    lr_generator: float | None = option(1e-3, "The Z-generator's learning rate (slower than "
+                                        "the heads': Z must not outrun them).", CONFOUNDER)
+    lr_final_fraction: float = option(0.1, "Learning rates decay linearly to this fraction "
+                                      "(1: constant).", CONFOUNDER)
+    weight_decay: float = option(0.0, "Adam weight decay.", CONFOUNDER)
+    temperature_start: float = option(2.0, "Gumbel temperature at the first iteration.",
+                                      CONFOUNDER)
+    temperature_end: float = option(0.5, "Gumbel temperature at the last iteration.",
+                                    CONFOUNDER)
+    preset: str = option("default", "seed: the original design's settings (batch 32, lr 1e-3, "
+                         "10 iterations, binary Z, k = 1, no intercepts, no size factors).",
+                         CONFOUNDER, choices=("default", "seed"))
+    # shared options with this mode's defaults
+    max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
+                                    "counted.", TRAINING, shown="the schedule's length")
+    batch_size: int | None = option(128, "Cells per minibatch.", TRAINING)
+    lr: float = option(1e-2, "Learning rate.", TRAINING)
+    patience: int = option(2, "Epochs without improvement before a phase (or training) stops; "
+                           "0 turns early stopping off.", TRAINING)
 
     def check(self) -> None:
-        _choice("--z-type", self.z_type, ("binary", "soft", "gumbel", "continuous"))
-        _choice("--strategy", self.strategy, ("alternating", "joint"))
-        _choice("--device", self.device, ("auto", "cpu", "cuda"))
+        super().check()
         bad = [g for g in self.generator_inputs if g not in ("x", "d", "y")]
         if bad or not self.generator_inputs:
             raise InputError(f"--generator-inputs takes a comma list of x, d, y (got "
                              f"{','.join(self.generator_inputs) or 'nothing'}).")
         if self.z_dim is not None:
             _positive(z_dim=self.z_dim)
-        _positive(hidden=self.hidden, outer_iterations=self.outer_iterations,
+        _positive(outer_iterations=self.outer_iterations,
                   predictor_epochs=self.predictor_epochs, generator_epochs=self.generator_epochs,
-                  batch_size=self.batch_size, lr=self.lr, temperature_end=self.temperature_end,
-                  temperature_start=self.temperature_start)
-        _positive(lr_final_fraction=self.lr_final_fraction)
+                  temperature_end=self.temperature_end, temperature_start=self.temperature_start,
+                  lr_final_fraction=self.lr_final_fraction)
+        if self.lr_generator is not None:
+            _positive(lr_generator=self.lr_generator)
         _non_negative(bce_weight=self.bce_weight, dbpr_weight=self.dbpr_weight,
-                      weight_decay=self.weight_decay, patience=self.patience)
+                      weight_decay=self.weight_decay)
         if self.nb_weight is not None:
             _non_negative(nb_weight=self.nb_weight)
-        if self.max_epochs is not None:
-            _positive(max_epochs=self.max_epochs)
 
 
 @dataclass
-class IntegrationConfig:
-    """Integrate mode: one VAE per domain, a domain discriminator on the posterior means."""
+class IntegrationConfig(TrainConfig):
+    """Integrate mode: VAEs over the domains, a domain discriminator on the posterior means."""
 
-    batch_key: str = "batch"
-    layer: str | None = None
-    latent_dim: int = 10  # 32 mixed worse (docs/integrate.md)
-    hidden: int = 128
-    likelihood: str = "nb"  # nb | mse
-    design: str = "shared"  # shared: one encoder, one domain-conditioned decoder | paired (seed)
-    adversary: str = "grl"  # grl | alternate
-    adv_loss: str = "negce"  # negce | uniform | flip
-    adv_weight: float = 1.0
-    adv_start_epoch: int = 0  # the adversary acts from the first epoch: the domains never part
-    adv_warmup_epochs: int | None = None  # None: a twentieth of the epochs
-    grl_lambda: float = 1.0
-    d_steps: int = 1
-    e_steps: int = 1
-    beta_kl: float = 1.0
-    dropout: float = 0.1  # in the encoder's hidden layers (scVI's default); see docs/integrate.md
-    kl_warmup_epochs: int | None = None  # None: a quarter of the epochs
-    batch_size: int | None = None  # None: 64-256 cells, at least ~8 steps per epoch
-    lr: float = 1e-3
-    lr_discriminator: float | None = None  # None: the same as lr
-    max_epochs: int | None = None
-    val_fraction: float = 0.1
-    patience: int = 20
-    seed: int = 0
-    device: str = "auto"
+    batch_key: str = option("batch", "obs column with the domains (two or more).", INTEGRATE)
+    latent_dim: int = option(10, "Latent dimensions (32 mixed worse, docs/integrate.md).",
+                             INTEGRATE)
+    likelihood: str = option("nb", "nb (learned dispersion per gene and domain) or mse (on "
+                             "log1p-normalised values).", INTEGRATE, choices=("nb", "mse"))
+    design: str = option("shared", "shared (one encoder, a domain-conditioned decoder) or "
+                         "paired (one VAE per domain).", INTEGRATE, choices=("shared", "paired"))
+    adversary: str = option("grl", "grl (gradient reversal: one backward, every player steps) "
+                            "or alternate (D-steps with the encoder frozen, then E-steps with the "
+                            "discriminator frozen).", INTEGRATE, choices=("grl", "alternate"))
+    adv_loss: str = option("negce", "What the encoder minimises: negce (minus the "
+                           "discriminator's cross-entropy), uniform (towards 1/K) or flip "
+                           "(towards a wrong domain).", INTEGRATE,
+                           choices=("negce", "uniform", "flip"))
+    adv_weight: float = option(1.0, "Weight of the adversarial term.", INTEGRATE)
+    adv_start_epoch: int = option(0, "Epoch at which the adversary starts acting.", INTEGRATE)
+    adv_warmup_epochs: int | None = option(None, "Epochs over which the adversarial weight "
+                                           "ramps in.", INTEGRATE, shown="a twentieth of the "
+                                           "epochs")
+    grl_lambda: float = option(1.0, "Gradient-reversal factor (multiplies --adv-weight under "
+                               "--adversary grl).", INTEGRATE)
+    d_steps: int = option(1, "Discriminator steps per minibatch (--adversary alternate).",
+                          INTEGRATE)
+    e_steps: int = option(1, "Encoder steps per minibatch (--adversary alternate).", INTEGRATE)
+    beta_kl: float = option(1.0, "Weight of the KL term.", INTEGRATE)
+    dropout: float = option(0.1, "Dropout after the encoder's hidden layers.", INTEGRATE)
+    kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",
+                                          INTEGRATE, shown="a quarter of the epochs")
+    lr_discriminator: float | None = option(None, "The discriminator's learning rate.",
+                                            INTEGRATE, shown="--lr")
+    val_fraction: float = option(0.1, "Held-out cells for early stopping on the validation "
+                                 "ELBO.", INTEGRATE)
+    # shared options with this mode's defaults
+    max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
+                                    "counted.", TRAINING, shown="100, or enough for 1,500 steps "
+                                    "(at most 400)")
+    batch_size: int | None = option(None, "Cells per minibatch.", TRAINING,
+                                    shown="64-256, at least ~8 steps per epoch")
 
     def check(self) -> None:
-        _choice("--likelihood", self.likelihood, ("nb", "mse"))
-        _choice("--design", self.design, ("shared", "paired"))
-        _choice("--adversary", self.adversary, ("grl", "alternate"))
-        _choice("--adv-loss", self.adv_loss, ("negce", "uniform", "flip"))
-        _choice("--device", self.device, ("auto", "cpu", "cuda"))
-        _positive(latent_dim=self.latent_dim, hidden=self.hidden, lr=self.lr,
-                  d_steps=self.d_steps, e_steps=self.e_steps)
-        if self.batch_size is not None:
-            _positive(batch_size=self.batch_size)
-        _non_negative(adv_weight=self.adv_weight, grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
-                      patience=self.patience, adv_start_epoch=self.adv_start_epoch)
+        super().check()
+        _positive(latent_dim=self.latent_dim, d_steps=self.d_steps,
+                  e_steps=self.e_steps)
+        _non_negative(adv_weight=self.adv_weight, grl_lambda=self.grl_lambda,
+                      beta_kl=self.beta_kl, adv_start_epoch=self.adv_start_epoch)
+        if self.lr_discriminator is not None:
+            _positive(lr_discriminator=self.lr_discriminator)
         for name in ("adv_warmup_epochs", "kl_warmup_epochs"):
             if getattr(self, name) is not None:
                 _non_negative(**{name: getattr(self, name)})
@@ -122,8 +209,23 @@ class IntegrationConfig:
             raise InputError(f"--dropout must be in [0, 1) (got {self.dropout}).")
         if not 0.0 <= self.val_fraction < 0.5:
             raise InputError(f"--val-fraction must be in [0, 0.5) (got {self.val_fraction}).")
-        if self.max_epochs is not None:
-            _positive(max_epochs=self.max_epochs)
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"confounder": ConfounderConfig,
+                                         "integrate": IntegrationConfig}
+
+SEED_PRESET = dict(batch_size=32, lr=1e-3, lr_generator=None, outer_iterations=10,
+                   predictor_epochs=1, generator_epochs=1, intercept=False, z_type="binary",
+                   nb_weight=1.0, patience=0, lr_final_fraction=1.0, size_factors="none",
+                   warm_start=False, z_dim=1, preset="seed")
+
+
+def make_config(mode: str, **options) -> TrainConfig:
+    """A mode's config from its defaults, a preset (confounder ``preset='seed'``), then the
+    explicit options, which win. Unknown options are a TypeError, as for any dataclass."""
+    cls = CONFIGS[mode]
+    base = cls(**SEED_PRESET) if mode == "confounder" and options.get("preset") == "seed" else cls()
+    return replace(base, **options)
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
@@ -134,6 +236,10 @@ def config_from_dict(cls, d: dict[str, Any]):
     """Rebuild a config from a model file, ignoring keys this version does not know."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def default_of(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def _option(name: str) -> str:

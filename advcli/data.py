@@ -8,6 +8,7 @@ Counts are checked in row blocks so a backed (on-disk) file is never loaded whol
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -439,3 +440,66 @@ def minibatches(n: int, batch_size: int, generator, shuffle: bool = True) -> lis
 
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     return list(order.split(batch_size))
+
+
+def balanced_minibatches(train_idx: list, per_domain: int, steps: int, generator) -> list:
+    """One epoch of domain-balanced minibatches: ``per_domain`` cells of every domain per step,
+    smaller domains cycled (reshuffled each cycle) until the largest has been seen once."""
+    import torch
+
+    parts = []
+    for cells in train_idx:
+        need = steps * per_domain
+        reps = math.ceil(need / len(cells))
+        order = torch.cat([cells[torch.randperm(len(cells), generator=generator)]
+                           for _ in range(reps)])[:need]
+        parts.append(order.view(steps, per_domain))
+    return [torch.cat([p[s] for p in parts]) for s in range(steps)]
+
+
+def stratified_split(domain: np.ndarray, names: Sequence[str], val_fraction: float,
+                     batch_size: int, seed: int, key: str):
+    """Seeded, domain-stratified train / validation split: (training cells per domain,
+    validation cells, cells per domain in a minibatch). Every domain must fill its share of a
+    minibatch."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    per_domain = max(1, batch_size // len(names))
+    train, val = [], []
+    for k, name in enumerate(names):
+        cells = rng.permutation(np.flatnonzero(domain == k))
+        n_val = int(round(val_fraction * len(cells)))
+        if len(cells) - n_val < per_domain:
+            raise InputError(
+                f"Domain '{name}' of obs['{key}'] has {len(cells)} cells, fewer than one "
+                f"minibatch needs ({per_domain} training cells per domain at --batch-size "
+                f"{batch_size} with {len(names)} domains). Lower --batch-size or leave this "
+                "domain out.")
+        train.append(torch.from_numpy(cells[n_val:]))
+        val.append(cells[:n_val])
+    return train, torch.from_numpy(np.sort(np.concatenate(val))), per_domain
+
+
+def in_file_order(adata, genes: Sequence[str], values: np.ndarray) -> np.ndarray:
+    """Per-gene outputs in the model's gene order, placed at the file's columns; genes the
+    model does not know are NaN."""
+    full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    full[:, gene_order(adata, genes)] = values
+    return full
+
+
+def per_cell_frame(adata, written: list[str]) -> pd.DataFrame:
+    """One row per cell: every per-cell column that predict wrote (obs columns and obsm
+    matrices)."""
+    frame = pd.DataFrame(index=adata.obs_names)
+    for key in written:
+        if key.startswith("obs['"):
+            name = key[5:-2]
+            frame[name] = adata.obs[name].to_numpy()
+        elif key.startswith("obsm['"):
+            name = key[6:-2]
+            values = np.asarray(adata.obsm[name])
+            for j in range(values.shape[1]):
+                frame[f"{name}_{j}"] = values[:, j]
+    return frame

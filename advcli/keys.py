@@ -40,7 +40,7 @@ DECODED_AS = "decoded_as_"  # layers['decoded_as_<domain>'] from predict --decod
 MODES = ("confounder", "integrate")
 
 # Model file
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-epoch history records and a resumable training state
 MODEL_KEYS = ("format", "format_version", "version", "mode", "config", "genes", "encoding",
               "state", "history")
 MODEL_FORMAT = "advcli-model"

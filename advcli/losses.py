@@ -77,24 +77,28 @@ def domain_ce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, domain)
 
 
-def encoder_adversarial_loss(logits: torch.Tensor, domain: torch.Tensor, kind: str) -> torch.Tensor:
-    """What the encoders minimise to fool the discriminator (it is frozen or reversed elsewhere).
+def negce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    """Minus the discriminator's cross-entropy: the encoder maximises the discriminator's loss
+    (the zero-sum game that gradient reversal plays). Its gradient fades where the discriminator
+    is certain, which spares cell types that exist in one domain only."""
+    return -F.cross_entropy(logits, domain)
 
-    negce: -CE(true domain), i.e. maximise the discriminator's loss;
-    uniform: CE to the uniform distribution (minimal at p = 1/K, the "(0.5, 0.5)" target of two classes);
-    flip: CE to every wrong domain, as scvi-tools' adversarial classifier trains the encoder.
-    All three are zero-centred at the uniform prediction up to a constant, and decrease as the
-    discriminator's probability of the true domain falls.
-    """
+
+def uniform(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the uniform distribution, minus its minimum: zero at p = 1/K."""
+    return -F.log_softmax(logits, dim=1).mean(dim=1).mean() - math.log(logits.shape[1])
+
+
+def flip(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to every wrong domain, as scvi-tools' adversarial classifier trains its
+    encoder."""
     log_p = F.log_softmax(logits, dim=1)
-    n_domains = logits.shape[1]
-    if kind == "negce":
-        return -F.nll_loss(log_p, domain)
-    if kind == "uniform":
-        return -log_p.mean(dim=1).mean() - math.log(n_domains)
-    if kind == "flip":
-        wrong = torch.ones_like(log_p)
-        wrong.scatter_(1, domain[:, None], 0.0)
-        wrong = wrong / wrong.sum(dim=1, keepdim=True)
-        return -(wrong * log_p).sum(dim=1).mean()
-    raise ValueError(f"unknown adversarial loss {kind!r}")
+    wrong = torch.ones_like(log_p)
+    wrong.scatter_(1, domain[:, None], 0.0)
+    wrong = wrong / wrong.sum(dim=1, keepdim=True)
+    return -(wrong * log_p).sum(dim=1).mean()
+
+
+# What an encoder minimises to fool a discriminator, by --adv-loss name; each decreases as the
+# discriminator's probability of the true class falls. A new loss is one function and one entry.
+ADV_LOSSES = {"negce": negce, "uniform": uniform, "flip": flip}

@@ -1,4 +1,5 @@
-"""Network pieces. Each module does one job; strategies decide which of them learn in a step."""
+"""Network pieces shared by the models. Each module does one job; the model files wire them
+into players, and strategies decide which players learn in a step."""
 
 from __future__ import annotations
 
@@ -133,54 +134,7 @@ class NBRegression(nn.Module):
         return out if offset is None else out + offset[:, None]
 
 
-class ConfounderNet(nn.Module):
-    """The three confounder-mode modules and their wiring: generator -> Z -> both heads."""
-
-    def __init__(self, generator: ZGenerator, classifier: TreatmentClassifier,
-                 nb: NBRegression, z_type: str):
-        super().__init__()
-        self.generator, self.classifier, self.nb = generator, classifier, nb
-        self.z_type = z_type
-
-    @property
-    def x_dim(self) -> int:
-        """Covariate columns, read off the classifier (which sees [X, Z])."""
-        return self.classifier.linear.in_features - self.generator.net[-1].out_features
-
-    def z(self, x, d, y, offset=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z the heads consume, Z probability)."""
-        logits = self.generator(x, d, y, offset)
-        return represent_z(logits, self.z_type, temperature, self.training), torch.sigmoid(logits)
-
-    def heads(self, x, d, z, offset=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D logit, log mean of Y)."""
-        return (self.classifier(torch.cat([x, z], dim=1)),
-                self.nb(torch.cat([x, d[:, None], z], dim=1), offset))
-
-
 # ---------------------------------------------------------------- integrate mode
-
-
-class GradReverseFn(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by -lambda backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, lambd: float) -> torch.Tensor:
-        ctx.lambd = float(lambd)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        return -ctx.lambd * grad_output, None
-
-
-class GradientReversal(nn.Module):
-    def __init__(self, lambd: float = 1.0):
-        super().__init__()
-        self.lambd = lambd
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return GradReverseFn.apply(x, self.lambd)
 
 
 class Encoder(nn.Module):
@@ -256,10 +210,3 @@ class DomainDiscriminator(nn.Module):
         else:
             center, spread = self.center, self.spread
         return self.net((z_mean - center) / spread)
-
-
-def set_trainable(module: nn.Module, trainable: bool) -> None:
-    """Freeze (requires_grad False) or unfreeze a module's parameters; gradients still flow
-    through a frozen module to the modules before it."""
-    for p in module.parameters():
-        p.requires_grad_(trainable)

@@ -1,193 +1,222 @@
-"""Training loops: epochs, history, early stopping and the per-epoch progress callback.
+"""The one training loop of every model: sample -> step -> log -> validate / stop -> checkpoint.
 
-Read top to bottom: get a batch, run the strategy's epoch, log, check the budget.
+The model supplies the pieces (``schedule()``, ``batches()``, ``batch()``, ``validate()``); a
+strategy performs the steps. The schedule is a Python generator: it yields an ``EpochPlan`` (who
+learns, the weights the objective reads, a learning-rate scale) and receives the epoch's record
+back, which is how early stopping and alternating phases decide what comes next. Because the
+schedule depends only on the configuration and the records, a resumed run replays the saved
+records into a fresh schedule and continues exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+import random
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
-from . import losses
-from .config import ConfounderConfig
-from .data import minibatches
-from .nn import ConfounderNet, NBRegression, TreatmentClassifier
-from .strategies import AlternatingFreeze, Baselines, JointUpdate
+from .strategies import Strategy, TrainingDiverged
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-BASELINE_EPOCHS = 10
-WARM_START_EPOCHS = 5  # the generator learns the residual-factor start
-FIRST_HEAD_EPOCHS = 10  # the heads fit [X, D, start Z] before the generator first moves
-WARM_START_SCALE = 3.0  # start logits at +-3 per sd of the factor: a clear split, not saturated
 
 
-def planned_confounder_epochs(cfg: ConfounderConfig) -> int:
-    """Passes over the data the configuration asks for (an upper bound with early stopping)."""
-    t = cfg.outer_iterations
-    if cfg.strategy == "joint":
-        planned = t * cfg.generator_epochs
-    else:
-        planned = math.ceil(t / 2) * cfg.predictor_epochs + (t // 2) * cfg.generator_epochs
-        if t % 2 == 0:
-            planned += cfg.predictor_epochs  # the heads are refit to the final Z
-    if cfg.dbpr_weight > 0:
-        planned += BASELINE_EPOCHS
-    if cfg.warm_start:
-        planned += WARM_START_EPOCHS
-        if cfg.strategy == "alternating":
-            planned += max(FIRST_HEAD_EPOCHS - cfg.predictor_epochs, 0)
-    return min(planned, cfg.max_epochs) if cfg.max_epochs else planned
+@dataclass
+class EpochPlan:
+    """One epoch: the players that learn, what the objective reads (``ctx``), and a factor on
+    every optimizer's base learning rate. ``log`` values are stored in the history;
+    ``fresh_optimizers`` forget their state before the epoch."""
+
+    players: tuple[str, ...]
+    ctx: dict = field(default_factory=dict)
+    lr_scale: float = 1.0
+    log: dict = field(default_factory=dict)
+    fresh_optimizers: tuple[str, ...] = ()
 
 
-def temperature_at(cfg: ConfounderConfig, outer: int) -> float:
-    """Gumbel temperature, annealed geometrically from start to end over the outer iterations."""
-    if cfg.outer_iterations <= 1:
-        return cfg.temperature_end
-    frac = (outer - 1) / (cfg.outer_iterations - 1)
-    return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** frac
+@dataclass
+class TrainState:
+    """Where a run is: the finished epochs' records, the epoch in progress (steps done, partial
+    sums, the batch sampler's state when the epoch began) and every random state."""
+
+    records: list[dict] = field(default_factory=list)
+    step: int = 0
+    sums: dict = field(default_factory=dict)
+    sampler_rng: torch.Tensor | None = None
+    rng: dict | None = None
+    finished: bool = False
+
+    def to_payload(self) -> dict:
+        return {"records": self.records, "step": self.step, "sums": self.sums,
+                "sampler_rng": self.sampler_rng, "rng": self.rng, "finished": self.finished}
+
+    @classmethod
+    def from_payload(cls, d: dict) -> "TrainState":
+        return cls(records=list(d["records"]), step=int(d["step"]), sums=dict(d["sums"]),
+                   sampler_rng=d["sampler_rng"], rng=d["rng"], finished=bool(d["finished"]))
 
 
-def fit_baselines(x_dim: int, get_batch, n: int, cfg: ConfounderConfig, generator,
-                  theta: torch.Tensor) -> tuple[Baselines, int]:
-    """Fit [X] -> D and [X, D] -> Y once, for the DBPR reward; return them and the epochs used."""
-    classifier = TreatmentClassifier(x_dim, cfg.intercept).to(theta.device)
-    nb = NBRegression(x_dim + 1, theta.numel(), cfg.intercept,
-                      fixed_alpha=(1.0 / theta).detach()).to(theta.device)
-    opt = torch.optim.Adam(list(classifier.parameters()) + list(nb.parameters()), lr=cfg.lr)
-    for _ in range(BASELINE_EPOCHS):
-        for idx in minibatches(n, cfg.batch_size, generator):
-            xb, db, yb, off = get_batch(idx)
-            loss = (losses.bce(classifier(xb), db)
-                    + losses.nb_nll(yb, nb(torch.cat([xb, db[:, None]], dim=1), off), nb.theta))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    for module in (classifier, nb):
-        module.requires_grad_(False)
-        module.eval()
-    return Baselines(classifier, nb), BASELINE_EPOCHS
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM during training; the resumable state was handed to the checkpoint."""
+
+    def __init__(self, signum: int, epoch: int, saved: bool):
+        super().__init__(f"interrupted by signal {signum} in epoch {epoch}")
+        self.signum, self.epoch, self.saved = signum, epoch, saved
 
 
-def warm_start(net: ConfounderNet, n: int, get_batch: Callable, start: torch.Tensor,
-               cfg: ConfounderConfig, generator: torch.Generator) -> list[float]:
-    """Teach the generator to output the residual factors ``start`` (n x k, standardised): Z
-    begins at the main axes of Y that [X, D] leave unexplained, one different axis per column,
-    instead of at a random direction that can saturate. Returns the MSE per epoch."""
-    scale = 1.0 if cfg.z_type == "continuous" else WARM_START_SCALE
-    opt = torch.optim.Adam(net.generator.parameters(), lr=cfg.lr)
-    record = []
-    for _ in range(WARM_START_EPOCHS):
-        total = 0.0
-        for idx in minibatches(n, cfg.batch_size, generator):
-            x, d, y, off = get_batch(idx)
-            target = start[idx.to(start.device)] * scale
-            loss = torch.nn.functional.mse_loss(net.generator(x, d, y, off), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        record.append(total / n)
-    return record
+class DivergedAt(RuntimeError):
+    """Training diverged: the epoch, the loss term and what to try."""
+
+    def __init__(self, epoch: int, term: str, value: float):
+        super().__init__(f"Training diverged in epoch {epoch}: {term} became {value}.")
+        self.epoch, self.term, self.value = epoch, term, value
 
 
-def train_confounder(net: ConfounderNet, n: int, get_batch: Callable, cfg: ConfounderConfig,
-                     weights: dict[str, float], on_epoch: EpochCallback | None = None,
-                     start: torch.Tensor | None = None) -> tuple[dict, int, dict]:
-    """Train ``net`` in place; return (history, epochs used, optimizer states).
+def rng_state() -> dict:
+    """Every random state a training step may draw from."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
 
-    With ``start`` (residual factors) the generator is first taught to output them, and the
-    first head phase runs up to FIRST_HEAD_EPOCHS so the heads fit before Z moves.
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class _SignalFlag:
+    """While training, SIGINT and SIGTERM set a flag that the loop reads between steps, so the
+    state it saves is consistent; a second signal interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | None = None,
+        checkpoint: Callable[[TrainState], None] | None = None, checkpoint_every: int = 0
+        ) -> TrainState:
+    """Run (or continue) ``model``'s schedule with ``strategy``; return the final state.
+
+    ``checkpoint(state)`` is called every ``checkpoint_every`` epochs and on SIGINT / SIGTERM,
+    which then raise TrainingInterrupted. A non-finite loss or parameter raises DivergedAt
+    before any optimizer step takes it in.
     """
-    generator = torch.Generator().manual_seed(cfg.seed)
-    strategy_cls = JointUpdate if cfg.strategy == "joint" else AlternatingFreeze
-    strategy = strategy_cls(net, cfg.lr, cfg.lr_generator or cfg.lr, cfg.weight_decay)
-    budget = cfg.max_epochs or planned_confounder_epochs(cfg)
-    history: dict[str, dict[str, list]] = {"predictor": {"epoch": [], "outer": []},
-                                           "generator": {"epoch": [], "outer": []}}
-    epochs = 0
+    module = model.module
+    schedule: Iterator[EpochPlan] = model.schedule()
+    plan = next(schedule, None)
+    for record in state.records:  # replay: the schedule reaches the epoch in progress
+        plan = _send(schedule, record)
+    if state.rng is None:
+        torch.manual_seed(model.training_seed)
+        state.rng = rng_state()
+    set_rng_state(state.rng)
+    sampler = torch.Generator()
+    if state.sampler_rng is None:
+        sampler.manual_seed(model.training_seed)
+    else:
+        sampler.set_state(state.sampler_rng)
 
-    def log(phase: str, outer: int, record: dict[str, float]) -> None:
-        nonlocal epochs
-        epochs += 1
-        table = history[phase]
-        table["epoch"].append(epochs)
-        table["outer"].append(outer)
-        for k, v in record.items():
-            table.setdefault(k, []).append(float(v))
-        if on_epoch is not None:
-            on_epoch(epochs, {k: v for k, v in record.items() if k in ("bce", "nb", "total")})
-
-    baselines = None
-    if weights["dbpr"] > 0:
-        baselines, used = fit_baselines(net.x_dim, get_batch, n, cfg, generator,
-                                        net.nb.theta.detach())
-        epochs += used
-
-    net.train()
-    if start is not None:
-        history["warm_start"] = {"mse": warm_start(net, n, get_batch, start, cfg, generator)}
-        epochs += WARM_START_EPOCHS
-    head_budget = cfg.predictor_epochs if cfg.strategy == "alternating" else 0
-    last_phase = None
-    base_lr = {id(opt): [g["lr"] for g in opt.param_groups] for opt in strategy.optimizers().values()}
-    for outer in range(1, cfg.outer_iterations + 1):
-        temperature = temperature_at(cfg, outer)
-        frac = (outer - 1) / max(cfg.outer_iterations - 1, 1)
-        scale = 1.0 - (1.0 - cfg.lr_final_fraction) * frac  # linear decay to the final fraction
-        for opt in strategy.optimizers().values():
-            for group, lr in zip(opt.param_groups, base_lr[id(opt)]):
-                group["lr"] = lr * scale
-        if cfg.strategy == "joint":
-            for _ in range(cfg.generator_epochs):
-                if epochs >= budget:
-                    break
-                log("generator", outer, strategy.joint_epoch(
-                    minibatches(n, cfg.batch_size, generator), get_batch, temperature, weights,
-                    baselines))
-        elif outer % 2 == 1:
-            _head_phase(strategy, n, get_batch, cfg, generator, temperature, outer, log,
-                        lambda: epochs < budget,
-                        max(cfg.predictor_epochs, FIRST_HEAD_EPOCHS)
-                        if outer == 1 and cfg.warm_start else cfg.predictor_epochs)
-            last_phase = "heads"
-        else:
-            if epochs >= budget - head_budget:
-                break
-            for _ in range(cfg.generator_epochs):
-                if epochs >= budget - head_budget:
-                    break
-                log("generator", outer, strategy.generator_epoch(
-                    minibatches(n, cfg.batch_size, generator), get_batch, temperature, weights,
-                    baselines))
-            last_phase = "generator"
-        if epochs >= budget:
-            break
-    if last_phase == "generator":  # refit the heads to the generator's final Z
-        _head_phase(strategy, n, get_batch, cfg, generator, temperature_at(cfg, cfg.outer_iterations),
-                    cfg.outer_iterations + 1, log, lambda: epochs < max(budget, 1),
-                    cfg.predictor_epochs)
-    net.eval()
-    optim_state = {k: opt.state_dict() for k, opt in strategy.optimizers().items()}
-    return history, epochs, optim_state
+    with _SignalFlag() as flag:
+        while plan is not None:
+            epoch = len(state.records) + 1
+            if state.step == 0:
+                state.sampler_rng = sampler.get_state()
+                strategy.reset(plan.fresh_optimizers)
+            else:  # resuming mid-epoch: draw the same batches again
+                sampler.set_state(state.sampler_rng)
+            strategy.scale_lr(plan.lr_scale)
+            batches = model.batches(sampler)
+            module.train()
+            for idx in batches[state.step:]:
+                try:
+                    step_record = strategy.step(model.batch(idx), plan.players, plan.ctx)
+                except TrainingDiverged as exc:
+                    raise DivergedAt(epoch, exc.term, exc.value) from None
+                for k, v in step_record.items():
+                    state.sums[k] = state.sums.get(k, 0.0) + v
+                state.step += 1
+                if flag.signum is not None:
+                    state.rng = rng_state()
+                    if checkpoint is not None:
+                        checkpoint(state)
+                    raise TrainingInterrupted(flag.signum, epoch, checkpoint is not None)
+            _check_parameters(module, epoch)
+            record = {k: v / max(state.step, 1) for k, v in state.sums.items()}
+            record.update(model.validate())
+            record.update(plan.log)
+            record["epoch"] = epoch
+            state.records.append(record)
+            state.step, state.sums = 0, {}
+            state.sampler_rng = sampler.get_state()
+            if on_epoch is not None:
+                on_epoch(epoch, record)
+            plan = _send(schedule, record)
+            state.rng = rng_state()
+            if plan is None:
+                state.finished = True
+            if checkpoint is not None and checkpoint_every and epoch % checkpoint_every == 0:
+                checkpoint(state)
+            if flag.signum is not None and plan is not None:
+                if checkpoint is not None:
+                    checkpoint(state)
+                raise TrainingInterrupted(flag.signum, epoch, checkpoint is not None)
+    module.eval()
+    state.finished = True
+    return state
 
 
-def _head_phase(strategy, n, get_batch, cfg, generator, temperature, outer, log, may_continue,
-                max_epochs: int):
-    """Train the heads for up to ``max_epochs``, stopping when neither loss improves by 0.1%
-    for ``patience`` epochs (patience 0: always run them all)."""
-    best = {"bce": math.inf, "nb": math.inf}
-    stale = 0
-    for _ in range(max_epochs):
-        if not may_continue():
-            break
-        record = strategy.head_epoch(minibatches(n, cfg.batch_size, generator), get_batch,
-                                     temperature)
-        log("predictor", outer, record)
-        improved = any(record[k] < best[k] - 1e-3 * abs(best[k]) for k in best
-                       if math.isfinite(best[k])) or not math.isfinite(best["bce"])
-        best = {k: min(best[k], record[k]) for k in best}
-        stale = 0 if improved else stale + 1
-        if cfg.patience and stale >= cfg.patience:
-            break
+def _send(schedule: Iterator[EpochPlan], record: dict) -> EpochPlan | None:
+    try:
+        return schedule.send(record)
+    except StopIteration:
+        return None
+
+
+def _check_parameters(module: torch.nn.Module, epoch: int) -> None:
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p).all():
+            raise DivergedAt(epoch, f"parameter {name}", float("nan"))
+
+
+def history_table(records: list[dict]) -> dict[str, list]:
+    """Per-epoch records as columns (NaN where an epoch did not log a value): what model files
+    store and the loss-curve plots read."""
+    names: list[str] = []
+    for r in records:
+        names += [k for k in r if k not in names]
+    return {k: [r.get(k, math.nan) for r in records] for k in names}
+
+
+def history_records(table: dict[str, list]) -> list[dict]:
+    """The inverse of ``history_table`` (NaN entries dropped)."""
+    n = len(next(iter(table.values()), []))
+    return [{k: v[i] for k, v in table.items()
+             if not (isinstance(v[i], float) and math.isnan(v[i]))} for i in range(n)]

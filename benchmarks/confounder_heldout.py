@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from advcli.api import ConfounderModel
+from advcli import ConfounderModel
 from advcli.data import CovariateEncoding
 from advcli.effects import treatment_effects
 

@@ -17,7 +17,7 @@ import anndata as ad
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from advcli.api import ConfounderModel
+from advcli import ConfounderModel
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ISG = ["ISG15", "IFI6", "IFI27", "IFIT1", "IFIT2", "IFIT3", "IFI44", "IFI44L", "MX1", "MX2", "OAS1",

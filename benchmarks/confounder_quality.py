@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from advcli.api import ConfounderModel
+from advcli import ConfounderModel
 from advcli.data import CovariateEncoding, default_covariate_keys
 from advcli.effects import nb_glm
 from advcli.metrics import columnwise_pearson, match_latents

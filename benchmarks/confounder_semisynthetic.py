@@ -134,7 +134,7 @@ def run_one(args) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
-    from advcli.api import ConfounderModel
+    from advcli import ConfounderModel
     from advcli.data import CovariateEncoding
     from advcli.effects import treatment_effects
 

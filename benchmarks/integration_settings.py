@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import torch
 
-from advcli.integrate import IntegrationModel
+from advcli import IntegrationModel
 from advcli.metrics import integration_metrics
 
 SHOWN = ("ilisi", "batch_asw", "label_asw", "ari", "bio_score", "batch_score", "overall_score")

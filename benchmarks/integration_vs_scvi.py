@@ -23,7 +23,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from advcli.integrate import IntegrationModel
+from advcli import IntegrationModel
 from advcli.metrics import integration_metrics
 from advcli.simulate import IntegrationSimulation, simulate_integration
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from advcli.api import MAX_RESTARTS, ConfounderModel
+from advcli.models.confounder import MAX_RESTARTS, ConfounderModel
 from conftest import SAMPLE
 
 
@@ -20,18 +20,19 @@ def test_heads_start_at_the_genes_log_means(sample):
     lib = counts.sum(1)
     sf = np.exp(np.log(lib) - np.log(lib).mean())
     expected = np.log(counts.sum(0) / sf.sum())
-    bias = model.net.nb.linear.bias.detach().numpy()
+    bias = model.module.nb.linear.bias.detach().numpy()
     np.testing.assert_allclose(bias, expected, rtol=1e-4, atol=1e-4)
-    assert torch.all(model.net.nb.linear.weight == 0)
+    assert torch.all(model.module.nb.linear.weight == 0)
 
 
 def test_warm_start_puts_z_on_the_residual_factor(sample):
     model = ConfounderModel(sample, z_dim=1, outer_iterations=1)
     model.train()
     z = model.predict_training_z()[:, 0]
-    start = model._start[:, 0]
+    start = model._start[:, 0].cpu().numpy()
     assert abs(np.corrcoef(z, start)[0, 1]) > 0.8
-    assert "warm_start" in model.history_ and len(model.history_["warm_start"]["mse"]) == 5
+    phases = [r["phase"] for r in model.train_state_.records]
+    assert phases[:5] == ["warm_start"] * 5 and phases[5] == "heads"
 
 
 def test_factor_count_is_one_on_a_one_factor_simulation(sample):
@@ -42,7 +43,7 @@ def test_collapse_triggers_a_restart_with_a_lower_rate(sample, monkeypatch):
     calls = []
 
     def collapsed_once(self, z):
-        calls.append(self.net)
+        calls.append(self.module)
         return [0] if len(calls) == 1 else []
 
     monkeypatch.setattr(ConfounderModel, "_collapsed", collapsed_once)

@@ -53,10 +53,10 @@ def test_fit_json_has_the_spec_fields(fitted):
     out = json.loads(fitted["fit"].stdout)
     for key in ("mode", "n_cells", "n_genes", "epochs", "train_seconds", "final_losses"):
         assert key in out
-    from advcli.api import confounder_config
-    from advcli.train import planned_confounder_epochs
+    from advcli.config import make_config
+    from advcli.models.confounder import planned_confounder_epochs
 
-    planned = planned_confounder_epochs(confounder_config(outer_iterations=6))
+    planned = planned_confounder_epochs(make_config("confounder", outer_iterations=6))
     assert out["mode"] == "confounder" and out["n_cells"] == 300
     assert 7 < out["epochs"] <= planned  # warm start and first head fit counted
     assert "corr_z_d" in out and "corr_z_covariates" in out
@@ -64,10 +64,12 @@ def test_fit_json_has_the_spec_fields(fitted):
 
 def test_model_file_loads_with_weights_only(fitted):
     payload = torch.load(fitted["model"], weights_only=True)
-    assert payload["mode"] == "confounder" and payload["format_version"] == 1
+    assert payload["mode"] == "confounder" and payload["format_version"] == 2
     assert len(payload["genes"]) == 30 and payload["version"] == __version__
     hist = payload["history"]
-    assert {"bce", "nb", "total"} <= set(hist["generator"]) and {"bce", "nb"} <= set(hist["predictor"])
+    assert {"epoch", "phase", "bce", "nb", "total"} <= set(hist)
+    assert {"warm_start", "heads", "generator"} == set(hist["phase"])
+    assert len(hist["epoch"]) == len(hist["bce"]) == payload["summary"]["epochs"]
 
 
 def test_predict_writes_every_confounder_key_in_row_order(fitted, confounder_file):
@@ -242,7 +244,7 @@ def test_bundled_sample_data_is_small_and_valid():
 
 
 def test_loaded_model_can_be_saved_again(fitted, tmp_path):
-    from advcli.api import ConfounderModel
+    from advcli import ConfounderModel
 
     model = ConfounderModel.load(fitted["model"])
     model.save(tmp_path / "again.pt")
@@ -356,13 +358,13 @@ def test_sample_key_tests_pseudobulk(tmp_path, invoke, write):
 
 
 def test_python_treatment_effects_and_loaded_model(fitted, confounder_file):
-    from advcli.api import ConfounderModel
+    from advcli import ConfounderModel
 
     adata = ad.read_h5ad(confounder_file)
     loaded = ConfounderModel.load(fitted["model"])
     table = loaded.treatment_effects(adata)
     assert len(table) == adata.n_vars and np.isfinite(table["effect_adjusted"]).any()
-    with pytest.raises(Exception, match="pass the AnnData"):
+    with pytest.raises(Exception, match="needs the AnnData"):
         loaded.treatment_effects()
 
 

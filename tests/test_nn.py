@@ -1,6 +1,6 @@
 import torch
 
-from advcli.nn import Encoder, GradientReversal, represent_z, straight_through
+from advcli.nn import Encoder, represent_z, straight_through
 
 
 def test_straight_through_forward_is_binary_and_gradient_is_sigmoids():
@@ -24,16 +24,6 @@ def test_represent_z_types():
     assert a.std() > 0 and ((a > 0) & (a < 1)).all()
     sharp = represent_z(logits, "gumbel", 0.1, False)
     assert torch.allclose(sharp, torch.sigmoid(logits / 0.1))
-
-
-def test_gradient_reversal_flips_and_scales_gradient_keeps_forward():
-    x = torch.randn(5, 3, requires_grad=True)
-    layer = GradientReversal(lambd=0.7)
-    y = layer(x)
-    assert torch.equal(y, x)
-    w = torch.randn(5, 3)
-    (y * w).sum().backward()
-    assert torch.allclose(x.grad, -0.7 * w)
 
 
 def test_encoder_dropout_acts_in_training_only():

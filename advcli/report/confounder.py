@@ -1,76 +1,34 @@
-"""`diagnose`: turn a prediction file into metrics, tables and plots a biologist can read.
-
-Everything is written to a staging folder first and moved into REPORT_DIR file by file, each by
-an atomic rename, so REPORT_DIR never holds a half-written file.
-"""
+"""The confounder report: Z-hat against a known truth, per-gene fits, the treatment effects."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import keys
-from .data import (CovariateEncoding, encode_treatment, load_counts, read_h5ad, sample_labels,
-                   size_factors)
-from .errors import InputError
-from .io import load_model, plain
+from .. import keys
+from ..data import (CovariateEncoding, encode_treatment, load_counts, sample_labels,
+                    size_factors)
+from ..errors import InputError
+from .plots import loss_curves, pyplot
 
-
-def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
-             label_key: str = keys.CELL_TYPE, batch_key: str | None = None) -> dict[str, Any]:
-    """Write the report for ``predicted`` into ``out_dir``; return the summary (also summary.json)."""
-    adata = read_h5ad(predicted)
-    meta = adata.uns.get(keys.UNS, {})
-    info = meta.get(keys.PREDICT) if isinstance(meta, dict) else None
-    if not isinstance(info, dict) or "mode" not in info:
-        raise InputError(f"'{predicted}' has no uns['{keys.UNS}']['{keys.PREDICT}'] record: run "
-                         "`advcli predict` first and diagnose its output.")
-    mode = str(info["mode"])
-    payload = load_model(model_path, mode=mode) if model_path is not None else None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".advcli-report-", dir=out_dir))
-    try:
-        if mode == "confounder":
-            summary = confounder_report(adata, staging, payload)
-        else:
-            from .integrate_report import integration_report
-
-            summary = integration_report(adata, staging, payload, label_key, batch_key)
-        summary = {"mode": mode, "input": str(predicted), **summary}
-        summary["files"] = sorted(p.name for p in staging.iterdir()) + ["summary.json"]
-        (staging / "summary.json").write_text(json.dumps(plain(summary, json_safe=True), indent=2))
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in staging.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+LOSS_PANELS = [
+    {"title": "Generator phase: BCE, NB (per gene) and weighted total", "ylabel": "loss",
+     "phases": ("generator", "joint"), "symlog": True,
+     "series": [("total", "total (weighted)"), ("bce", "BCE"), ("nb", "NB")]},
+    {"title": "Head phase", "ylabel": "loss", "phases": ("heads",),
+     "series": [("bce", "BCE (classifier)"), ("nb", "NB (per gene)")]},
+]
 
 
 # ---------------------------------------------------------------- confounder mode
 
 
 def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, Any]:
-    from .metrics import auroc_matched, columnwise_pearson, match_latents, ols_line
+    from ..metrics import auroc_matched, columnwise_pearson, match_latents, ols_line
 
     for key, where in ((keys.Z_HAT, adata.obsm), (keys.Z_PROB, adata.obsm)):
         if key not in where:
@@ -84,7 +42,7 @@ def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, An
     metrics: dict[str, Any] = {}
     notes: list[str] = []
     headline: dict[str, Any] = {}
-    plt = _plt()
+    plt = pyplot()
 
     if keys.Z_TRUE in adata.obsm:
         z_true = np.asarray(adata.obsm[keys.Z_TRUE], dtype=float)
@@ -124,7 +82,7 @@ def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, An
         notes.append(f"No obs['{keys.LOGIT_D_TRUE}']: the D-logit plot is skipped.")
 
     if payload is not None:
-        _loss_curves(plt, payload["history"], folder / "loss_curves.png")
+        loss_curves(payload["history"], LOSS_PANELS, folder / "loss_curves.png", notes)
     else:
         notes.append("No --model given: loss_curves.png needs the model file's history.")
 
@@ -136,7 +94,7 @@ def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, An
 
 
 def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
-    from .effects import treatment_effects
+    from ..effects import treatment_effects
 
     inputs = adata.uns.get(keys.UNS, {}).get(keys.CONFOUNDER_INPUTS)
     if not isinstance(inputs, dict):
@@ -258,33 +216,6 @@ def _d_logit_plot(plt, true, pred, path, line):
     ax.set_ylabel("predicted logit of D")
     r_text = "undefined (true logit constant)" if not np.isfinite(r) else f"{r:.3f}"
     ax.set_title(f"Predicted vs true D logits: r = {r_text}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _loss_curves(plt, history, path):
-    gen = history.get("generator", {})
-    pred = history.get("predictor", {})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    if gen.get("epoch"):
-        for name, style in (("total", "-"), ("bce", "--"), ("nb", ":")):
-            if gen.get(name):
-                ax.plot(gen["epoch"], gen[name], ls=style, label=name.upper() if name != "total"
-                        else "total (weighted)")
-        ax.set_yscale("symlog")
-    ax.set_xlabel("epoch (all phases counted)")
-    ax.set_ylabel("loss")
-    ax.set_title("Generator phase: BCE, NB (per gene) and weighted total")
-    ax.legend()
-    ax = axes[1]
-    if pred.get("epoch"):
-        ax.plot(pred["epoch"], pred["bce"], "--", label="BCE (classifier)")
-        ax.plot(pred["epoch"], pred["nb"], ":", label="NB (per gene)")
-    ax.set_xlabel("epoch (all phases counted)")
-    ax.set_title("Head phase")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

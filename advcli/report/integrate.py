@@ -8,13 +8,19 @@ from typing import Any
 
 import numpy as np
 
-from . import keys
-from .data import obs_column
-from .errors import InputError
-from .metrics import UNMIXED_ILISI, integration_metrics
-from .io import plain
-from .report import _plt
+from .. import keys
+from ..data import obs_column
+from ..errors import InputError
+from ..metrics import UNMIXED_ILISI, integration_metrics
+from ..io import plain
+from .plots import loss_curves, pyplot
 
+LOSS_PANELS = [
+    {"title": "Reconstruction + KL", "ylabel": "negative ELBO per cell",
+     "series": [("elbo", "train -ELBO"), ("val_elbo", "validation -ELBO")]},
+    {"title": "Adversary (mixing: CE up, accuracy toward chance)", "ylabel": "",
+     "series": [("disc_ce", "discriminator CE"), ("disc_acc", "discriminator accuracy")]},
+]
 MAP_CELLS = 5000  # t-SNE is drawn on a seeded subsample above this many cells
 
 
@@ -38,11 +44,11 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         raise InputError(f"obs['{batch_key}'] has a single domain; mixing cannot be measured.")
     metrics = integration_metrics(embedding, batch, labels)
     (folder / "integration_metrics.json").write_text(json.dumps(plain(metrics, json_safe=True), indent=2))
-    plt = _plt()
+    plt = pyplot()
     _embedding_plot(plt, embedding, batch, labels, batch_key, label_key,
                     folder / "embedding.png")
     if payload is not None:
-        _loss_curves(plt, payload["history"], folder / "loss_curves.png")
+        loss_curves(payload["history"], LOSS_PANELS, folder / "loss_curves.png", notes)
     else:
         notes.append("No --model given: loss_curves.png needs the model file's history.")
     if metrics.get("ilisi", 1.0) < UNMIXED_ILISI:
@@ -81,26 +87,6 @@ def _embedding_plot(plt, embedding, batch, labels, batch_key, label_key, path):
         ax.set_title(f"t-SNE of X_advcli, {title}")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _loss_curves(plt, history, path):
-    epochs = history.get("epoch", [])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(epochs, history.get("elbo", []), label="train -ELBO")
-    if any(np.isfinite(history.get("val_elbo", [np.nan]))):
-        axes[0].plot(epochs, history["val_elbo"], label="validation -ELBO")
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("negative ELBO per cell")
-    axes[0].set_title("Reconstruction + KL")
-    axes[0].legend()
-    axes[1].plot(epochs, history.get("disc_ce", []), label="discriminator CE")
-    axes[1].plot(epochs, history.get("disc_acc", []), label="discriminator accuracy")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_title("Adversary (mixing: CE up, accuracy toward chance)")
-    axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

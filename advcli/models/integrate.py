@@ -1,0 +1,383 @@
+"""Integrate mode: VAEs over the domains, mixed in one latent space by a domain discriminator.
+
+    >>> model = advcli.IntegrationModel(adata, batch_key="batch")
+    >>> model.train()
+    >>> adata.obsm["X_advcli"] = model.get_latent_representation(adata)
+
+Players: the VAE (encoders, decoders, dispersions) minimises the negative ELBO plus the
+adversarial loss of the discriminator's verdict on its posterior means; the discriminator
+minimises its cross-entropy on those means. --adversary grl steps both at once; alternate
+lets them take turns (D-steps, then E-steps), each with the other frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .. import keys, losses
+from ..data import (CountRows, balanced_minibatches, encode_domains, gene_order,
+                    in_file_order, load_counts, set_uns, stratified_split, validate_counts)
+from ..errors import InputError
+from ..nn import Decoder, DomainDiscriminator, Encoder
+from ..strategies import constant_call
+from ..train import EpochPlan
+from .base import BaseModel, resolve_device
+
+TARGET_SUM = 1e4
+MIXING_CELLS = 5000
+DEFAULT_EPOCHS = 100  # passes over the data, as scVI's benchmarks train
+MIN_STEPS = 1500  # but at least this many optimizer steps: on a few hundred cells the adversary
+                  # needs steps, not epochs, to act
+
+
+def default_batch_size(n_cells: int) -> int:
+    """A power of two between 64 and 256 giving at least ~8 steps per epoch: on a few hundred
+    cells, batches of 256 leave two steps an epoch and the adversary too few steps to act."""
+    return int(min(256, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
+
+
+class PairedVAE(torch.nn.Module):
+    """The domains' VAEs, per-domain NB dispersions and the domain discriminator on the
+    posterior means.
+
+    ``paired``: one encoder and one decoder per domain, the original design's separate VAEs.
+    Otherwise (``shared``) one encoder for every cell and one decoder conditioned on the domain:
+    each domain's VAE is the shared pair seen with its own condition. Measured in
+    docs/integrate.md: with separate encoders each domain can move its whole cloud through one
+    bias vector, and the adversarial game chases instead of mixing.
+    """
+
+    def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_domains: int,
+                 likelihood: str, paired: bool = False, dropout: float = 0.0,
+                 adv_loss: str = "negce"):
+        super().__init__()
+        shared_decoder = not paired
+        self.encoders = torch.nn.ModuleList(Encoder(n_genes, latent_dim, hidden, dropout)
+                                            for _ in range(n_domains if paired else 1))
+        n_dec = 1 if shared_decoder else n_domains
+        self.decoders = torch.nn.ModuleList(
+            Decoder(latent_dim, n_genes, hidden, likelihood, n_domains if shared_decoder else 0)
+            for _ in range(n_dec))
+        for module in list(self.encoders[1:]) + list(self.decoders[1:]):  # a tied start
+            module.load_state_dict((self.encoders if module in self.encoders else self.decoders)[0]
+                                   .state_dict())
+        self.log_theta = torch.nn.Parameter(torch.ones(n_domains, n_genes))
+        self.discriminator = DomainDiscriminator(latent_dim, n_domains)
+        self.likelihood = likelihood
+        self.shared_decoder = shared_decoder
+        self.adv_loss = losses.ADV_LOSSES[adv_loss]
+
+    def theta(self) -> torch.Tensor:
+        """Inverse dispersion per domain (rows) and gene."""
+        return torch.exp(self.log_theta.clamp(-10.0, 10.0))
+
+    def players(self) -> dict[str, list]:
+        return {"vae": list(self.encoders.parameters()) + list(self.decoders.parameters())
+                + [self.log_theta], "discriminator": list(self.discriminator.parameters())}
+
+    def turns(self) -> list[tuple[tuple[str, ...], int]]:
+        return [(("discriminator",), self.d_steps), (("vae",), self.e_steps)]
+
+    d_steps = e_steps = 1
+
+    def encode(self, x_norm: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, each cell through its own domain's encoder."""
+        if len(self.encoders) == 1:
+            return self.encoders[0](x_norm)
+        mean = x_norm.new_empty(x_norm.shape[0], self.encoders[0].mean.out_features)
+        logvar = torch.empty_like(mean)
+        for k, encoder in enumerate(self.encoders):
+            rows = domain == k
+            if rows.any():
+                m, lv = encoder(x_norm[rows])
+                mean = mean.index_put((rows,), m)
+                logvar = logvar.index_put((rows,), lv)
+        return mean, logvar
+
+    def decode(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """Decoder output of each cell as a cell of ``domain``."""
+        if self.shared_decoder:
+            return self.decoders[0](z, domain)
+        out = None
+        for k, decoder in enumerate(self.decoders):
+            rows = domain == k
+            if rows.any():
+                part = decoder(z[rows])
+                out = part.new_empty(z.shape[0], part.shape[1]) if out is None else out
+                out = out.index_put((rows,), part)
+        return out
+
+    def elbo_terms(self, batch: dict, beta_kl: float) -> dict[str, torch.Tensor]:
+        """Negative ELBO per cell (reconstruction + beta * KL) and the posterior means."""
+        mean, logvar = self.encode(batch["x_norm"], batch["domain"])
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        out = self.decode(z, batch["domain"])
+        if self.likelihood == "nb":
+            log_mu = out + torch.log(batch["library"])[:, None]
+            recon = -losses.nb_log_prob(batch["counts"], log_mu, self.theta(),
+                                        rows=batch["domain"]).sum(dim=1).mean()
+        else:
+            recon = losses.mse_per_cell(out, batch["x_norm"])
+        kl = losses.gaussian_kl(mean, logvar)
+        return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * kl,
+                "mean": mean}
+
+    def objective(self, batch: dict, players, ctx: dict) -> tuple[dict, dict]:
+        """vae: -ELBO (KL weighted) + adv_weight * adversarial loss of the discriminator held
+        constant; discriminator: its cross-entropy on the detached posterior means."""
+        domain = batch["domain"]
+        out, logs = {}, {}
+        if "vae" in players:
+            terms = self.elbo_terms(batch, ctx["kl_weight"])
+            mean = terms["mean"]
+            logits = constant_call(self.discriminator, mean)
+            out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adv_loss(logits, domain)
+            logs.update(elbo=terms["elbo"].detach(), recon=terms["recon"].detach(),
+                        kl=terms["kl"].detach())
+            mean = mean.detach()
+        else:
+            with torch.no_grad():
+                mean, _ = self.encode(batch["x_norm"], domain)
+        if "discriminator" in players:
+            logits = self.discriminator(mean)
+            out["discriminator"] = losses.domain_ce(logits, domain)
+            logs["disc_ce"] = out["discriminator"].detach()
+        logs["disc_acc"] = (logits.detach().argmax(dim=1) == domain).float().mean()
+        return out, logs
+
+
+class IntegrationModel(BaseModel):
+    """Adversarial VAE over the domains in ``obs[batch_key]``."""
+
+    mode = "integrate"
+    progress_keys = ("elbo", "val_elbo", "disc_ce", "disc_acc")
+
+    def _setup(self, adata) -> None:
+        cfg = self.config
+        validate_counts(adata, cfg.layer)
+        self.genes_ = [str(g) for g in adata.var_names]
+        domain, self.domains_ = encode_domains(adata, cfg.batch_key)
+        counts = load_counts(adata, cfg.layer)
+        if cfg.batch_size is None:
+            n_train = int(round(len(domain) * (1 - cfg.val_fraction)))
+            self.config = cfg = replace(cfg, batch_size=default_batch_size(n_train))
+        self._train_idx, self._val_idx, self._per_domain = stratified_split(
+            domain, self.domains_, cfg.val_fraction, cfg.batch_size, cfg.seed, cfg.batch_key)
+        torch.manual_seed(cfg.seed)
+        self.module = self._build(len(self.genes_)).to(self.device)
+        self._rows = CountRows(counts, self.device)
+        self._domain = torch.from_numpy(domain).to(self.device)
+        self._col_sums = np.asarray(counts.sum(axis=0), dtype=np.float64)
+
+    def _data_summary(self) -> bytes:
+        return self._col_sums.tobytes() + self._domain.cpu().numpy().tobytes()
+
+    def _build(self, n_genes: int) -> PairedVAE:
+        cfg = self.config
+        module = PairedVAE(n_genes, cfg.latent_dim, cfg.hidden, len(self.domains_),
+                           cfg.likelihood, paired=cfg.design == "paired", dropout=cfg.dropout,
+                           adv_loss=cfg.adv_loss)
+        module.d_steps, module.e_steps = cfg.d_steps, cfg.e_steps
+        return module
+
+    # ------------------------------------------------------------------ the loop's pieces
+
+    @property
+    def strategy_name(self) -> str:
+        return "simultaneous" if self.config.adversary == "grl" else "alternating"
+
+    def learning_rates(self) -> dict[str, float]:
+        cfg = self.config
+        return {"vae": cfg.lr, "discriminator": cfg.lr_discriminator or cfg.lr}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(math.ceil(len(i) / self._per_domain) for i in self._train_idx)
+
+    @property
+    def max_epochs(self) -> int:
+        """--max-epochs, else DEFAULT_EPOCHS or as many as MIN_STEPS needs (at most 400)."""
+        if self.config.max_epochs is not None:
+            return self.config.max_epochs
+        return int(min(400, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / self.steps_per_epoch))))
+
+    @property
+    def planned_epochs(self) -> int:
+        return self.max_epochs
+
+    def batches(self, sampler: torch.Generator) -> list[torch.Tensor]:
+        return balanced_minibatches(self._train_idx, self._per_domain, self.steps_per_epoch,
+                                    sampler)
+
+    def batch(self, idx: torch.Tensor, rows: CountRows | None = None,
+              domain: torch.Tensor | None = None) -> dict:
+        rows = self._rows if rows is None else rows
+        domain = self._domain if domain is None else domain
+        idx = idx.to(self.device)
+        counts = rows.rows(idx)
+        library = counts.sum(dim=1).clamp_min(1.0)
+        x_norm = torch.log1p(counts / library[:, None] * TARGET_SUM)
+        return {"counts": counts, "library": library, "x_norm": x_norm, "domain": domain[idx]}
+
+    def schedule(self) -> Iterator[EpochPlan]:
+        """The KL weight warms up over the first quarter of the epochs; the adversary acts from
+        the first epoch (ramped in over a twentieth), so that the domains never part: a
+        discriminator that first meets an already-separated latent space is certain of every
+        cell and the negative cross-entropy gives the encoders no gradient. Training stops when
+        the validation ELBO has not improved for --patience epochs after both warm-ups."""
+        cfg = self.config
+        n = self.max_epochs
+        kl_warm = max(1, n // 4) if cfg.kl_warmup_epochs is None else cfg.kl_warmup_epochs
+        ramp = max(1, n // 20) if cfg.adv_warmup_epochs is None else cfg.adv_warmup_epochs
+        factor = cfg.grl_lambda if cfg.adversary == "grl" else 1.0
+        best, stale = math.inf, 0
+        for epoch in range(1, n + 1):
+            kl = cfg.beta_kl * min(1.0, epoch / max(kl_warm, 1))
+            adv = cfg.adv_weight * min(1.0, max(0.0, (epoch - cfg.adv_start_epoch) / max(ramp, 1)))
+            record = yield EpochPlan(("vae", "discriminator"),
+                                     {"kl_weight": kl, "adv_weight": adv * factor},
+                                     log={"kl_weight": kl, "adv_weight": adv})
+            val = record.get("val_elbo", math.nan)
+            if epoch >= max(kl_warm, cfg.adv_start_epoch + ramp) and math.isfinite(val):
+                if val < best - 1e-4 * abs(best):
+                    best, stale = val, 0
+                else:
+                    stale += 1
+                    if cfg.patience and stale >= cfg.patience:
+                        return
+
+    @torch.inference_mode()
+    def validate(self) -> dict[str, float]:
+        """The validation cells' negative ELBO (full KL weight)."""
+        if len(self._val_idx) == 0:
+            return {"val_elbo": math.nan}
+        self.module.eval()
+        total = 0.0
+        for idx in self._val_idx.split(2048):
+            total += self.module.elbo_terms(self.batch(idx), 1.0)["elbo"].item() * len(idx)
+        return {"val_elbo": total / len(self._val_idx)}
+
+    def _summarise(self, wall: float, cpu: float) -> dict[str, Any]:
+        records = self.train_state_.records
+        cells_seen = len(records) * self.steps_per_epoch * self._per_domain * len(self.domains_)
+        summary = {
+            "mode": self.mode, "n_cells": int(self._domain.shape[0]), "n_genes": len(self.genes_),
+            "domains": {d: int((self._domain == k).sum()) for k, d in enumerate(self.domains_)},
+            "epochs": self.epochs_, "train_seconds": wall, "train_cpu_seconds": cpu,
+            "cells_x_epochs_per_second": cells_seen / max(wall, 1e-9),
+            "final_losses": {k: records[-1].get(k, math.nan)
+                             for k in ("elbo", "recon", "kl", "disc_ce", "disc_acc", "val_elbo")},
+            "adversary": self.config.adversary, "likelihood": self.config.likelihood,
+            "warnings": []}
+        mixing = self.mixing_ilisi()
+        summary["mixing_ilisi"] = mixing
+        from ..metrics import UNMIXED_ILISI
+
+        if mixing < UNMIXED_ILISI:
+            summary["warnings"].append(
+                f"The domains are not mixed: the embedding's iLISI is {mixing:.2f} (0 = each "
+                f"cell's neighbours all from its own domain, 1 = as mixed as the domains' sizes "
+                f"allow). The adversary lost. Try --patience 0 (train all epochs), a higher "
+                f"--adv-weight, or --adversary alternate, and check the result with `advcli "
+                f"diagnose`.")
+        return summary
+
+    def mixing_ilisi(self, max_cells: int = MIXING_CELLS) -> float:
+        """Median iLISI (scIB-normalised) of the training cells' posterior means, on a seeded
+        subsample: a check that the domains share the latent space. Domain-specific cell types
+        lower it only for their own cells, which the median passes over."""
+        from ..metrics import knn, lisi
+
+        n = int(self._domain.shape[0])
+        keep = np.sort(np.random.default_rng(self.config.seed).choice(n, min(n, max_cells),
+                                                                       replace=False))
+        latent = self.predict()["latent"][keep]
+        domain = self._domain.cpu().numpy()[keep]
+        if len(np.unique(domain)) < 2 or len(keep) < 10:
+            return float("nan")
+        dist, idx = knn(latent.astype(np.float64), 90)
+        k = len(self.domains_)
+        return float((np.median(lisi(dist, idx, domain)) - 1.0) / (k - 1.0))
+
+    # ------------------------------------------------------------------ prediction
+
+    def _inputs(self, adata):
+        validate_counts(adata, self.config.layer)
+        order = gene_order(adata, self.genes_)
+        domain, _ = encode_domains(adata, self.config.batch_key, self.domains_)
+        counts = load_counts(adata, self.config.layer)[:, order]
+        return CountRows(counts, self.device), torch.from_numpy(domain).to(self.device)
+
+    @torch.inference_mode()
+    def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
+                decode_as: str | None = None) -> dict[str, np.ndarray]:
+        """Posterior means, the discriminator's probability of each cell's own domain and, with
+        the NB likelihood, the NB means; ``decode_as`` decodes every cell with that domain's
+        decoder."""
+        self._require_trained()
+        if device is not None:
+            self.device = resolve_device(device)
+            self.module.to(self.device)
+        if adata is None:
+            self._require_data("predict()")
+            rows, domain = self._rows, self._domain
+        else:
+            rows, domain = self._inputs(adata)
+        if decode_as is not None and decode_as not in self.domains_:
+            raise InputError(f"--decode-as '{decode_as}' is not a domain of the model "
+                             f"({', '.join(self.domains_)}).")
+        module = self.module.eval()
+        parts: dict[str, list] = {"latent": [], "domain_prob": [], "nb_mean": [], "decoded": []}
+        n = rows.shape[0]
+        for start in range(0, n, batch_size):
+            batch = self.batch(torch.arange(start, min(start + batch_size, n)), rows, domain)
+            mean, _ = module.encode(batch["x_norm"], batch["domain"])
+            probs = torch.softmax(module.discriminator(mean), dim=1)
+            parts["latent"].append(mean.cpu())
+            parts["domain_prob"].append(probs.gather(1, batch["domain"][:, None])[:, 0].cpu())
+            if self.config.likelihood == "nb":
+                out = module.decode(mean, batch["domain"])
+                parts["nb_mean"].append((torch.exp(out) * batch["library"][:, None]).cpu())
+            if decode_as is not None:
+                target = torch.full_like(batch["domain"], self.domains_.index(decode_as))
+                out = module.decode(mean, target)
+                if self.config.likelihood == "nb":
+                    out = torch.exp(out) * batch["library"][:, None]
+                parts["decoded"].append(out.cpu())
+        return {k: torch.cat(v).numpy() for k, v in parts.items() if v}
+
+    def get_latent_representation(self, adata=None, batch_size: int = 1024) -> np.ndarray:
+        return self.predict(adata, batch_size=batch_size)["latent"]
+
+    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto",
+                     decode_as: str | None = None) -> list[str]:
+        """Add the predictions to ``adata``; return the keys written. Genes the model does not
+        know get NaN in the per-gene layers."""
+        out = self.predict(adata, batch_size=batch_size, device=device, decode_as=decode_as)
+        adata.obsm[keys.X_LATENT] = out["latent"].astype(np.float32)
+        adata.obs[keys.DOMAIN_PROB] = out["domain_prob"].astype(np.float32)
+        written = [f"obsm['{keys.X_LATENT}']", f"obs['{keys.DOMAIN_PROB}']"]
+        if "nb_mean" in out:
+            adata.layers[keys.NB_MEAN] = in_file_order(adata, self.genes_, out["nb_mean"])
+            written.append(f"layers['{keys.NB_MEAN}']")
+        if decode_as is not None:
+            name = f"{keys.DECODED_AS}{decode_as}"
+            adata.layers[name] = in_file_order(adata, self.genes_, out["decoded"])
+            written.append(f"layers['{name}']")
+        set_uns(adata, keys.INTEGRATE_INPUTS, {"batch_key": self.config.batch_key,
+                                               "domains": list(self.domains_)})
+        return written
+
+    # ------------------------------------------------------------------ files
+
+    def _encoding(self) -> dict:
+        return {"domains": list(self.domains_)}
+
+    def _rebuild(self, payload: dict) -> None:
+        self.domains_ = [str(d) for d in payload["encoding"]["domains"]]
+        self.module = self._build(len(self.genes_))

@@ -1,0 +1,53 @@
+"""`diagnose`: turn a prediction file into metrics, tables and plots a biologist can read.
+
+Everything is written to a staging folder first and moved into REPORT_DIR file by file, each by
+an atomic rename, so REPORT_DIR never holds a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .. import keys
+from ..data import read_h5ad
+from ..errors import InputError
+from ..io import load_model, plain
+from .confounder import confounder_report
+from .integrate import integration_report
+
+
+def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
+             label_key: str = keys.CELL_TYPE, batch_key: str | None = None) -> dict[str, Any]:
+    """Write the report for ``predicted`` into ``out_dir``; return the summary (also summary.json)."""
+    adata = read_h5ad(predicted)
+    meta = adata.uns.get(keys.UNS, {})
+    info = meta.get(keys.PREDICT) if isinstance(meta, dict) else None
+    if not isinstance(info, dict) or "mode" not in info:
+        raise InputError(f"'{predicted}' has no uns['{keys.UNS}']['{keys.PREDICT}'] record: run "
+                         "`advcli predict` first and diagnose its output.")
+    mode = str(info["mode"])
+    payload = load_model(model_path, mode=mode) if model_path is not None else None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".advcli-report-", dir=out_dir))
+    try:
+        if mode == "confounder":
+            summary = confounder_report(adata, staging, payload)
+        else:
+            summary = integration_report(adata, staging, payload, label_key, batch_key)
+        summary = {"mode": mode, "input": str(predicted), **summary}
+        summary["files"] = sorted(p.name for p in staging.iterdir()) + ["summary.json"]
+        (staging / "summary.json").write_text(json.dumps(plain(summary, json_safe=True), indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in staging.iterdir():
+            os.chmod(path, 0o666 & ~umask)
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
