@@ -41,6 +41,14 @@ def _version(value: bool) -> None:
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     """advcli: simulate -> fit -> predict -> diagnose."""
+    import signal
+
+    from .io import interrupt_for
+
+    def terminate(signum, frame):
+        raise interrupt_for(signum)
+
+    signal.signal(signal.SIGTERM, terminate)  # cleanups run on SIGTERM as on Ctrl-C
 
 
 def _handle_errors(fn: Callable) -> Callable:
@@ -55,9 +63,11 @@ def _handle_errors(fn: Callable) -> Callable:
         except InputError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            from .io import Terminated
+
             console.print("[bold red]interrupted[/]: no output was written.")
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
         except Exception as exc:  # an advcli bug, not the user's input
             console.print(f"[bold red]internal error[/] ({type(exc).__name__}: {exc}). This is a "
                           "bug in advcli; please report it with the traceback below.",

@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import math
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,12 +21,56 @@ from . import keys
 from .errors import InputError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup runs (exit 143, not 130)."""
+
+
+def interrupt_for(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+class SignalFlag:
+    """Hold SIGINT and SIGTERM while a block runs: the first sets ``signum`` for the block to
+    act on at a safe point, a second interrupts at once. Inside another SignalFlag it does
+    nothing (the outer block acts on the signal), nor outside the main thread (signals are
+    delivered to the main thread only)."""
+
+    _active = 0
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "SignalFlag":
+        if SignalFlag._active == 0 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        SignalFlag._active += 1
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise interrupt_for(signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        SignalFlag._active -= 1
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def raise_if_set(self) -> None:
+        if self.signum is not None:
+            raise interrupt_for(self.signum)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
     Parent folders are created as needed. On any error the temporary file is removed and ``path``
-    is left as it was.
+    is left as it was. A signal during the block is held and raised before the rename, so a
+    library that swallows KeyboardInterrupt (h5py in its callbacks) cannot make an interrupted
+    write look finished.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +78,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with SignalFlag() as flag:
+            yield tmp_path
+        flag.raise_if_set()
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import random
-import signal
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from .io import SignalFlag
 from .strategies import Strategy, TrainingDiverged
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -49,15 +48,18 @@ class TrainState:
     sampler_rng: torch.Tensor | None = None
     rng: dict | None = None
     finished: bool = False
+    reference: dict = field(default_factory=dict)  # "phase:term" -> the loss at its first step
 
     def to_payload(self) -> dict:
         return {"records": self.records, "step": self.step, "sums": self.sums,
-                "sampler_rng": self.sampler_rng, "rng": self.rng, "finished": self.finished}
+                "sampler_rng": self.sampler_rng, "rng": self.rng, "finished": self.finished,
+                "reference": self.reference}
 
     @classmethod
     def from_payload(cls, d: dict) -> "TrainState":
         return cls(records=list(d["records"]), step=int(d["step"]), sums=dict(d["sums"]),
-                   sampler_rng=d["sampler_rng"], rng=d["rng"], finished=bool(d["finished"]))
+                   sampler_rng=d["sampler_rng"], rng=d["rng"], finished=bool(d["finished"]),
+                   reference=dict(d.get("reference", {})))
 
 
 class TrainingInterrupted(Exception):
@@ -68,11 +70,16 @@ class TrainingInterrupted(Exception):
         self.signum, self.epoch, self.saved = signum, epoch, saved
 
 
-class DivergedAt(RuntimeError):
-    """Training diverged: the epoch, the loss term and what to try."""
+BLOWUP = 100.0  # a monitored loss this many times above its first step's value (or 1) diverged
 
-    def __init__(self, epoch: int, term: str, value: float):
-        super().__init__(f"Training diverged in epoch {epoch}: {term} became {value}.")
+
+class DivergedAt(RuntimeError):
+    """Training diverged: the epoch, the loss term and what happened to it."""
+
+    def __init__(self, epoch: int, term: str, value: float, best: float | None = None):
+        what = (f"{term} became {value:.4g}, over {BLOWUP:g} times its value at the start "
+                f"({best:.4g})" if best is not None else f"{term} became {value}")
+        super().__init__(f"Training diverged in epoch {epoch}: {what}.")
         self.epoch, self.term, self.value = epoch, term, value
 
 
@@ -94,30 +101,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-class _SignalFlag:
-    """While training, SIGINT and SIGTERM set a flag that the loop reads between steps, so the
-    state it saves is consistent; a second signal interrupts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | None = None,
@@ -144,7 +127,7 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
     else:
         sampler.set_state(state.sampler_rng)
 
-    with _SignalFlag() as flag:
+    with SignalFlag() as flag:
         while plan is not None:
             epoch = len(state.records) + 1
             if state.step == 0:
@@ -162,6 +145,8 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
                     raise DivergedAt(epoch, exc.term, exc.value) from None
                 for k, v in step_record.items():
                     state.sums[k] = state.sums.get(k, 0.0) + v
+                    if k in model.monitored_losses:
+                        state.reference.setdefault(f"{plan.log.get('phase', '')}:{k}", v)
                 state.step += 1
                 if flag.signum is not None:
                     state.rng = rng_state()
@@ -173,6 +158,7 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
             record.update(model.validate())
             record.update(plan.log)
             record["epoch"] = epoch
+            _check_blowup(record, state.reference, epoch)
             state.records.append(record)
             state.step, state.sums = 0, {}
             state.sampler_rng = sampler.get_state()
@@ -204,6 +190,19 @@ def _check_parameters(module: torch.nn.Module, epoch: int) -> None:
     for name, p in module.named_parameters():
         if not torch.isfinite(p).all():
             raise DivergedAt(epoch, f"parameter {name}", float("nan"))
+
+
+def _check_blowup(record: dict, reference: dict, epoch: int) -> None:
+    """A loss that is finite but exploding (a learning rate far too high) also diverged: stop
+    before it is saved as a model. The reference is the loss before the first step of its
+    phase, which no learning rate can have spoiled yet."""
+    for key, start in reference.items():
+        phase, term = key.split(":", 1)
+        value = record.get(term)
+        if value is None or record.get("phase", "") != phase:
+            continue
+        if not math.isfinite(value) or value > BLOWUP * max(abs(start), 1.0):
+            raise DivergedAt(epoch, term, value, start)
 
 
 def history_table(records: list[dict]) -> dict[str, list]:

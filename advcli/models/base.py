@@ -46,6 +46,7 @@ class BaseModel:
     mode = ""
     strategy_name = "simultaneous"
     progress_keys: tuple[str, ...] = ()
+    monitored_losses: tuple[str, ...] = ()  # a blow-up of these stops training (train.BLOWUP)
 
     def __init__(self, adata, config: TrainConfig | None = None, **options):
         cfg = make_config(self.mode, **options) if config is None else replace(config, **options)

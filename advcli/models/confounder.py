@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 
 from .. import keys, losses
 from ..config import ConfounderConfig
@@ -171,6 +172,7 @@ class ConfounderModel(BaseModel):
 
     mode = "confounder"
     progress_keys = ("bce", "nb", "total")
+    monitored_losses = ("bce", "nb", "mse")
 
     def _setup(self, adata) -> None:
         cfg = self.config
@@ -431,7 +433,7 @@ class ConfounderModel(BaseModel):
             parts[keys.LOG_LIK_Y].append(losses.nb_log_prob(yb, log_mu, module.nb.theta)
                                          .sum(1).cpu())
         out = {k: torch.cat(v).numpy() for k, v in parts.items() if v}
-        out[keys.D_PROB] = 1.0 / (1.0 + np.exp(-out[keys.D_LOGIT]))
+        out[keys.D_PROB] = expit(out[keys.D_LOGIT].astype(np.float64))
         return out
 
     def _inputs(self, adata):

@@ -156,6 +156,7 @@ class IntegrationModel(BaseModel):
 
     mode = "integrate"
     progress_keys = ("elbo", "val_elbo", "disc_ce", "disc_acc")
+    monitored_losses = ("elbo", "disc_ce")
 
     def _setup(self, adata) -> None:
         cfg = self.config
