@@ -141,6 +141,7 @@ def simulate_confounder(
     """The latent-confounder simulation: X, hidden Z, treatment D and NB counts Y, with the truth."""
     from .simulate import ConfounderSimulation, simulate_confounder as run
 
+    _check_output(out, [])
     start = time.perf_counter()
     info = run(ConfounderSimulation(n=n, genes=genes, covariates=covariates, z_dim=z_dim,
                                     setting=setting, seed=seed), out)
@@ -169,6 +170,7 @@ def simulate_integrate(
     """Two domains with cell types and a domain effect, for integrate mode."""
     from .simulate import IntegrationSimulation, simulate_integration as run
 
+    _check_output(out, [])
     start = time.perf_counter()
     info = run(IntegrationSimulation(n_a=n_a, n_b=n_b, genes=genes, cell_types=cell_types,
                                      batch_strength=batch_strength, seed=seed), out)
@@ -280,8 +282,7 @@ def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoin
                          "drop it to load the cells into memory.")
     if checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be zero or more (got {checkpoint_every}).")
-    _check_out_differs(out, [data] + ([resume] if resume else []))
-    _check_writable(out)
+    _check_output(out, [data] + ([resume] if resume else []))
 
     from .config import make_config
 
@@ -430,13 +431,20 @@ def _read(path: Path):
     return read_h5ad(path)
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse, before any work, an output that cannot be written: a folder, a parent that is a
-    file, or a folder without write permission."""
+def _check_output(out: Path, inputs: list[Path], folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written or would overwrite an input:
+    a folder where a file goes (or a file where a folder goes), a parent that is a file, a
+    folder without write permission."""
     out = Path(out)
-    if out.is_dir():
+    for path in inputs:
+        if out.resolve() == Path(path).resolve():
+            raise InputError(f"Output '{out}' is the input file; advcli never overwrites its "
+                             "inputs. Choose another output name.")
+    if not folder and out.is_dir():
         raise InputError(f"Output '{out}' is a folder; give a file name.")
-    parent = out.parent
+    if folder and out.exists() and not out.is_dir():
+        raise InputError(f"Report folder '{out}' is a file; give a folder name.")
+    parent = out if folder and out.is_dir() else out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
@@ -445,13 +453,6 @@ def _check_writable(out: Path) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"Output '{out}' cannot be written: no write permission in "
                          f"'{parent}'.")
-
-
-def _check_out_differs(out: Path, inputs: list[Path]) -> None:
-    for path in inputs:
-        if Path(out).resolve() == Path(path).resolve():
-            raise InputError(f"Output '{out}' is the input file; advcli never overwrites its "
-                             "inputs. Choose another output name.")
 
 
 @app.command("predict")
@@ -475,11 +476,11 @@ def predict(
     from .io import file_sha256, load_model
     from .models import load
 
-    _check_out_differs(out, [data, model_path])
+    _check_output(out, [data, model_path])
     if csv is not None:
-        _check_out_differs(csv, [data, model_path, out])
+        _check_output(csv, [data, model_path, out])
     if effects is not None:
-        _check_out_differs(effects, [data, model_path, out] + ([csv] if csv else []))
+        _check_output(effects, [data, model_path, out] + ([csv] if csv else []))
     start = time.perf_counter()
     payload = load_model(model_path)
     model = load(payload, model_path)
@@ -531,8 +532,9 @@ def diagnose(
     predicted: Path = typer.Argument(..., metavar="OUT.h5ad", help="File written by `predict`."),
     out: Path = typer.Option(..., "-o", "--out", help="Report folder (created as needed)."),
     model_path: Optional[Path] = typer.Option(None, "--model", help="Model file, for loss curves."),
-    label_key: str = typer.Option(keys.CELL_TYPE, "--label-key",
-                                  help="[integrate] obs column with cell labels."),
+    label_key: Optional[str] = typer.Option(None, "--label-key",
+                                            help="[integrate] obs column with cell labels "
+                                                 "(default: cell_type when the file has it)."),
     batch_key: Optional[str] = typer.Option(None, "--batch-key",
                                             help="[integrate] obs column with the domains "
                                                  "(default: the model's)."),
@@ -541,6 +543,7 @@ def diagnose(
     """Write metrics, tables and plots about a prediction to a report folder."""
     from .report import diagnose as run
 
+    _check_output(out, [predicted] + ([model_path] if model_path else []), folder=True)
     start = time.perf_counter()
     summary = run(predicted, out, model_path=model_path, label_key=label_key,
                   batch_key=batch_key)

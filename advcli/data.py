@@ -70,6 +70,17 @@ def iter_row_blocks(matrix, block: int = BLOCK_ROWS) -> Iterator[tuple[int, Any]
         yield start, part
 
 
+def check_finite_obsm(adata, key: str, what: str) -> np.ndarray:
+    """``obsm[key]`` as float64, refusing NaN or infinite entries (a diverged fit's output)."""
+    values = np.asarray(adata.obsm[key], dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise InputError(f"obsm['{key}'] ({what}) holds {int(bad.sum())} NaN or infinite "
+                         "values: the model that wrote it diverged, or the file was edited. "
+                         "Refit, then predict again.")
+    return values
+
+
 def validate_counts(adata, layer: str | None = None, name: str = "input") -> None:
     """Raise InputError unless the counts are a non-empty matrix of finite non-negative integers."""
     matrix = count_source(adata, layer)
@@ -373,11 +384,18 @@ def parse_key_list(text: str | None) -> list[str] | None:
     return [t for t in items if t]
 
 
+MAX_DOMAINS = 200
+
+
 def encode_domains(adata, key: str, domains: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Domain codes (int64) for ``obs[key]`` and the domain names, checking for two or more."""
     col = obs_column(adata, key, "Batch")
     if col.isna().any():
         raise InputError(f"Batch obs['{key}'] has {int(col.isna().sum())} missing values.")
+    if pd.api.types.is_float_dtype(col.dtype) and not np.all(np.mod(col.to_numpy(), 1) == 0):
+        raise InputError(f"Batch obs['{key}'] holds non-integer numbers: it looks like a "
+                         "measurement, not a domain label. Give the column naming each cell's "
+                         "batch.")
     as_str = col.astype(str).to_numpy()
     if domains is None:
         if isinstance(col.dtype, pd.CategoricalDtype):
@@ -387,6 +405,9 @@ def encode_domains(adata, key: str, domains: Sequence[str] | None = None) -> tup
         if len(domains) < 2:
             raise InputError(f"Batch obs['{key}'] has a single level ({domains}); integration "
                              "needs two or more domains.")
+        if len(domains) > MAX_DOMAINS:
+            raise InputError(f"Batch obs['{key}'] has {len(domains)} levels; a domain column "
+                             f"has a few (at most {MAX_DOMAINS}). Is it the right column?")
     else:
         unknown = sorted(set(np.unique(as_str)) - set(domains))
         if unknown:

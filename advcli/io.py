@@ -148,18 +148,32 @@ def load_model(path: str | os.PathLike, mode: str | None = None) -> dict[str, An
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Model file '{path}' does not exist.")
+    if path.stat().st_size == 0:
+        raise InputError(f"Model file '{path}' is empty (0 bytes): was it copied completely?")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, not a torch file, or pickled classes
+        if "Unsupported global" in str(exc):
+            raise InputError(
+                f"'{path}' holds Python objects, not only tensors and plain containers. advcli "
+                "opens model files with torch.load(weights_only=True) so that opening one never "
+                "runs code from it; this file was not written by `advcli fit`.") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise InputError(
-            f"'{path}' is not a readable advcli model file (torch.load with weights_only=True "
-            f"failed: {str(exc).splitlines()[0][:200]}). Was it written by `advcli fit` and "
-            "copied completely?") from None
+            f"'{path}' is not a readable advcli model file ({first}). Was it written by "
+            "`advcli fit` and copied completely?") from None
     if not isinstance(payload, dict) or payload.get("format") != keys.MODEL_FORMAT:
         raise InputError(f"'{path}' is a torch file but not an advcli model file.")
     missing = [k for k in keys.MODEL_KEYS if k not in payload]
     if missing:
         raise InputError(f"Model file '{path}' is incomplete: it lacks {', '.join(missing)}.")
+    expected = {"format_version": int, "mode": str, "config": dict, "genes": list,
+                "encoding": dict, "state": dict}
+    wrong = [k for k, kind in expected.items() if not isinstance(payload[k], kind)
+             or (kind is int and isinstance(payload[k], bool))]
+    if wrong or payload["mode"] not in keys.MODES:
+        raise InputError(f"Model file '{path}' is damaged: "
+                         f"{', '.join(wrong) or 'mode'} has the wrong type or value.")
     if payload["format_version"] > keys.FORMAT_VERSION:
         raise InputError(
             f"Model file '{path}' has format version {payload['format_version']}, newer than this "

@@ -1,6 +1,7 @@
 """The README's promises: CI runs exactly its test command."""
 
 import re
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -21,3 +22,35 @@ def test_quick_start_uses_bundled_sample_data():
     main_job = _bash_blocks((ROOT / "README.md").read_text())[0]
     for path in re.findall(r"sample_data/\S+", main_job):
         assert (ROOT / path).is_file(), path
+
+
+def test_no_import_cycles_between_advcli_modules():
+    """Layers import downwards only (docs/architecture.md); function-level imports count too."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "advcli"
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+                deps.update(c for c in candidates if c != name)
+        graph[name] = deps
+    graph = {k: {d for d in v if d in graph} for k, v in graph.items()}
+
+    def visit(node, stack):
+        assert node not in stack, " -> ".join(stack[stack.index(node):] + [node])
+        for dep in graph[node]:
+            if dep.startswith(node + "."):  # a package importing its own submodules
+                continue
+            visit(dep, stack + [node])
+
+    for module in graph:
+        visit(module, [])

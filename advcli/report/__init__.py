@@ -22,7 +22,7 @@ from .integrate import integration_report
 
 
 def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
-             label_key: str = keys.CELL_TYPE, batch_key: str | None = None) -> dict[str, Any]:
+             label_key: str | None = None, batch_key: str | None = None) -> dict[str, Any]:
     """Write the report for ``predicted`` into ``out_dir``; return the summary (also summary.json)."""
     adata = read_h5ad(predicted)
     meta = adata.uns.get(keys.UNS, {})
@@ -31,6 +31,12 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
         raise InputError(f"'{predicted}' has no uns['{keys.UNS}']['{keys.PREDICT}'] record: run "
                          "`advcli predict` first and diagnose its output.")
     mode = str(info["mode"])
+    if mode not in keys.MODES:
+        raise InputError(f"'{predicted}' records an unknown mode '{mode}' in uns['{keys.UNS}']"
+                         f"['{keys.PREDICT}'].")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"'{predicted}' has {adata.n_obs} cells and {adata.n_vars} genes: "
+                         "nothing to diagnose.")
     payload = load_model(model_path, mode=mode) if model_path is not None else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,11 +49,23 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
         summary = {"mode": mode, "input": str(predicted), **summary}
         summary["files"] = sorted(p.name for p in staging.iterdir()) + ["summary.json"]
         (staging / "summary.json").write_text(json.dumps(plain(summary, json_safe=True), indent=2))
+        stale = _previous_files(out_dir) - set(summary["files"])
         umask = os.umask(0)
         os.umask(umask)
         for path in staging.iterdir():
             os.chmod(path, 0o666 & ~umask)
             os.replace(path, out_dir / path.name)
+        for name in stale:  # files of an earlier report that this one did not write
+            (out_dir / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def _previous_files(out_dir: Path) -> set[str]:
+    """The files an earlier report in ``out_dir`` listed in its summary.json (plain names)."""
+    try:
+        files = json.loads((out_dir / "summary.json").read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {f for f in files if isinstance(f, str) and f == Path(f).name}

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .. import keys
-from ..data import (CovariateEncoding, encode_treatment, load_counts, sample_labels,
-                    size_factors)
+from ..data import (CovariateEncoding, check_finite_obsm, encode_treatment, load_counts,
+                    sample_labels, size_factors, validate_counts)
 from ..errors import InputError
 from .plots import loss_curves, pyplot
 
@@ -37,8 +37,12 @@ def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, An
     if keys.D_LOGIT not in adata.obs or keys.NB_MEAN not in adata.layers:
         raise InputError(f"obs['{keys.D_LOGIT}'] or layers['{keys.NB_MEAN}'] is missing: the file "
                          "was not written by `advcli predict` with a confounder model.")
-    z_hat = np.asarray(adata.obsm[keys.Z_HAT], dtype=float)
-    z_prob = np.asarray(adata.obsm[keys.Z_PROB], dtype=float)
+    z_hat = check_finite_obsm(adata, keys.Z_HAT, "Z-hat")
+    z_prob = check_finite_obsm(adata, keys.Z_PROB, "Z probabilities")
+    d_logit = pd.to_numeric(adata.obs[keys.D_LOGIT], errors="coerce").to_numpy(float)
+    if not np.isfinite(d_logit).all():
+        raise InputError(f"obs['{keys.D_LOGIT}'] holds NaN, infinite or non-numeric values: "
+                         "the model that wrote it diverged, or the file was edited.")
     metrics: dict[str, Any] = {}
     notes: list[str] = []
     headline: dict[str, Any] = {}
@@ -101,6 +105,7 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
         notes.append("No record of the treatment and covariates: treatment effects skipped.")
         return None
     layer = str(inputs.get("layer", "")) or None
+    validate_counts(adata, layer)
     d, _ = encode_treatment(adata, str(inputs["treatment_key"]), str(inputs["treated_level"]))
     if "covariates_json" in inputs:
         encoding = CovariateEncoding.from_dict(json.loads(str(inputs["covariates_json"])))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import keys
-from ..data import obs_column
+from ..data import check_finite_obsm, encode_domains
 from ..errors import InputError
 from ..metrics import UNMIXED_ILISI, integration_metrics
 from ..io import plain
@@ -31,22 +31,34 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                          "`advcli predict` with an integrate model.")
     inputs = adata.uns.get(keys.UNS, {}).get(keys.INTEGRATE_INPUTS, {})
     batch_key = batch_key or str(inputs.get("batch_key", keys.BATCH))
-    batch = obs_column(adata, batch_key, "Batch").astype(str).to_numpy()
+    codes, names = encode_domains(adata, batch_key)
+    batch = np.asarray(names, dtype=object)[codes].astype(str)
     notes: list[str] = []
     labels = None
+    if label_key is not None and label_key not in adata.obs.columns:
+        raise InputError(f"--label-key '{label_key}' is not an obs column. The file has: "
+                         f"{', '.join(map(repr, adata.obs.columns)) or 'none'}.")
+    label_key = label_key or keys.CELL_TYPE
     if label_key in adata.obs.columns:
-        labels = adata.obs[label_key].astype(str).to_numpy()
+        column = adata.obs[label_key]
+        if column.isna().any():
+            raise InputError(f"obs['{label_key}'] has {int(column.isna().sum())} missing "
+                             "labels; fill or drop those cells.")
+        labels = column.astype(str).to_numpy()
     else:
         notes.append(f"No obs['{label_key}']: label metrics (cLISI, label ASW, ARI, NMI, bio and "
                      "overall scores) are skipped.")
-    embedding = np.asarray(adata.obsm[keys.X_LATENT], dtype=np.float64)
-    if len(np.unique(batch)) < 2:
-        raise InputError(f"obs['{batch_key}'] has a single domain; mixing cannot be measured.")
+    embedding = check_finite_obsm(adata, keys.X_LATENT, "the embedding")
     metrics = integration_metrics(embedding, batch, labels)
     (folder / "integration_metrics.json").write_text(json.dumps(plain(metrics, json_safe=True), indent=2))
     plt = pyplot()
-    _embedding_plot(plt, embedding, batch, labels, batch_key, label_key,
-                    folder / "embedding.png")
+    if _distinct_rows(embedding) < 10:
+        notes.append("The embedding is (nearly) constant: every cell sits at a handful of "
+                     "points, so the fit collapsed and no map is drawn. Refit with another "
+                     "--seed or a lower --lr.")
+    else:
+        _embedding_plot(plt, embedding, batch, labels, batch_key, label_key,
+                        folder / "embedding.png")
     if payload is not None:
         loss_curves(payload["history"], LOSS_PANELS, folder / "loss_curves.png", notes)
     else:
@@ -58,6 +70,15 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
                                         "overall_score") if k in metrics}
     return {"metrics": metrics, "headline": headline, "notes": notes}
+
+
+def _distinct_rows(embedding: np.ndarray) -> int:
+    """Distinct cells in the embedding, at a resolution of 1e-6 of its spread: t-SNE crashes
+    on an embedding with (almost) no distinct points."""
+    spread = float(np.nanstd(embedding)) if embedding.size else 0.0
+    if spread == 0.0:
+        return min(len(embedding), 1)
+    return len(np.unique(np.round(embedding / (spread * 1e-6)), axis=0))
 
 
 def _embedding_plot(plt, embedding, batch, labels, batch_key, label_key, path):
