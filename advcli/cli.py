@@ -6,6 +6,8 @@ paragraph naming what was wrong; anything unexpected exits 1.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import math
@@ -51,6 +53,29 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     signal.signal(signal.SIGTERM, terminate)  # cleanups run on SIGTERM as on Ctrl-C
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EISDIR,
+                errno.ENOTDIR, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _about(path: Path):
+    """Name the input file in any bad-input message raised about its contents."""
+    try:
+        yield
+    except InputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise InputError(f"In '{path}': {exc}") from None
+
+
+def _json_error(kwargs: dict, exc: Exception, code: int) -> None:
+    """With --json, the error as one JSON object on stdout, so a pipeline reads it as it reads
+    a result."""
+    if kwargs.get("as_json"):
+        sys.stdout.write(json.dumps({"error": str(exc), "exit_code": code}) + "\n")
+        sys.stdout.flush()
+
+
 def _handle_errors(fn: Callable) -> Callable:
     """Exit 2 with the message on InputError; exit 1 with a traceback on anything unexpected."""
 
@@ -62,6 +87,15 @@ def _handle_errors(fn: Callable) -> Callable:
             raise
         except InputError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _json_error(kwargs, exc, 2)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRORS:
+                raise
+            where = f" '{exc.filename}'" if exc.filename else ""
+            console.print(f"[bold red]error:[/] could not write{where}: {exc.strerror}. Nothing "
+                          "was left half-written.", highlight=False, soft_wrap=True)
+            _json_error(kwargs, exc, 2)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
             from .io import Terminated
@@ -293,7 +327,8 @@ def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoin
     from .io import load_model
     from .models import MODELS
 
-    model = MODELS[mode](adata, cfg)
+    with _about(data):
+        model = MODELS[mode](adata, cfg)
     if resume is not None:
         model.resume_from(load_model(resume, mode=mode), resume)
     checkpoint = _checkpoint_path(out)
@@ -489,14 +524,16 @@ def predict(
     if effects is not None and payload["mode"] != "confounder":
         raise InputError("--effects applies to confounder-mode models only.")
     adata = _read(data)
-    written = model.predict_into(adata, batch_size=batch_size, device=device,
-                                 **({"decode_as": decode_as} if decode_as is not None else {}))
+    with _about(data):
+        written = model.predict_into(adata, batch_size=batch_size, device=device,
+                                     **({"decode_as": decode_as} if decode_as is not None else {}))
     set_uns(adata, keys.PREDICT, {"model_sha256": file_sha256(model_path),
                                   "mode": payload["mode"], "version": __version__,
                                   "model_version": payload["version"]})
     from .io import atomic_files
 
-    table = model.treatment_effects(adata) if effects is not None else None
+    with _about(data):
+        table = model.treatment_effects(adata) if effects is not None else None
     with atomic_files([out] + [p for p in (csv, effects) if p is not None]) as tmps:
         if csv is not None:
             per_cell_frame(adata, written).to_csv(tmps[csv], index_label="cell")
@@ -545,8 +582,9 @@ def diagnose(
 
     _check_output(out, [predicted] + ([model_path] if model_path else []), folder=True)
     start = time.perf_counter()
-    summary = run(predicted, out, model_path=model_path, label_key=label_key,
-                  batch_key=batch_key)
+    with _about(predicted):
+        summary = run(predicted, out, model_path=model_path, label_key=label_key,
+                      batch_key=batch_key)
     seconds = time.perf_counter() - start
     rows = {"folder": str(out), "files": ", ".join(summary["files"]), "time": f"{seconds:.1f} s"}
     rows.update({k: _fmt(v) for k, v in summary["headline"].items()})

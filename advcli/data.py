@@ -374,7 +374,12 @@ def default_covariate_keys(adata) -> list[str]:
     """The covariate keys a simulator recorded in uns['advcli'], else none."""
     meta = adata.uns.get(keys.UNS, {})
     found = meta.get(keys.COVARIATE_KEYS) if isinstance(meta, dict) else None
-    return [str(k) for k in found] if found is not None else []
+    if found is None:
+        return []
+    if isinstance(found, str) or not isinstance(found, (list, tuple, np.ndarray)):
+        raise InputError(f"uns['{keys.UNS}']['{keys.COVARIATE_KEYS}'] must be a list of obs "
+                         f"columns (got {type(found).__name__}); pass --covariate-keys instead.")
+    return [str(k) for k in found]
 
 
 def parse_key_list(text: str | None) -> list[str] | None:
@@ -417,7 +422,7 @@ def encode_domains(adata, key: str, domains: Sequence[str] | None = None) -> tup
     return np.array([lookup[s] for s in as_str], dtype=np.int64), list(domains)
 
 
-def gene_order(adata, genes: Sequence[str], model_path: str | Path = "model") -> np.ndarray:
+def gene_order(adata, genes: Sequence[str]) -> np.ndarray:
     """Column indices that put the data's genes in the model's order; missing genes are an error."""
     index = pd.Index(adata.var_names)
     if not index.is_unique:
@@ -425,8 +430,8 @@ def gene_order(adata, genes: Sequence[str], model_path: str | Path = "model") ->
     missing = [g for g in genes if g not in index]
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise InputError(f"The data lack {len(missing)} of the {len(genes)} genes that model "
-                         f"'{model_path}' was trained on: {shown}.")
+        raise InputError(f"The data lack {len(missing)} of the {len(genes)} genes the model "
+                         f"was trained on: {shown}.")
     return index.get_indexer(list(genes))
 
 

@@ -180,6 +180,6 @@ def load_model(path: str | os.PathLike, mode: str | None = None) -> dict[str, An
             f"advcli reads ({keys.FORMAT_VERSION}); upgrade advcli.")
     if mode is not None and payload["mode"] != mode:
         raise InputError(
-            f"Model file '{path}' is a {payload['mode']}-mode model, but a {mode}-mode model is "
-            "needed here.")
+            f"Model file '{path}' holds a model of mode {payload['mode']}, but one of mode "
+            f"{mode} is needed here.")
     return payload

@@ -121,3 +121,17 @@ def test_diagnose_again_removes_the_files_of_the_earlier_report(fitted, tmp_path
     (report / "notes.txt").write_text("mine")  # a file the user put there stays
     _check(invoke("diagnose", fitted / "p.h5ad", "-o", report), 0)
     assert not (report / "loss_curves.png").exists() and (report / "notes.txt").exists()
+
+
+def test_errors_name_the_file_and_json_reports_them(fitted, tmp_path, invoke):
+    import json
+
+    a = ad.read_h5ad(fitted / "data.h5ad")
+    a.X = a.X.astype(np.float32)
+    a.X.data[0] = 0.5
+    a.write_h5ad(tmp_path / "frac.h5ad")
+    r = invoke("predict", fitted / "m.pt", tmp_path / "frac.h5ad", "-o", tmp_path / "o.h5ad",
+               "--json")
+    _check(r, 2, f"In '{tmp_path / 'frac.h5ad'}'", "non-integer")
+    reported = json.loads(r.stdout)
+    assert reported["exit_code"] == 2 and "non-integer" in reported["error"]

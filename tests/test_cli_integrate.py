@@ -123,7 +123,7 @@ def test_predict_mismatches(tmp_path, invoke, integrate_file, confounder_file):
                   tmp_path / "p.h5ad").exit_code == 0
     r = invoke("diagnose", tmp_path / "p.h5ad", "-o", tmp_path / "rep", "--model",
                tmp_path / "c.pt")
-    assert r.exit_code == 2 and "integrate-mode model is needed" in r.stderr
+    assert r.exit_code == 2 and "one of mode integrate is needed" in r.stderr
     # the integrate model on confounder data: its genes are not there
     r = invoke("predict", tmp_path / "i.pt", confounder_file, "-o", tmp_path / "q.h5ad")
     assert r.exit_code == 2 and "lack" in r.stderr

@@ -37,7 +37,7 @@ def test_model_roundtrip_with_weights_only(tmp_path):
 
 def test_bad_model_files(tmp_path):
     save_model(_payload(), tmp_path / "m.pt")
-    with pytest.raises(InputError, match="integrate-mode model is needed"):
+    with pytest.raises(InputError, match="one of mode integrate is needed"):
         load_model(tmp_path / "m.pt", mode="integrate")
     data = (tmp_path / "m.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
@@ -68,3 +68,17 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save(payload, tmp_path / "evil.pt")
     with pytest.raises(InputError, match="weights_only"):
         load_model(tmp_path / "evil.pt")
+
+
+def test_a_signal_during_an_atomic_write_aborts_it(tmp_path):
+    """h5py can swallow KeyboardInterrupt in its callbacks; the signal is held and raised
+    before the rename, so an interrupted write never looks finished."""
+    import signal
+
+    target = tmp_path / "out.txt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            signal.raise_signal(signal.SIGINT)
+            tmp.write_text("complete")  # the write itself goes on to the end
+    assert not target.exists() and list(tmp_path.iterdir()) == []
