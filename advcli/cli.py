@@ -252,10 +252,13 @@ def _cli_type(hint) -> type:
 def _help_with_default(spec: dict) -> str:
     defaults = spec["defaults"]
     values = {m: ("none" if v is None else v) for m, v in defaults.items()}
-    if len(set(map(str, values.values()))) == 1:
-        text = str(next(iter(values.values())))
+    groups: dict[str, list[str]] = {}
+    for m, v in values.items():
+        groups.setdefault(str(v), []).append(m)
+    if len(groups) == 1:
+        text = next(iter(groups))
     else:
-        text = "; ".join(f"{m}: {v}" for m, v in values.items())
+        text = "; ".join(f"{', '.join(ms)}: {v}" for v, ms in groups.items())
     choices = spec["meta"].get("choices")
     extra = f" One of: {', '.join(choices)}." if choices and len(choices) > 2 else ""
     return f"{spec['meta']['help']}{extra} [default: {text}]"
@@ -283,11 +286,14 @@ def _fit_parameters() -> tuple[list, dict]:
 def _options_for(mode: str, given: dict[str, Any]) -> dict[str, Any]:
     """The options given for ``mode``, parsed; an option of another mode is bad input."""
     specs = _fit_option_specs()
-    wrong = ["--" + k.replace("_", "-") for k in given if mode not in specs[k]["modes"]]
+    wrong = [k for k in given if mode not in specs[k]["modes"]]
     if wrong:
-        other = [m for m in keys.MODES if m != mode]
-        raise InputError(f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to "
-                         f"--mode {' or '.join(other)} only, not to --mode {mode}.")
+        parts = []
+        for k in wrong:
+            modes = specs[k]["modes"]
+            where = modes[0] if len(modes) == 1 else ", ".join(modes[:-1]) + " or " + modes[-1]
+            parts.append(f"--{k.replace('_', '-')} applies to --mode {where} only")
+        raise InputError(f"{'; '.join(parts)}, not to --mode {mode}.")
     options = dict(given)
     if "control_genes" in options:
         options["control_genes"] = _gene_list(options["control_genes"])
@@ -520,9 +526,9 @@ def predict(
     payload = load_model(model_path)
     model = load(payload, model_path)
     if decode_as is not None and payload["mode"] != "integrate":
-        raise InputError("--decode-as applies to integrate-mode models only.")
+        raise InputError("--decode-as applies to models of mode integrate only.")
     if effects is not None and payload["mode"] != "confounder":
-        raise InputError("--effects applies to confounder-mode models only.")
+        raise InputError("--effects applies to models of mode confounder only.")
     adata = _read(data)
     with _about(data):
         written = model.predict_into(adata, batch_size=batch_size, device=device,
@@ -561,6 +567,40 @@ def predict(
              "csv": str(csv) if csv else None, "effects": str(effects) if effects else None,
              "keys": written, "n_cells": adata.n_obs, **extra,
              "n_genes": adata.n_vars, "seconds": seconds})
+
+
+@app.command("sample")
+@_handle_errors
+def sample(
+    model_path: Path = typer.Argument(..., metavar="MODEL.pt", help="An aae model from `fit`."),
+    out: Path = OUT_OPTION,
+    n: int = typer.Option(1000, "--n", help="Cells to generate."),
+    condition: Optional[str] = typer.Option(None, "--condition",
+                                            help="Class of the model's condition key to "
+                                                 "generate (default: drawn in the training "
+                                                 "proportions)."),
+    attribute: Optional[float] = typer.Option(None, "--attribute",
+                                              help="Value of the model's attribute: sets the "
+                                                   "attribute dimension of every draw."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Generate new cells: decode draws of the prior N(0, I) into counts (aae models)."""
+    from .io import load_model, write_h5ad
+    from .models import load
+
+    _check_output(out, [model_path])
+    start = time.perf_counter()
+    payload = load_model(model_path, mode="aae")
+    model = load(payload, model_path)
+    adata = model.sample(n, condition=condition, attribute=attribute, seed=seed)
+    write_h5ad(adata, out)
+    seconds = time.perf_counter() - start
+    written = ["X", f"obsm['{keys.X_LATENT}']", f"layers['{keys.NB_MEAN}']"]
+    _report("sample", _written_rows(out, seconds, adata.shape, written), as_json,
+            {"command": "sample", "out": str(out), "n_cells": adata.n_obs,
+             "n_genes": adata.n_vars, "condition": condition, "attribute": attribute,
+             "seconds": seconds})
 
 
 @app.command("diagnose")

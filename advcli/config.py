@@ -16,6 +16,8 @@ from .errors import InputError
 TRAINING = "Training (both modes)"
 CONFOUNDER = "Confounder mode"
 INTEGRATE = "Integrate mode"
+LATENT = "Latent models (integrate, aae)"
+AAE = "AAE mode"
 
 
 def option(default: Any, help: str, group: str, *, shown: str | None = None,
@@ -152,24 +154,48 @@ class ConfounderConfig(TrainConfig):
 
 
 @dataclass
-class IntegrationConfig(TrainConfig):
+class LatentModelConfig(TrainConfig):
+    """What the count autoencoders (integrate, aae) share: a latent space, a
+    likelihood, an adversary and its loss."""
+
+    latent_dim: int = option(10, "Latent dimensions.", LATENT)
+    likelihood: str = option("nb", "nb (learned dispersion per gene) or mse (on "
+                             "log1p-normalised values).", LATENT, choices=("nb", "mse"))
+    adversary: str = option("grl", "grl (gradient reversal: one backward, every player steps) "
+                            "or alternate (the discriminator steps with the encoder frozen, then "
+                            "the encoder with the discriminator frozen).", LATENT,
+                            choices=("grl", "alternate"))
+    adv_loss: str = option("negce", "What the encoder minimises: negce (minus the "
+                           "discriminator's cross-entropy), uniform (towards 1/K) or flip "
+                           "(towards a wrong class).", LATENT,
+                           choices=("negce", "uniform", "flip"))
+    adv_weight: float = option(1.0, "Weight of the adversarial term.", LATENT)
+    lr_discriminator: float | None = option(None, "The discriminator's learning rate.", LATENT,
+                                            shown="--lr")
+    dropout: float = option(0.1, "Dropout after the encoder's hidden layers.", LATENT)
+    max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
+                                    "counted.", TRAINING, shown="100, or enough for 1,500 steps "
+                                    "(at most 400)")
+    batch_size: int | None = option(None, "Cells per minibatch.", TRAINING,
+                                    shown="64-256, at least ~8 steps per epoch")
+
+    def check(self) -> None:
+        super().check()
+        _positive(latent_dim=self.latent_dim)
+        _non_negative(adv_weight=self.adv_weight)
+        if self.lr_discriminator is not None:
+            _positive(lr_discriminator=self.lr_discriminator)
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"--dropout must be in [0, 1) (got {self.dropout}).")
+
+
+@dataclass
+class IntegrationConfig(LatentModelConfig):
     """Integrate mode: VAEs over the domains, a domain discriminator on the posterior means."""
 
     batch_key: str = option("batch", "obs column with the domains (two or more).", INTEGRATE)
-    latent_dim: int = option(10, "Latent dimensions (32 mixed worse, docs/integrate.md).",
-                             INTEGRATE)
-    likelihood: str = option("nb", "nb (learned dispersion per gene and domain) or mse (on "
-                             "log1p-normalised values).", INTEGRATE, choices=("nb", "mse"))
     design: str = option("shared", "shared (one encoder, a domain-conditioned decoder) or "
                          "paired (one VAE per domain).", INTEGRATE, choices=("shared", "paired"))
-    adversary: str = option("grl", "grl (gradient reversal: one backward, every player steps) "
-                            "or alternate (D-steps with the encoder frozen, then E-steps with the "
-                            "discriminator frozen).", INTEGRATE, choices=("grl", "alternate"))
-    adv_loss: str = option("negce", "What the encoder minimises: negce (minus the "
-                           "discriminator's cross-entropy), uniform (towards 1/K) or flip "
-                           "(towards a wrong domain).", INTEGRATE,
-                           choices=("negce", "uniform", "flip"))
-    adv_weight: float = option(1.0, "Weight of the adversarial term.", INTEGRATE)
     adv_start_epoch: int = option(0, "Epoch at which the adversary starts acting.", INTEGRATE)
     adv_warmup_epochs: int | None = option(None, "Epochs over which the adversarial weight "
                                            "ramps in.", INTEGRATE, shown="a twentieth of the "
@@ -180,39 +206,55 @@ class IntegrationConfig(TrainConfig):
                           INTEGRATE)
     e_steps: int = option(1, "Encoder steps per minibatch (--adversary alternate).", INTEGRATE)
     beta_kl: float = option(1.0, "Weight of the KL term.", INTEGRATE)
-    dropout: float = option(0.1, "Dropout after the encoder's hidden layers.", INTEGRATE)
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",
                                           INTEGRATE, shown="a quarter of the epochs")
-    lr_discriminator: float | None = option(None, "The discriminator's learning rate.",
-                                            INTEGRATE, shown="--lr")
     val_fraction: float = option(0.1, "Held-out cells for early stopping on the validation "
                                  "ELBO.", INTEGRATE)
-    # shared options with this mode's defaults
-    max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
-                                    "counted.", TRAINING, shown="100, or enough for 1,500 steps "
-                                    "(at most 400)")
-    batch_size: int | None = option(None, "Cells per minibatch.", TRAINING,
-                                    shown="64-256, at least ~8 steps per epoch")
 
     def check(self) -> None:
         super().check()
-        _positive(latent_dim=self.latent_dim, d_steps=self.d_steps,
-                  e_steps=self.e_steps)
-        _non_negative(adv_weight=self.adv_weight, grl_lambda=self.grl_lambda,
-                      beta_kl=self.beta_kl, adv_start_epoch=self.adv_start_epoch)
-        if self.lr_discriminator is not None:
-            _positive(lr_discriminator=self.lr_discriminator)
+        _positive(d_steps=self.d_steps, e_steps=self.e_steps)
+        _non_negative(grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
+                      adv_start_epoch=self.adv_start_epoch)
         for name in ("adv_warmup_epochs", "kl_warmup_epochs"):
             if getattr(self, name) is not None:
                 _non_negative(**{name: getattr(self, name)})
-        if not 0.0 <= self.dropout < 1.0:
-            raise InputError(f"--dropout must be in [0, 1) (got {self.dropout}).")
         if not 0.0 <= self.val_fraction < 0.5:
             raise InputError(f"--val-fraction must be in [0, 0.5) (got {self.val_fraction}).")
 
 
+@dataclass
+class AAEConfig(LatentModelConfig):
+    """Adversarial autoencoder: a deterministic code pushed to the prior N(0, I) by a
+    discriminator, a class-conditioned decoder and an attribute-regularised dimension."""
+
+    condition_key: str | None = option(None, "obs column with a class the decoder is "
+                                       "conditioned on (batch, cell type, donor).", AAE,
+                                       shown="no condition")
+    attribute_key: str | None = option(None, "Numeric obs column tied to one latent dimension "
+                                       "by attribute regularisation.", AAE, shown="none")
+    attribute_dim: int = option(0, "The latent dimension that orders cells by the attribute.",
+                                AAE)
+    ar_weight: float = option(1.0, "Weight of the attribute-regularisation loss.", AAE)
+    adversary: str = option("alternate", "grl (gradient reversal: one backward, every player "
+                            "steps) or alternate (the discriminator steps with the encoder "
+                            "frozen, then the encoder with the discriminator frozen).", LATENT,
+                            choices=("grl", "alternate"))
+    adv_loss: str = option("flip", "What the encoder minimises: negce (minus the "
+                           "discriminator's cross-entropy), uniform (towards 1/K) or flip "
+                           "(towards a wrong class).", LATENT,
+                           choices=("negce", "uniform", "flip"))
+
+    def check(self) -> None:
+        super().check()
+        _non_negative(ar_weight=self.ar_weight)
+        if not 0 <= self.attribute_dim < self.latent_dim:
+            raise InputError(f"--attribute-dim must be a latent dimension, 0 to "
+                             f"{self.latent_dim - 1} (got {self.attribute_dim}).")
+
+
 CONFIGS: dict[str, type[TrainConfig]] = {"confounder": ConfounderConfig,
-                                         "integrate": IntegrationConfig}
+                                         "integrate": IntegrationConfig, "aae": AAEConfig}
 
 SEED_PRESET = dict(batch_size=32, lr=1e-3, lr_generator=None, outer_iterations=10,
                    predictor_epochs=1, generator_epochs=1, intercept=False, z_type="binary",

@@ -392,15 +392,17 @@ def parse_key_list(text: str | None) -> list[str] | None:
 MAX_DOMAINS = 200
 
 
-def encode_domains(adata, key: str, domains: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """Domain codes (int64) for ``obs[key]`` and the domain names, checking for two or more."""
-    col = obs_column(adata, key, "Batch")
+def encode_domains(adata, key: str, domains: Sequence[str] | None = None,
+                   what: str = "Batch") -> tuple[np.ndarray, list[str]]:
+    """Codes (int64) for the levels of ``obs[key]`` (domains, classes, labels) and the level
+    names, checking for two or more."""
+    col = obs_column(adata, key, what)
     if col.isna().any():
-        raise InputError(f"Batch obs['{key}'] has {int(col.isna().sum())} missing values.")
+        raise InputError(f"{what} obs['{key}'] has {int(col.isna().sum())} missing values.")
     if pd.api.types.is_float_dtype(col.dtype) and not np.all(np.mod(col.to_numpy(), 1) == 0):
-        raise InputError(f"Batch obs['{key}'] holds non-integer numbers: it looks like a "
-                         "measurement, not a domain label. Give the column naming each cell's "
-                         "batch.")
+        raise InputError(f"{what} obs['{key}'] holds non-integer numbers: it looks like a "
+                         "measurement, not a label. Give the column naming each cell's "
+                         f"{what.lower()}.")
     as_str = col.astype(str).to_numpy()
     if domains is None:
         if isinstance(col.dtype, pd.CategoricalDtype):
@@ -408,15 +410,15 @@ def encode_domains(adata, key: str, domains: Sequence[str] | None = None) -> tup
         else:
             domains = sorted(np.unique(as_str).tolist())
         if len(domains) < 2:
-            raise InputError(f"Batch obs['{key}'] has a single level ({domains}); integration "
-                             "needs two or more domains.")
+            raise InputError(f"{what} obs['{key}'] has a single level ({domains}); advcli "
+                             "needs two or more levels.")
         if len(domains) > MAX_DOMAINS:
-            raise InputError(f"Batch obs['{key}'] has {len(domains)} levels; a domain column "
+            raise InputError(f"{what} obs['{key}'] has {len(domains)} levels; a label column "
                              f"has a few (at most {MAX_DOMAINS}). Is it the right column?")
     else:
         unknown = sorted(set(np.unique(as_str)) - set(domains))
         if unknown:
-            raise InputError(f"Batch obs['{key}'] has domains {unknown[:5]} that the model was not "
+            raise InputError(f"{what} obs['{key}'] has levels {unknown[:5]} that the model was not "
                              f"trained on (known: {list(domains)}).")
     lookup = {d: i for i, d in enumerate(domains)}
     return np.array([lookup[s] for s in as_str], dtype=np.int64), list(domains)
@@ -466,6 +468,20 @@ def minibatches(n: int, batch_size: int, generator, shuffle: bool = True) -> lis
 
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     return list(order.split(batch_size))
+
+
+TARGET_SUM = 1e4  # counts are normalised to this library size before log1p
+
+
+def count_batch(rows: "CountRows", idx) -> dict:
+    """Counts of the cells ``idx``, their library sizes and log1p(counts / library x 1e4): what
+    every count autoencoder's encoder reads and its NB reconstruction needs."""
+    import torch
+
+    counts = rows.rows(idx)
+    library = counts.sum(dim=1).clamp_min(1.0)
+    return {"counts": counts, "library": library,
+            "x_norm": torch.log1p(counts / library[:, None] * TARGET_SUM)}
 
 
 def balanced_minibatches(train_idx: list, per_domain: int, steps: int, generator) -> list:

@@ -29,7 +29,8 @@ NB_MEAN = "nb_mean"
 LOG_LIK_Y = "log_lik_Y"
 
 # Written by `predict`, integrate mode
-X_LATENT = "X_advcli"
+X_LATENT = "X_advcli"  # integrate and aae: the embedding
+AAE_INPUTS = "aae_inputs"  # uns['advcli'][...]: the condition and attribute keys
 DOMAIN_PROB = "domain_prob"
 
 PREDICT = "predict"
@@ -37,7 +38,7 @@ CONFOUNDER_INPUTS = "confounder_inputs"  # uns['advcli'][...]: what diagnose nee
 INTEGRATE_INPUTS = "integrate_inputs"  # uns['advcli'][...]: the model's batch key and domains
 DECODED_AS = "decoded_as_"  # layers['decoded_as_<domain>'] from predict --decode-as
 
-MODES = ("confounder", "integrate")
+MODES = ("confounder", "integrate", "aae")
 
 # Model file
 FORMAT_VERSION = 2  # 2: per-epoch history records and a resumable training state

@@ -29,6 +29,15 @@ def nb_log_prob(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
             + torch.lgamma(y + theta) - lgamma_theta - torch.lgamma(y + 1.0))
 
 
+def nb_reconstruction(counts: torch.Tensor, log_prop: torch.Tensor, library: torch.Tensor,
+                      theta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative NB log-likelihood of each cell's counts given the decoder's log proportions
+    and the cell's library size, summed over genes and averaged over cells (scVI's
+    reconstruction term); ``theta`` per gene, or a table with ``rows`` as in nb_log_prob."""
+    log_mu = log_prop + torch.log(library)[:, None]
+    return -nb_log_prob(counts, log_mu, theta, rows=rows).sum(dim=1).mean()
+
+
 def nb_nll(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """NB negative log-likelihood averaged over cells and genes (nats per count entry)."""
     return -nb_log_prob(y, log_mu, theta).mean()
@@ -75,6 +84,15 @@ def mse_per_cell(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def domain_ce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     """The discriminator's cross-entropy for the true domains (what it minimises)."""
     return F.cross_entropy(logits, domain)
+
+
+def attribute_regularisation(dimension: torch.Tensor, attribute: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between the pairwise distances of one latent dimension and
+    those of an attribute, within the minibatch: minimal when the dimension orders (and spaces)
+    the cells as the attribute does, up to sign and shift."""
+    d_latent = (dimension[:, None] - dimension[None, :]).abs()
+    d_attribute = (attribute[:, None] - attribute[None, :]).abs()
+    return (d_latent - d_attribute).abs().mean()
 
 
 def negce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:

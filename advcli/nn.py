@@ -144,17 +144,21 @@ class Encoder(nn.Module):
     thousand cells the validation ELBO stops improving within tens of epochs.
     """
 
-    def __init__(self, n_genes: int, latent_dim: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, n_genes: int, latent_dim: int, hidden: int, dropout: float = 0.0,
+                 variational: bool = True):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_genes, hidden), nn.LayerNorm(hidden), nn.ReLU(),
                                  nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(),
                                  nn.Dropout(dropout))
         self.mean = nn.Linear(hidden, latent_dim)
-        self.logvar = nn.Linear(hidden, latent_dim)
+        self.logvar = nn.Linear(hidden, latent_dim) if variational else None
 
-    def forward(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(posterior mean, log-variance); a deterministic encoder returns (code, None)."""
         h = self.net(x_norm)
+        if self.logvar is None:
+            return self.mean(h), None
         return self.mean(h), self.logvar(h).clamp(-10.0, 10.0)
 
 
@@ -210,3 +214,20 @@ class DomainDiscriminator(nn.Module):
         else:
             center, spread = self.center, self.spread
         return self.net((z_mean - center) / spread)
+
+
+class PriorDiscriminator(nn.Module):
+    """Tells a minibatch of latent codes from a minibatch of prior draws (logits: code,
+    prior). Each input also sees the mean and spread of its own minibatch per dimension (the
+    minibatch-statistics features of progressive GANs): without them an encoder can send every
+    cell to one point the discriminator currently believes, and chase it from point to point;
+    with them a collapsed or shifted minibatch is plainly fake."""
+
+    def __init__(self, latent_dim: int, hidden: int = 128):
+        super().__init__()
+        self.net = mlp(3 * latent_dim, hidden, 2, layers=2)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        center = z.mean(dim=0, keepdim=True)
+        spread = z.std(dim=0, keepdim=True) if z.shape[0] > 1 else torch.ones_like(center)
+        return self.net(torch.cat([z, center.expand_as(z), spread.expand_as(z)], dim=1))

@@ -3,12 +3,13 @@ entry in MODELS (and its config in ``advcli.config.CONFIGS``)."""
 
 from __future__ import annotations
 
+from .aae import AAEModel
 from .base import BaseModel
 from .confounder import ConfounderModel
 from .integrate import IntegrationModel
 
 MODELS: dict[str, type[BaseModel]] = {"confounder": ConfounderModel,
-                                      "integrate": IntegrationModel}
+                                      "integrate": IntegrationModel, "aae": AAEModel}
 
 
 def load(payload: dict, path="model") -> BaseModel:
@@ -16,4 +17,4 @@ def load(payload: dict, path="model") -> BaseModel:
     return MODELS[payload["mode"]].from_payload(payload, path)
 
 
-__all__ = ["MODELS", "BaseModel", "ConfounderModel", "IntegrationModel", "load"]
+__all__ = ["MODELS", "AAEModel", "BaseModel", "ConfounderModel", "IntegrationModel", "load"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,24 @@ from ..errors import InputError
 from ..io import load_model, plain, save_model
 from ..strategies import STRATEGIES, Strategy
 from ..train import EpochCallback, TrainState, history_table, run
+
+
+DEFAULT_EPOCHS = 100  # passes over the data, as scVI's benchmarks train
+MIN_STEPS = 1500  # but at least this many optimizer steps: on a few hundred cells an adversary
+                  # needs steps, not epochs, to act
+
+
+def default_batch_size(n_cells: int) -> int:
+    """A power of two between 64 and 256 giving at least ~8 steps per epoch: on a few hundred
+    cells, batches of 256 leave two steps an epoch and an adversary too few steps to act."""
+    return int(min(256, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
+
+
+def default_epochs(max_epochs: int | None, steps_per_epoch: int) -> int:
+    """--max-epochs, else DEFAULT_EPOCHS or as many as MIN_STEPS needs (at most 400)."""
+    if max_epochs is not None:
+        return max_epochs
+    return int(min(400, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -20,25 +20,15 @@ import numpy as np
 import torch
 
 from .. import keys, losses
-from ..data import (CountRows, balanced_minibatches, encode_domains, gene_order,
+from ..data import (CountRows, balanced_minibatches, count_batch, encode_domains, gene_order,
                     in_file_order, load_counts, set_uns, stratified_split, validate_counts)
 from ..errors import InputError
 from ..nn import Decoder, DomainDiscriminator, Encoder
 from ..strategies import constant_call
 from ..train import EpochPlan
-from .base import BaseModel, resolve_device
+from .base import BaseModel, default_batch_size, default_epochs, resolve_device
 
-TARGET_SUM = 1e4
 MIXING_CELLS = 5000
-DEFAULT_EPOCHS = 100  # passes over the data, as scVI's benchmarks train
-MIN_STEPS = 1500  # but at least this many optimizer steps: on a few hundred cells the adversary
-                  # needs steps, not epochs, to act
-
-
-def default_batch_size(n_cells: int) -> int:
-    """A power of two between 64 and 256 giving at least ~8 steps per epoch: on a few hundred
-    cells, batches of 256 leave two steps an epoch and the adversary too few steps to act."""
-    return int(min(256, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
 
 
 class PairedVAE(torch.nn.Module):
@@ -118,9 +108,8 @@ class PairedVAE(torch.nn.Module):
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         out = self.decode(z, batch["domain"])
         if self.likelihood == "nb":
-            log_mu = out + torch.log(batch["library"])[:, None]
-            recon = -losses.nb_log_prob(batch["counts"], log_mu, self.theta(),
-                                        rows=batch["domain"]).sum(dim=1).mean()
+            recon = losses.nb_reconstruction(batch["counts"], out, batch["library"],
+                                             self.theta(), rows=batch["domain"])
         else:
             recon = losses.mse_per_cell(out, batch["x_norm"])
         kl = losses.gaussian_kl(mean, logvar)
@@ -202,10 +191,7 @@ class IntegrationModel(BaseModel):
 
     @property
     def max_epochs(self) -> int:
-        """--max-epochs, else DEFAULT_EPOCHS or as many as MIN_STEPS needs (at most 400)."""
-        if self.config.max_epochs is not None:
-            return self.config.max_epochs
-        return int(min(400, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / self.steps_per_epoch))))
+        return default_epochs(self.config.max_epochs, self.steps_per_epoch)
 
     @property
     def planned_epochs(self) -> int:
@@ -220,10 +206,7 @@ class IntegrationModel(BaseModel):
         rows = self._rows if rows is None else rows
         domain = self._domain if domain is None else domain
         idx = idx.to(self.device)
-        counts = rows.rows(idx)
-        library = counts.sum(dim=1).clamp_min(1.0)
-        x_norm = torch.log1p(counts / library[:, None] * TARGET_SUM)
-        return {"counts": counts, "library": library, "x_norm": x_norm, "domain": domain[idx]}
+        return {**count_batch(rows, idx), "domain": domain[idx]}
 
     def schedule(self) -> Iterator[EpochPlan]:
         """The KL weight warms up over the first quarter of the epochs; the adversary acts from

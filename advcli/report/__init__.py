@@ -17,8 +17,11 @@ from .. import keys
 from ..data import read_h5ad
 from ..errors import InputError
 from ..io import load_model, plain
+from .aae import aae_report
 from .confounder import confounder_report
 from .integrate import integration_report
+
+REPORTS = {"aae": aae_report}  # modes whose report needs only the file and the model
 
 
 def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
@@ -44,8 +47,10 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
     try:
         if mode == "confounder":
             summary = confounder_report(adata, staging, payload)
-        else:
+        elif mode == "integrate":
             summary = integration_report(adata, staging, payload, label_key, batch_key)
+        else:
+            summary = REPORTS[mode](adata, staging, payload)
         summary = {"mode": mode, "input": str(predicted), **summary}
         summary["files"] = sorted(p.name for p in staging.iterdir()) + ["summary.json"]
         (staging / "summary.json").write_text(json.dumps(plain(summary, json_safe=True), indent=2))

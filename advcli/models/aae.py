@@ -1,0 +1,368 @@
+"""AAE mode: an adversarial autoencoder on counts.
+
+    >>> model = advcli.AAEModel(adata, condition_key="batch", attribute_key="log_library")
+    >>> model.train()
+    >>> codes = model.predict(adata)["latent"]
+    >>> new_cells = model.sample(500, condition="10x v2", attribute=8.0)
+
+The encoder maps a cell to a deterministic code; a discriminator tells codes from draws of the
+prior N(0, I) and the encoder learns to fool it, so the codes fill the prior and decoding prior
+draws gives new cells. The decoder is conditioned on a class (``condition_key``). With an
+``attribute_key``, one latent dimension is tied to a numeric attribute by attribute
+regularisation: within each minibatch, the mean absolute difference between the pairwise
+distances of the (standardised) attribute and those of that dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import keys, losses
+from ..data import (CountRows, count_batch, encode_domains, gene_order, in_file_order,
+                    load_counts, minibatches, obs_column, set_uns, validate_counts)
+from ..errors import InputError
+from ..nn import Decoder, Encoder, PriorDiscriminator
+from ..strategies import constant_call
+from ..train import EpochPlan
+from .base import BaseModel, default_batch_size, default_epochs, resolve_device
+
+FAKE, REAL = 0, 1  # the discriminator's classes: an encoded code, a prior draw
+LIBRARY_QUANTILES = 101  # sampled cells draw their library size from these, per condition
+
+
+class AAEModule(torch.nn.Module):
+    """Players: the autoencoder (encoder, decoder, dispersions) and the prior discriminator."""
+
+    def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_conditions: int,
+                 likelihood: str, dropout: float, adv_loss: str, attribute_dim: int | None):
+        super().__init__()
+        self.encoder = Encoder(n_genes, latent_dim, hidden, dropout, variational=False)
+        self.decoder = Decoder(latent_dim, n_genes, hidden, likelihood, n_conditions)
+        self.log_theta = torch.nn.Parameter(torch.ones(n_genes))
+        self.discriminator = PriorDiscriminator(latent_dim, hidden)
+        self.likelihood, self.attribute_dim = likelihood, attribute_dim
+        self.adv_loss = losses.ADV_LOSSES[adv_loss]
+
+    def players(self) -> dict[str, list]:
+        return {"autoencoder": list(self.encoder.parameters()) + list(self.decoder.parameters())
+                + [self.log_theta], "discriminator": list(self.discriminator.parameters())}
+
+    @staticmethod
+    def turns() -> list[tuple[tuple[str, ...], int]]:
+        return [(("discriminator",), 1), (("autoencoder",), 1)]
+
+    def theta(self) -> torch.Tensor:
+        return torch.exp(self.log_theta.clamp(-10.0, 10.0))
+
+    def reconstruction(self, batch: dict, code: torch.Tensor) -> torch.Tensor:
+        """Per-entry reconstruction loss (NB nats, or squared error of log1p values) averaged
+        over cells and genes, so that the adversarial and AR weights mean the same on 500
+        genes as on 15,000."""
+        out = self.decoder(code, batch.get("condition"))
+        n_genes = out.shape[1]
+        if self.likelihood == "nb":
+            return losses.nb_reconstruction(batch["counts"], out, batch["library"],
+                                            self.theta()) / n_genes
+        return losses.mse_per_cell(out, batch["x_norm"]) / n_genes
+
+    def objective(self, batch: dict, players, ctx: dict) -> tuple[dict, dict]:
+        out, logs = {}, {}
+        fake = torch.full((batch["x_norm"].shape[0],), FAKE, dtype=torch.long,
+                          device=batch["x_norm"].device)
+        if "autoencoder" in players:
+            code, _ = self.encoder(batch["x_norm"])
+            recon = self.reconstruction(batch, code)
+            fool = self.adv_loss(constant_call(self.discriminator, code), fake)
+            loss = recon + ctx["adv_weight"] * fool
+            logs.update(recon=recon.detach(), fool=fool.detach())
+            if self.attribute_dim is not None and ctx["ar_weight"] > 0:
+                ar = losses.attribute_regularisation(code[:, self.attribute_dim],
+                                                     batch["attribute"])
+                loss = loss + ctx["ar_weight"] * ar
+                logs["ar"] = ar.detach()
+            out["autoencoder"] = loss
+            code = code.detach()
+        else:
+            with torch.no_grad():
+                code, _ = self.encoder(batch["x_norm"])
+        if "discriminator" in players:
+            prior = torch.randn_like(code)  # each half judged with its own minibatch spread
+            logits = torch.cat([self.discriminator(code), self.discriminator(prior)])
+            labels = torch.cat([fake, torch.full_like(fake, REAL)])
+            out["discriminator"] = losses.domain_ce(logits, labels)
+            logs["disc_ce"] = out["discriminator"].detach()
+            logs["disc_acc"] = (logits.detach().argmax(dim=1) == labels).float().mean()
+        return out, logs
+
+
+class AAEModel(BaseModel):
+    """Adversarial autoencoder: codes that match N(0, I), class-conditioned decoding, an
+    attribute-ordered dimension, and new cells sampled from the prior."""
+
+    mode = "aae"
+    progress_keys = ("recon", "ar", "disc_ce", "disc_acc")
+    monitored_losses = ("recon", "disc_ce")
+
+    def _setup(self, adata) -> None:
+        cfg = self.config
+        validate_counts(adata, cfg.layer)
+        self.genes_ = [str(g) for g in adata.var_names]
+        n = adata.n_obs
+        if cfg.condition_key is not None:
+            condition, self.conditions_ = encode_domains(adata, cfg.condition_key,
+                                                         what="Condition")
+        else:
+            condition, self.conditions_ = np.zeros(n, dtype=np.int64), []
+        counts = load_counts(adata, cfg.layer)
+        self._attribute = None
+        self.attribute_center_, self.attribute_scale_ = 0.0, 1.0
+        if cfg.attribute_key is not None:
+            values = self._attribute_values(adata)
+            self.attribute_center_ = float(values.mean())
+            self.attribute_scale_ = float(values.std()) or 1.0
+            self._attribute = torch.from_numpy(
+                ((values - self.attribute_center_) / self.attribute_scale_).astype(np.float32)
+            ).to(self.device)
+        if cfg.batch_size is None:
+            self.config = cfg = replace(cfg, batch_size=default_batch_size(n))
+        library = np.log(np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1.0))
+        self.library_quantiles_ = [
+            np.quantile(library[condition == k], np.linspace(0, 1, LIBRARY_QUANTILES)).tolist()
+            for k in range(max(len(self.conditions_), 1))]
+        torch.manual_seed(cfg.seed)
+        self.module = self._build(len(self.genes_)).to(self.device)
+        self._rows = CountRows(counts, self.device)
+        self._condition = torch.from_numpy(condition).to(self.device)
+        self._col_sums = np.asarray(counts.sum(axis=0), dtype=np.float64)
+        self.attribute_map_ = None
+
+    def _attribute_values(self, adata) -> np.ndarray:
+        key = self.config.attribute_key
+        column = obs_column(adata, key, "Attribute")
+        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise InputError(f"Attribute obs['{key}'] must be numeric and finite for every "
+                             f"cell ({int((~np.isfinite(values)).sum())} are not).")
+        return values
+
+    def _data_summary(self) -> bytes:
+        extra = b"" if self._attribute is None else self._attribute.cpu().numpy().tobytes()
+        return self._col_sums.tobytes() + self._condition.cpu().numpy().tobytes() + extra
+
+    def _build(self, n_genes: int) -> AAEModule:
+        cfg = self.config
+        return AAEModule(n_genes, cfg.latent_dim, cfg.hidden, len(self.conditions_),
+                         cfg.likelihood, cfg.dropout, cfg.adv_loss,
+                         cfg.attribute_dim if cfg.attribute_key is not None else None)
+
+    # ------------------------------------------------------------------ the loop's pieces
+
+    @property
+    def strategy_name(self) -> str:
+        return "simultaneous" if self.config.adversary == "grl" else "alternating"
+
+    def learning_rates(self) -> dict[str, float]:
+        cfg = self.config
+        return {"autoencoder": cfg.lr, "discriminator": cfg.lr_discriminator or cfg.lr}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self._condition.shape[0] / self.config.batch_size)
+
+    @property
+    def planned_epochs(self) -> int:
+        return default_epochs(self.config.max_epochs, self.steps_per_epoch)
+
+    def batches(self, sampler: torch.Generator) -> list[torch.Tensor]:
+        return [b for b in minibatches(self._condition.shape[0], self.config.batch_size, sampler)
+                if len(b) > 1]  # AR compares pairs of cells
+
+    def batch(self, idx: torch.Tensor, rows: CountRows | None = None,
+              condition: torch.Tensor | None = None) -> dict:
+        rows = self._rows if rows is None else rows
+        condition = self._condition if condition is None else condition
+        idx = idx.to(self.device)
+        out = count_batch(rows, idx)
+        if self.conditions_:
+            out["condition"] = condition[idx]
+        if self._attribute is not None and rows is self._rows:
+            out["attribute"] = self._attribute[idx]
+        return out
+
+    def schedule(self) -> Iterator[EpochPlan]:
+        cfg = self.config
+        for _ in range(self.planned_epochs):
+            yield EpochPlan(("autoencoder", "discriminator"),
+                            {"adv_weight": cfg.adv_weight, "ar_weight": cfg.ar_weight})
+
+    def _summarise(self, wall: float, cpu: float) -> dict[str, Any]:
+        from scipy.stats import kstest, spearmanr
+
+        codes = self.predict()["latent"]
+        ks = [float(kstest(codes[:, j], "norm").statistic) for j in range(codes.shape[1])]
+        last = self.train_state_.records[-1]
+        summary = {"mode": self.mode, "n_cells": int(codes.shape[0]),
+                   "n_genes": len(self.genes_), "epochs": self.epochs_, "train_seconds": wall,
+                   "train_cpu_seconds": cpu, "final_losses": {k: last.get(k, math.nan) for k in
+                                                              ("recon", "ar", "disc_ce",
+                                                               "disc_acc")},
+                   "conditions": list(self.conditions_), "latent_ks_mean": float(np.mean(ks)),
+                   "latent_ks_max": float(np.max(ks)), "warnings": []}
+        if self._attribute is not None:
+            attribute = self._attribute.cpu().numpy()
+            dim = codes[:, self.config.attribute_dim]
+            summary["attribute_spearman"] = float(spearmanr(dim, attribute)[0])
+            slope, intercept = np.polyfit(attribute, dim, 1)
+            self.attribute_map_ = [float(intercept), float(slope)]
+            if abs(summary["attribute_spearman"]) < 0.5:
+                summary["warnings"].append(
+                    f"Latent dimension {self.config.attribute_dim} follows the attribute only "
+                    f"weakly (Spearman {summary['attribute_spearman']:.2f}): sampling at an "
+                    "attribute value will not control it. Raise --ar-weight.")
+        if summary["latent_ks_mean"] > 0.2:
+            summary["warnings"].append(
+                f"The codes do not match the prior N(0, 1) (mean KS distance "
+                f"{summary['latent_ks_mean']:.2f}; 0 is a perfect match): decoded prior "
+                "samples will not look like these cells. Train longer (--max-epochs) or raise "
+                "--adv-weight.")
+        return summary
+
+    # ------------------------------------------------------------------ prediction
+
+    def _inputs(self, adata):
+        validate_counts(adata, self.config.layer)
+        order = gene_order(adata, self.genes_)
+        if self.conditions_:
+            condition, _ = encode_domains(adata, self.config.condition_key, self.conditions_,
+                                          what="Condition")
+        else:
+            condition = np.zeros(adata.n_obs, dtype=np.int64)
+        counts = load_counts(adata, self.config.layer)[:, order]
+        return CountRows(counts, self.device), torch.from_numpy(condition).to(self.device)
+
+    @torch.inference_mode()
+    def predict(self, adata=None, batch_size: int = 1024, device: str | None = None
+                ) -> dict[str, np.ndarray]:
+        """Each cell's code and, with the NB likelihood, its decoded NB mean."""
+        self._require_trained()
+        if device is not None:
+            self.device = resolve_device(device)
+            self.module.to(self.device)
+        if adata is None:
+            self._require_data("predict()")
+            rows, condition = self._rows, self._condition
+        else:
+            rows, condition = self._inputs(adata)
+        module = self.module.eval()
+        parts: dict[str, list] = {"latent": [], "nb_mean": []}
+        n = rows.shape[0]
+        for start in range(0, n, batch_size):
+            batch = self.batch(torch.arange(start, min(start + batch_size, n)), rows, condition)
+            code, _ = module.encoder(batch["x_norm"])
+            parts["latent"].append(code.cpu())
+            if self.config.likelihood == "nb":
+                out = module.decoder(code, batch.get("condition"))
+                parts["nb_mean"].append((torch.exp(out) * batch["library"][:, None]).cpu())
+        return {k: torch.cat(v).numpy() for k, v in parts.items() if v}
+
+    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto") -> list[str]:
+        out = self.predict(adata, batch_size=batch_size, device=device)
+        adata.obsm[keys.X_LATENT] = out["latent"].astype(np.float32)
+        written = [f"obsm['{keys.X_LATENT}']"]
+        if "nb_mean" in out:
+            adata.layers[keys.NB_MEAN] = in_file_order(adata, self.genes_, out["nb_mean"])
+            written.append(f"layers['{keys.NB_MEAN}']")
+        cfg = self.config
+        set_uns(adata, keys.AAE_INPUTS, {"condition_key": cfg.condition_key or "",
+                                         "attribute_key": cfg.attribute_key or "",
+                                         "attribute_dim": cfg.attribute_dim})
+        return written
+
+    @torch.inference_mode()
+    def sample(self, n: int, condition: str | None = None, attribute: float | None = None,
+               seed: int = 0):
+        """``n`` new cells decoded from prior draws: an AnnData with sampled NB counts in X,
+        their codes in obsm['X_advcli'] and NB means in layers['nb_mean']. ``condition`` (a
+        class of the condition key; default: drawn in the training proportions) and
+        ``attribute`` (a value of the attribute, which sets the attribute dimension)."""
+        import anndata as ad
+        import scipy.sparse as sp
+
+        self._require_trained()
+        cfg = self.config
+        if n <= 0:
+            raise InputError(f"--n must be positive (got {n}).")
+        gen = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        if condition is not None and condition not in self.conditions_:
+            raise InputError(f"--condition '{condition}' is not a class of the model "
+                             f"({', '.join(self.conditions_) or 'it has no condition key'}).")
+        if self.conditions_:
+            codes = (np.full(n, self.conditions_.index(condition)) if condition is not None
+                     else rng.choice(len(self.conditions_), n))
+        else:
+            codes = np.zeros(n, dtype=np.int64)
+        z = torch.randn(n, cfg.latent_dim, generator=gen)
+        if attribute is not None:
+            if self.attribute_map_ is None:
+                raise InputError("--attribute needs a model trained with --attribute-key.")
+            if not math.isfinite(attribute):
+                raise InputError(f"--attribute must be a finite number (got {attribute}).")
+            intercept, slope = self.attribute_map_
+            standard = (attribute - self.attribute_center_) / self.attribute_scale_
+            z[:, cfg.attribute_dim] = intercept + slope * standard
+        library = np.exp(np.array([rng.choice(self.library_quantiles_[k]) for k in codes]))
+        module = self.module.to("cpu").eval()
+        condition_t = torch.from_numpy(codes.astype(np.int64)) if self.conditions_ else None
+        out = module.decoder(z, condition_t)
+        scale = torch.from_numpy(library).float()[:, None]
+        if cfg.likelihood == "nb":
+            mean = (torch.exp(out) * scale).numpy().astype(np.float64)
+            theta = module.theta().numpy().astype(np.float64)[None, :]
+            rate = rng.gamma(theta, np.maximum(mean, 1e-12) / theta)  # NB = Poisson-Gamma
+        else:
+            mean = (torch.expm1(out.clamp_min(0)) * scale / 1e4).numpy().astype(np.float64)
+            rate = mean
+        counts = torch.from_numpy(rng.poisson(rate).astype(np.float32))
+        mean = torch.from_numpy(mean)
+        obs = pd.DataFrame({"library_size": counts.sum(1).numpy()},
+                           index=[f"sampled_{i}" for i in range(n)])
+        if self.conditions_:
+            obs[cfg.condition_key] = pd.Categorical(np.asarray(self.conditions_)[codes],
+                                                    categories=self.conditions_)
+        if attribute is not None:
+            obs[cfg.attribute_key] = attribute
+        adata = ad.AnnData(X=sp.csr_matrix(counts.numpy().astype(np.float32)), obs=obs,
+                           var=pd.DataFrame(index=self.genes_))
+        adata.obsm[keys.X_LATENT] = z.numpy()
+        adata.layers[keys.NB_MEAN] = mean.numpy().astype(np.float32)
+        return adata
+
+    # ------------------------------------------------------------------ files
+
+    def _encoding(self) -> dict:
+        return {"conditions": list(self.conditions_),
+                "attribute_center": self.attribute_center_,
+                "attribute_scale": self.attribute_scale_,
+                "attribute_map": self.attribute_map_,
+                "library_quantiles": self.library_quantiles_}
+
+    def resume_from(self, payload: dict, path="model") -> None:
+        super().resume_from(payload, path)
+        self.attribute_map_ = payload["encoding"].get("attribute_map")
+
+    def _rebuild(self, payload: dict) -> None:
+        enc = payload["encoding"]
+        self.conditions_ = [str(c) for c in enc["conditions"]]
+        self.attribute_center_ = float(enc["attribute_center"])
+        self.attribute_scale_ = float(enc["attribute_scale"])
+        self.attribute_map_ = enc["attribute_map"]
+        self.library_quantiles_ = [list(map(float, q)) for q in enc["library_quantiles"]]
+        self._rows = self._attribute = None  # no training data
+        self.module = self._build(len(self.genes_))

@@ -1,0 +1,136 @@
+"""AAE mode: the losses' signs, which players each turn moves, the API and the CLI end to end."""
+
+import copy
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from advcli import AAEModel, losses
+from advcli.models.aae import FAKE, AAEModule
+from advcli.strategies import AlternatingFreeze
+from conftest import SAMPLE
+
+
+def test_attribute_regularisation_is_zero_when_the_dimension_is_the_attribute():
+    a = torch.randn(50)
+    assert losses.attribute_regularisation(a, a).item() == pytest.approx(0.0)
+    assert losses.attribute_regularisation(-a + 3.0, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.attribute_regularisation(torch.randn(50), a).item() > 0.3
+
+
+def _module_and_batch():
+    torch.manual_seed(0)
+    n, genes = 32, 20
+    counts = torch.poisson(torch.full((n, genes), 3.0))
+    library = counts.sum(1)
+    batch = {"counts": counts, "library": library,
+             "x_norm": torch.log1p(counts / library[:, None] * 1e4),
+             "condition": torch.arange(n) % 2, "attribute": torch.randn(n)}
+    return AAEModule(genes, 4, 16, 2, "nb", 0.0, "flip", attribute_dim=0), batch
+
+
+def _moved(before, after):
+    return any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
+
+
+def test_each_turn_moves_its_player_only():
+    module, batch = _module_and_batch()
+    ctx = {"adv_weight": 1.0, "ar_weight": 1.0}
+    strategy = AlternatingFreeze(module, {"autoencoder": 1e-2, "discriminator": 1e-2})
+    snap = copy.deepcopy(module)
+    strategy._freeze_all_but(["discriminator"])
+    record = strategy._update(batch, ["discriminator"], ctx)
+    assert {"disc_ce", "disc_acc"} <= set(record)
+    assert _moved(snap.discriminator, module.discriminator)
+    assert not _moved(snap.encoder, module.encoder)
+    snap = copy.deepcopy(module)
+    strategy._freeze_all_but(["autoencoder"])
+    record = strategy._update(batch, ["autoencoder"], ctx)
+    assert {"recon", "ar", "fool"} <= set(record)
+    assert _moved(snap.encoder, module.encoder) and _moved(snap.decoder, module.decoder)
+    assert not _moved(snap.discriminator, module.discriminator)
+
+
+def test_the_encoder_is_pushed_toward_what_the_discriminator_calls_prior():
+    """The adversarial term falls as the discriminator's probability of 'prior' for a code
+    rises: descending it fools the discriminator."""
+    module, batch = _module_and_batch()
+    code, _ = module.encoder(batch["x_norm"])
+    fake = torch.full((code.shape[0],), FAKE)
+    logits = module.discriminator(code)
+    fooled = logits.detach().clone()
+    fooled[:, 1 - FAKE] += 3.0  # the discriminator now says "prior" more
+    assert module.adv_loss(fooled, fake) < module.adv_loss(logits.detach(), fake)
+
+
+@pytest.fixture(scope="module")
+def pbmc_like():
+    a = ad.read_h5ad(SAMPLE / "integrate.h5ad")
+    a = a[np.r_[0:250, a.n_obs - 250:a.n_obs]].copy()
+    a.obs["log_library"] = np.log(np.asarray(a.X.sum(1)).ravel())
+    return a
+
+
+def test_api_train_predict_sample_and_reload(pbmc_like, tmp_path):
+    model = AAEModel(pbmc_like, condition_key="batch", attribute_key="log_library",
+                     latent_dim=4, max_epochs=20).train()
+    summary = model.fit_summary()
+    assert summary["mode"] == "aae" and summary["epochs"] == 20
+    assert abs(summary["attribute_spearman"]) > 0.5  # the AR dimension follows the attribute
+    codes = model.predict(pbmc_like)["latent"]
+    assert codes.shape == (pbmc_like.n_obs, 4) and np.isfinite(codes).all()
+    cells = model.sample(50, condition="B", attribute=7.0, seed=3)
+    assert cells.shape == (50, pbmc_like.n_vars)
+    assert (cells.obs["batch"] == "B").all() and (cells.X.data >= 0).all()
+    assert np.array_equal(cells.X.data, np.round(cells.X.data))
+    intercept, slope = model.attribute_map_
+    standard = (7.0 - model.attribute_center_) / model.attribute_scale_
+    assert np.allclose(cells.obsm["X_advcli"][:, 0], intercept + slope * standard, atol=1e-5)
+    model.save(tmp_path / "aae.pt")
+    loaded = AAEModel.load(tmp_path / "aae.pt")
+    np.testing.assert_array_equal(loaded.predict(pbmc_like)["latent"], codes)
+    np.testing.assert_array_equal(loaded.sample(50, condition="B", attribute=7.0, seed=3).X.data,
+                                  cells.X.data)
+
+
+def test_cli_fit_predict_sample_diagnose(pbmc_like, tmp_path, invoke, write):
+    data = write(pbmc_like, "d.h5ad")
+    r = invoke("fit", data, "--mode", "aae", "--condition-key", "batch", "--attribute-key",
+               "log_library", "--latent-dim", "4", "--max-epochs", "5", "-o", tmp_path / "m.pt",
+               "--json")
+    assert r.exit_code == 0, r.stderr
+    r = invoke("predict", tmp_path / "m.pt", data, "-o", tmp_path / "p.h5ad")
+    assert r.exit_code == 0, r.stderr
+    assert ad.read_h5ad(tmp_path / "p.h5ad").obsm["X_advcli"].shape == (pbmc_like.n_obs, 4)
+    r = invoke("sample", tmp_path / "m.pt", "-o", tmp_path / "s.h5ad", "--n", "40")
+    assert r.exit_code == 0, r.stderr
+    assert ad.read_h5ad(tmp_path / "s.h5ad").shape == (40, pbmc_like.n_vars)
+    r = invoke("diagnose", tmp_path / "p.h5ad", "-o", tmp_path / "report", "--model",
+               tmp_path / "m.pt")
+    assert r.exit_code == 0, r.stderr
+    files = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"latent_vs_prior.png", "attribute_dimension.png", "loss_curves.png",
+            "aae_metrics.json"} <= files
+
+
+def test_cli_bad_inputs(pbmc_like, tmp_path, invoke, write):
+    data = write(pbmc_like, "d.h5ad")
+    bad = pbmc_like.copy()
+    bad.obs["log_library"] = "high"
+    r = invoke("fit", write(bad, "bad.h5ad"), "--mode", "aae", "--attribute-key", "log_library",
+               "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "numeric and finite" in r.stderr
+    r = invoke("fit", data, "--mode", "aae", "--attribute-dim", "12", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "--attribute-dim must be a latent dimension" in r.stderr
+    r = invoke("fit", data, "--mode", "aae", "--treatment-key", "D", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "applies to --mode confounder only" in r.stderr
+    invoke("fit", data, "--mode", "aae", "--max-epochs", "1", "-o", tmp_path / "m.pt")
+    r = invoke("sample", tmp_path / "m.pt", "-o", tmp_path / "s.h5ad", "--attribute", "3")
+    assert r.exit_code == 2 and "--attribute-key" in r.stderr
+    r = invoke("sample", tmp_path / "m.pt", "-o", tmp_path / "s.h5ad", "--condition", "X")
+    assert r.exit_code == 2 and "not a class" in r.stderr
+    r = invoke("sample", tmp_path / "m.pt", "-o", tmp_path / "s.h5ad", "--n", "0")
+    assert r.exit_code == 2 and "--n must be positive" in r.stderr
+    assert not (tmp_path / "s.h5ad").exists()
