@@ -4,7 +4,8 @@ The models are imported lazily so that `advcli --help` does not wait for torch.
 """
 
 __version__ = "0.1.0"
-__all__ = ["AAEModel", "ConfounderModel", "IntegrationModel", "__version__"]
+__all__ = ["AAEModel", "ConfounderModel", "DisentangleModel", "IntegrationModel",
+           "__version__"]
 
 
 def __getattr__(name: str):

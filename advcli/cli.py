@@ -221,7 +221,7 @@ def _fit_option_specs() -> dict[str, dict]:
     import dataclasses
     import typing
 
-    from .config import CONFIGS, TRAINING, default_of
+    from .config import CONFIGS, LATENT, TRAINING, default_of
 
     specs: dict[str, dict] = {}
     for mode, cls in CONFIGS.items():
@@ -236,7 +236,12 @@ def _fit_option_specs() -> dict[str, dict]:
                 default = ",".join(default)
             spec["defaults"][mode] = shown if shown is not None else default
             if f.metadata.get("group") != TRAINING:
+                spec.setdefault("groups", set()).add(f.metadata["group"])
                 spec["meta"] = f.metadata
+    for name, spec in specs.items():
+        if len(spec.get("groups", ())) > 1:  # a mode option several modes have
+            spec["meta"] = {**spec["meta"], "group": LATENT,
+                            "help": f"({', '.join(spec['modes'])}) {spec['meta']['help']}"}
     return specs
 
 

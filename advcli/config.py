@@ -16,8 +16,9 @@ from .errors import InputError
 TRAINING = "Training (both modes)"
 CONFOUNDER = "Confounder mode"
 INTEGRATE = "Integrate mode"
-LATENT = "Latent models (integrate, aae)"
+LATENT = "Latent models (integrate, aae, disentangle)"
 AAE = "AAE mode"
+DISENTANGLE = "Disentangle mode"
 
 
 def option(default: Any, help: str, group: str, *, shown: str | None = None,
@@ -155,7 +156,7 @@ class ConfounderConfig(TrainConfig):
 
 @dataclass
 class LatentModelConfig(TrainConfig):
-    """What the count autoencoders (integrate, aae) share: a latent space, a
+    """What the count autoencoders (integrate, aae, disentangle) share: a latent space, a
     likelihood, an adversary and its loss."""
 
     latent_dim: int = option(10, "Latent dimensions.", LATENT)
@@ -253,8 +254,35 @@ class AAEConfig(LatentModelConfig):
                              f"{self.latent_dim - 1} (got {self.attribute_dim}).")
 
 
+@dataclass
+class DisentangleConfig(LatentModelConfig):
+    """A VAE whose latent splits into s (carries the label) and z (cleaned of it by an
+    adversary), with swap reconstructions and a real-vs-generated discriminator."""
+
+    label_key: str = option("cell_type", "obs column with the label s must carry.",
+                            DISENTANGLE)
+    s_dim: int = option(8, "Dimensions of s, the label-carrying part.", DISENTANGLE)
+    swap_weight: float = option(1.0, "Weight of reconstructing a cell from its z and the s of "
+                                "another cell of its class.", DISENTANGLE)
+    gan_weight: float = option(0.1, "Weight of the real-vs-generated adversary on decoded "
+                               "cells.", DISENTANGLE)
+    adv_loss: str = option("uniform", "What the encoder minimises: negce (minus the "
+                           "discriminator's cross-entropy), uniform (towards 1/K) or flip "
+                           "(towards a wrong class).", LATENT,
+                           choices=("negce", "uniform", "flip"))
+    beta_kl: float = option(1.0, "Weight of the KL term of z.", DISENTANGLE)
+    adv_weight: float = option(10.0, "Weight of the adversarial term.", LATENT)
+
+    def check(self) -> None:
+        super().check()
+        _positive(s_dim=self.s_dim)
+        _non_negative(swap_weight=self.swap_weight, gan_weight=self.gan_weight,
+                      beta_kl=self.beta_kl)
+
+
 CONFIGS: dict[str, type[TrainConfig]] = {"confounder": ConfounderConfig,
-                                         "integrate": IntegrationConfig, "aae": AAEConfig}
+                                         "integrate": IntegrationConfig, "aae": AAEConfig,
+                                         "disentangle": DisentangleConfig}
 
 SEED_PRESET = dict(batch_size=32, lr=1e-3, lr_generator=None, outer_iterations=10,
                    predictor_epochs=1, generator_epochs=1, intercept=False, z_type="binary",

@@ -30,6 +30,9 @@ LOG_LIK_Y = "log_lik_Y"
 
 # Written by `predict`, integrate mode
 X_LATENT = "X_advcli"  # integrate and aae: the embedding
+X_LATENT_S = "X_advcli_s"  # disentangle: the label-carrying part
+X_LATENT_Z = "X_advcli_z"  # disentangle: the part cleaned of the label
+DISENTANGLE_INPUTS = "disentangle_inputs"  # uns['advcli'][...]: the label key
 AAE_INPUTS = "aae_inputs"  # uns['advcli'][...]: the condition and attribute keys
 DOMAIN_PROB = "domain_prob"
 
@@ -38,7 +41,7 @@ CONFOUNDER_INPUTS = "confounder_inputs"  # uns['advcli'][...]: what diagnose nee
 INTEGRATE_INPUTS = "integrate_inputs"  # uns['advcli'][...]: the model's batch key and domains
 DECODED_AS = "decoded_as_"  # layers['decoded_as_<domain>'] from predict --decode-as
 
-MODES = ("confounder", "integrate", "aae")
+MODES = ("confounder", "integrate", "aae", "disentangle")
 
 # Model file
 FORMAT_VERSION = 2  # 2: per-epoch history records and a resumable training state

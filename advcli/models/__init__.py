@@ -6,10 +6,12 @@ from __future__ import annotations
 from .aae import AAEModel
 from .base import BaseModel
 from .confounder import ConfounderModel
+from .disentangle import DisentangleModel
 from .integrate import IntegrationModel
 
 MODELS: dict[str, type[BaseModel]] = {"confounder": ConfounderModel,
-                                      "integrate": IntegrationModel, "aae": AAEModel}
+                                      "integrate": IntegrationModel, "aae": AAEModel,
+                                      "disentangle": DisentangleModel}
 
 
 def load(payload: dict, path="model") -> BaseModel:
@@ -17,4 +19,5 @@ def load(payload: dict, path="model") -> BaseModel:
     return MODELS[payload["mode"]].from_payload(payload, path)
 
 
-__all__ = ["MODELS", "AAEModel", "BaseModel", "ConfounderModel", "IntegrationModel", "load"]
+__all__ = ["MODELS", "AAEModel", "BaseModel", "ConfounderModel", "DisentangleModel",
+           "IntegrationModel", "load"]

@@ -19,9 +19,10 @@ from ..errors import InputError
 from ..io import load_model, plain
 from .aae import aae_report
 from .confounder import confounder_report
+from .disentangle import disentangle_report
 from .integrate import integration_report
 
-REPORTS = {"aae": aae_report}  # modes whose report needs only the file and the model
+REPORTS = {"aae": aae_report, "disentangle": disentangle_report}  # modes whose report needs only the file and the model
 
 
 def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
