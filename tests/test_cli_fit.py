@@ -77,7 +77,7 @@ def test_non_finite_option_values_are_bad_input(tmp_path, invoke, value):
 def test_an_option_of_the_other_mode_is_bad_input(tmp_path, invoke):
     r = invoke("fit", DATA, "--mode", "confounder", "--latent-dim", "4", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2
-    assert "--latent-dim applies to --mode integrate or aae only" in r.stderr
+    assert "--latent-dim applies to --mode integrate, aae or disentangle only" in r.stderr
 
 
 def test_output_that_cannot_be_written_is_refused_before_training(tmp_path, invoke):
@@ -100,7 +100,7 @@ def test_every_config_field_is_a_fit_option_with_its_default_in_help(invoke):
         for f in fields(cls):
             assert "--" + f.name.replace("_", "-") in text, f.name
     assert "Confounder mode" in text and "Integrate mode" in text and "[default: 0.01" not in text
-    assert "confounder: 0.01; integrate, aae: 0.001" in text  # --lr's default in each mode
+    assert "confounder: 0.01; integrate, aae, disentangle: 0.001" in text  # --lr's default in each mode
 
 
 def test_docs_cli_md_is_generated_from_the_commands():
