@@ -383,7 +383,8 @@ def _register_fit() -> None:
 
     fixed = [
         ("data", Path, typer.Argument(..., help="Input .h5ad with raw counts.")),
-        ("mode", str, typer.Option(..., "--mode", help="confounder or integrate.")),
+        ("mode", str, typer.Option(..., "--mode",
+                                   help="confounder, integrate, aae or disentangle.")),
         ("out", Path, typer.Option(..., "-o", "--out", help="Model file to write (.pt).")),
         ("backed", bool, typer.Option(False, "--backed", help="Read cells from disk in blocks "
                                       "(not available yet).")),

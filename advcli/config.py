@@ -246,6 +246,8 @@ class AAEConfig(LatentModelConfig):
                            "(towards a wrong class).", LATENT,
                            choices=("negce", "uniform", "flip"))
 
+    lr: float = option(3e-4, "Learning rate.", TRAINING)
+
     def check(self) -> None:
         super().check()
         _non_negative(ar_weight=self.ar_weight)

@@ -100,7 +100,7 @@ def test_every_config_field_is_a_fit_option_with_its_default_in_help(invoke):
         for f in fields(cls):
             assert "--" + f.name.replace("_", "-") in text, f.name
     assert "Confounder mode" in text and "Integrate mode" in text and "[default: 0.01" not in text
-    assert "confounder: 0.01; integrate, aae, disentangle: 0.001" in text  # --lr's default in each mode
+    assert "confounder: 0.01; integrate, disentangle: 0.001; aae: 0.0003" in text  # --lr's default in each mode
 
 
 def test_docs_cli_md_is_generated_from_the_commands():
