@@ -121,3 +121,13 @@ def test_history_table_round_trips():
     table = history_table(records)
     assert np.isnan(table["total"][0]) and table["phase"] == ["heads", "generator"]
     assert history_records(table) == records
+
+
+def test_repr_and_early_stopping_in_the_summary(integrate):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=3)
+    assert "not trained" in repr(model) and "IntegrationModel" in repr(model)
+    model.train()
+    summary = model.fit_summary()
+    assert summary["stopped_early"] is False and summary["max_epochs"] == 3
+    assert 1 <= summary["best_val_epoch"] <= 3 and summary["latent_dim"] == 4
+    assert "trained" in repr(model)

@@ -81,6 +81,13 @@ class BaseModel:
         self._setup(adata)
         self.fingerprint_ = self._fingerprint()
 
+    def __repr__(self) -> str:
+        state = ("trained" if self.is_trained_ else
+                 f"{self.epochs_} epochs, unfinished" if self.epochs_ else "not trained")
+        data = "" if not self.has_data_ else ", with its training data"
+        return (f"{type(self).__name__}(mode={self.mode!r}, {len(self.genes_):,} genes, "
+                f"{state}{data}; config: {type(self.config).__name__})")
+
     # ------------------------------------------------------------------ the loop's pieces
 
     def _setup(self, adata) -> None:

@@ -257,6 +257,8 @@ class IntegrationModel(BaseModel):
             "final_losses": {k: records[-1].get(k, math.nan)
                              for k in ("elbo", "recon", "kl", "disc_ce", "disc_acc", "val_elbo")},
             "adversary": self.config.adversary, "likelihood": self.config.likelihood,
+            "design": self.config.design, "latent_dim": self.config.latent_dim,
+            **self._stopping(records),
             "warnings": []}
         mixing = self.mixing_ilisi()
         summary["mixing_ilisi"] = mixing
@@ -270,6 +272,15 @@ class IntegrationModel(BaseModel):
                 f"--adv-weight, or --adversary alternate, and check the result with `advcli "
                 f"diagnose`.")
         return summary
+
+    def _stopping(self, records: list[dict]) -> dict[str, Any]:
+        """Whether early stopping ended training, and the epoch with the best validation
+        ELBO (the model kept is the last epoch's)."""
+        values = [r.get("val_elbo", math.nan) for r in records]
+        finite = [v for v in values if math.isfinite(v)]
+        best = values.index(min(finite)) + 1 if finite else None
+        return {"stopped_early": len(records) < self.max_epochs, "best_val_epoch": best,
+                "max_epochs": self.max_epochs}
 
     def mixing_ilisi(self, max_cells: int = MIXING_CELLS) -> float:
         """Median iLISI (scIB-normalised) of the training cells' posterior means, on a seeded
