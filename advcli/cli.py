@@ -10,7 +10,6 @@ import contextlib
 import errno
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from rich.table import Table
 
 from . import __version__, keys
 from .errors import InputError
+from .progress import EpochProgress
 
 console = Console(stderr=True)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -347,8 +347,8 @@ def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoin
 
     done = model.epochs_
     try:
-        with _progress_bar(model.planned_epochs, f"fit {mode}", model.progress_keys,
-                           done) as on_epoch:
+        with EpochProgress(model.planned_epochs, f"fit {mode}", model.progress_keys, done,
+                           console) as on_epoch:
             model.train(on_epoch=on_epoch, checkpoint_path=checkpoint,
                         checkpoint_every=checkpoint_every)
     except TrainingInterrupted as exc:
@@ -439,37 +439,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, list):
         return "; ".join(_fmt(v) for v in value) or "none"
     return str(value)
-
-
-class _progress_bar:
-    """A rich progress bar over epochs showing the latest losses; yields the per-epoch callback."""
-
-    def __init__(self, total: int, title: str, shown: tuple[str, ...], done: int = 0):
-        self.total, self.title, self.shown, self.done = total, title, shown, done
-
-    def __enter__(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[losses]}"), console=console,
-                                 transient=False, disable=not console.is_terminal
-                                 and os.environ.get("ADVCLI_PROGRESS") != "1")
-        self.progress.__enter__()
-        self.task = self.progress.add_task(self.title, total=max(self.total, self.done),
-                                           completed=self.done, losses="")
-
-        def on_epoch(done: int, record: dict[str, Any]) -> None:
-            text = "  ".join(f"{k} {record[k]:.4g}" for k in self.shown
-                             if isinstance(record.get(k), float) and math.isfinite(record[k]))
-            total = max(self.total, done)
-            self.progress.update(self.task, completed=done, total=total, losses=text)
-
-        return on_epoch
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
 
 
 def _read(path: Path):

@@ -131,3 +131,9 @@ def test_repr_and_early_stopping_in_the_summary(integrate):
     assert summary["stopped_early"] is False and summary["max_epochs"] == 3
     assert 1 <= summary["best_val_epoch"] <= 3 and summary["latent_dim"] == 4
     assert "trained" in repr(model)
+
+
+def test_train_can_draw_a_progress_bar(integrate, capsys):
+    IntegrationModel(integrate, latent_dim=4, max_epochs=2).train(progress=True)
+    err = capsys.readouterr().err
+    assert "train integrate" in err and "val_elbo" in err

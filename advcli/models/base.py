@@ -119,11 +119,13 @@ class BaseModel:
     # ------------------------------------------------------------------ training
 
     def train(self, max_epochs: int | None = None, on_epoch: EpochCallback | None = None,
-              checkpoint_path: str | Path | None = None, checkpoint_every: int = 0):
+              checkpoint_path: str | Path | None = None, checkpoint_every: int = 0,
+              progress: bool = False):
         """Train, or continue a run that was interrupted or loaded with its data.
 
         ``max_epochs`` raises (or lowers) the epoch budget first. ``on_epoch(epoch, record)``
-        reports progress. With ``checkpoint_path`` a resumable model file is written there every
+        reports progress; ``progress=True`` draws a progress bar instead. With
+        ``checkpoint_path`` a resumable model file is written there every
         ``checkpoint_every`` epochs and on SIGINT / SIGTERM (which then raise
         ``TrainingInterrupted``).
         """
@@ -136,7 +138,16 @@ class BaseModel:
             if self.train_state_ is not None:
                 self.train_state_.finished = False
         start_wall, start_cpu = time.perf_counter(), time.process_time()
-        self._fit(on_epoch, checkpoint_path, checkpoint_every)
+        if progress and on_epoch is None:
+            from rich.console import Console
+
+            from ..progress import EpochProgress
+
+            with EpochProgress(self.planned_epochs, f"train {self.mode}", self.progress_keys,
+                               self.epochs_, Console(stderr=True), force=True) as on_epoch:
+                self._fit(on_epoch, checkpoint_path, checkpoint_every)
+        else:
+            self._fit(on_epoch, checkpoint_path, checkpoint_every)
         self.is_trained_ = True
         self.summary_ = self._summarise(time.perf_counter() - start_wall,
                                         time.process_time() - start_cpu)
