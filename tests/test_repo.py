@@ -54,3 +54,15 @@ def test_no_import_cycles_between_advcli_modules():
 
     for module in graph:
         visit(module, [])
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    (tmp_path / "sample_data").symlink_to(ROOT / "sample_data")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+    assert scope["effects"].shape[0] == scope["adata"].n_vars
+    assert scope["cells"].obsm["X_advcli"].shape[0] == scope["cells"].n_obs
+    assert (tmp_path / "confounder.pt").is_file()
