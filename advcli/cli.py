@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -53,6 +54,10 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     signal.signal(signal.SIGTERM, terminate)  # cleanups run on SIGTERM as on Ctrl-C
 
 
+THREADS_OPTION = typer.Option(None, "--threads", help="CPU threads for torch and its BLAS "
+                              "(default: torch's choice, usually one per core).",
+                              rich_help_panel="Scaling")
+
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EISDIR,
                 errno.ENOTDIR, errno.EFBIG}
 
@@ -71,7 +76,9 @@ def _about(path: Path):
 def _json_error(kwargs: dict, exc: Exception, code: int) -> None:
     """With --json, the error as one JSON object on stdout, so a pipeline reads it as it reads
     a result."""
-    if kwargs.get("as_json"):
+    from .distributed import is_main
+
+    if kwargs.get("as_json") and is_main():
         sys.stdout.write(json.dumps({"error": str(exc), "exit_code": code}) + "\n")
         sys.stdout.flush()
 
@@ -317,8 +324,10 @@ def _checkpoint_path(out: Path) -> Path:
 
 
 def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoint_every: int,
-        resume: Optional[Path], **given) -> None:
+        resume: Optional[Path], nproc: int, threads: Optional[int], **given) -> None:
     """Train a model and write it to one file (loadable with torch.load(weights_only=True))."""
+    from . import distributed
+
     if mode not in keys.MODES:
         raise InputError(f"--mode must be one of {', '.join(keys.MODES)} (got '{mode}').")
     options = _options_for(mode, {k: v for k, v in given.items() if v is not None})
@@ -328,12 +337,53 @@ def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoin
     if checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be zero or more (got {checkpoint_every}).")
     _check_output(out, [data] + ([resume] if resume else []))
+    if nproc < 1:
+        raise InputError(f"--nproc must be 1 or more (got {nproc}).")
+    _set_threads(threads)
 
     from .config import make_config
 
     start = time.perf_counter()
     cfg = make_config(mode, **options)
     cfg.check()
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        raise typer.Exit(distributed.launch(nproc, _argv_without_nproc(sys.argv[1:])))
+    if distributed.launched_by_torchrun():
+        cfg = replace(cfg, device=distributed.init_from_env(cfg.device))
+        console.quiet = not distributed.is_main()
+    try:
+        _fit_in_process(data, mode, out, as_json, checkpoint_every, resume, cfg, start)
+    finally:
+        distributed.shutdown()
+
+
+def _argv_without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    """--threads: torch's (and its BLAS's) threads, for pipelines that run jobs side by side."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise InputError(f"--threads must be 1 or more (got {threads}).")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _fit_in_process(data: Path, mode: str, out: Path, as_json: bool, checkpoint_every: int,
+                    resume: Optional[Path], cfg, start: float) -> None:
+    from . import distributed
+
     adata = _read(data)
     from .io import load_model
     from .models import MODELS
@@ -365,6 +415,8 @@ def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoin
         console.print(f"[bold red]error:[/] {exc} Try a lower --lr (now {cfg.lr:g}) or "
                       f"--max-grad-norm 1.{kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    if not distributed.is_main():
+        return
     model.save(out)
     checkpoint.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
@@ -397,6 +449,11 @@ def _register_fit() -> None:
                                                 "checkpoint (or model file) written with the "
                                                 "same options and data.",
                                                 rich_help_panel="Checkpoints")),
+        ("nproc", int, typer.Option(1, "--nproc", help="Train in N processes on this machine "
+                                    "(torch.distributed: gloo on CPU, one GPU per process with "
+                                    "nccl). Under torchrun leave it out.",
+                                    rich_help_panel="Scaling")),
+        ("threads", Optional[int], THREADS_OPTION),
     ]
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d,
                                 annotation=t) for n, t, d in fixed]
@@ -486,6 +543,7 @@ def predict(
                                            help="[confounder] Also write the per-gene treatment "
                                                 "effects (naive and adjusted for Z-hat) as CSV."),
     as_json: bool = JSON_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ) -> None:
     """Add the model's per-cell outputs to a copy of DATA and write it to OUT."""
     from .data import per_cell_frame, set_uns
@@ -497,6 +555,7 @@ def predict(
         _check_output(csv, [data, model_path, out])
     if effects is not None:
         _check_output(effects, [data, model_path, out] + ([csv] if csv else []))
+    _set_threads(threads)
     start = time.perf_counter()
     payload = load_model(model_path)
     model = load(payload, model_path)
@@ -559,12 +618,14 @@ def sample(
                                                    "attribute dimension of every draw."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JSON_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ) -> None:
     """Generate new cells: decode draws of the prior N(0, I) into counts (aae models)."""
     from .io import load_model, write_h5ad
     from .models import load
 
     _check_output(out, [model_path])
+    _set_threads(threads)
     start = time.perf_counter()
     payload = load_model(model_path, mode="aae")
     model = load(payload, model_path)
@@ -591,11 +652,13 @@ def diagnose(
                                             help="[integrate] obs column with the domains "
                                                  "(default: the model's)."),
     as_json: bool = JSON_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ) -> None:
     """Write metrics, tables and plots about a prediction to a report folder."""
     from .report import diagnose as run
 
     _check_output(out, [predicted] + ([model_path] if model_path else []), folder=True)
+    _set_threads(threads)
     start = time.perf_counter()
     with _about(predicted):
         summary = run(predicted, out, model_path=model_path, label_key=label_key,

@@ -8,6 +8,7 @@ Kept free of torch so the CLI starts fast and checks options before any heavy im
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -37,8 +38,8 @@ class TrainConfig:
 
     layer: str | None = option(None, "Counts layer to use instead of X.", TRAINING, shown="X")
     seed: int = option(0, "Random seed: the same seed gives the same model.", TRAINING)
-    device: str = option("auto", "Where to train: auto (a GPU if torch sees one), cpu or cuda.",
-                         TRAINING, choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", "Where to train: auto (a GPU if torch sees one), cpu, cuda or "
+                         "cuda:N.", TRAINING)
     max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
                                     "counted.", TRAINING, shown="no bound")
     batch_size: int | None = option(None, "Cells per minibatch.", TRAINING)
@@ -59,6 +60,8 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and value is not None:
                 _choice(_option(f.name), value, choices)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InputError(f"--device must be auto, cpu, cuda or cuda:N (got '{self.device}').")
         _positive(lr=self.lr, hidden=self.hidden)
         _non_negative(patience=self.patience)
         for name in ("max_epochs", "batch_size", "max_grad_norm"):

@@ -23,6 +23,8 @@ from typing import Collection
 
 import torch
 
+from .distributed import average_gradients, average_values
+
 
 class TrainingDiverged(RuntimeError):
     """A loss or parameter became NaN or infinite; ``term`` names it."""
@@ -59,7 +61,7 @@ class Strategy:
     def _update(self, batch: dict, players: list[str], ctx: dict) -> dict[str, float]:
         """One forward, one backward of the summed losses, one step per active player."""
         losses, logs = self.module.objective(batch, players, ctx)
-        record = {k: float(v) for k, v in logs.items()}
+        record = average_values({k: float(torch.as_tensor(v).detach()) for k, v in logs.items()})
         for name, value in record.items():
             if not math.isfinite(value):
                 raise TrainingDiverged(name, value)
@@ -67,6 +69,7 @@ class Strategy:
             self.optimizers[name].zero_grad(set_to_none=True)
         sum(losses[name] for name in players).backward()
         for name in players:
+            average_gradients(self.players[name])
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.players[name], self.max_grad_norm)
             self.optimizers[name].step()

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from . import distributed
 from .io import SignalFlag
 from .strategies import Strategy, TrainingDiverged
 
@@ -113,6 +114,7 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
     before any optimizer step takes it in.
     """
     module = model.module
+    distributed.broadcast_parameters(module)
     schedule: Iterator[EpochPlan] = model.schedule()
     plan = next(schedule, None)
     for record in state.records:  # replay: the schedule reaches the epoch in progress
@@ -140,7 +142,8 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
             module.train()
             for idx in batches[state.step:]:
                 try:
-                    step_record = strategy.step(model.batch(idx), plan.players, plan.ctx)
+                    step_record = strategy.step(model.batch(distributed.shard(idx)),
+                                                plan.players, plan.ctx)
                 except TrainingDiverged as exc:
                     raise DivergedAt(epoch, exc.term, exc.value) from None
                 for k, v in step_record.items():
@@ -148,14 +151,15 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
                     if k in model.monitored_losses:
                         state.reference.setdefault(f"{plan.log.get('phase', '')}:{k}", v)
                 state.step += 1
-                if flag.signum is not None:
+                signum = distributed.any_rank(flag.signum)
+                if signum is not None:
                     state.rng = rng_state()
                     if checkpoint is not None:
                         checkpoint(state)
-                    raise TrainingInterrupted(flag.signum, epoch, checkpoint is not None)
+                    raise TrainingInterrupted(signum, epoch, checkpoint is not None)
             _check_parameters(module, epoch)
             record = {k: v / max(state.step, 1) for k, v in state.sums.items()}
-            record.update(model.validate())
+            record.update(distributed.average_values(model.validate()))
             record.update(plan.log)
             record["epoch"] = epoch
             _check_blowup(record, state.reference, epoch)
@@ -170,10 +174,11 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
                 state.finished = True
             if checkpoint is not None and checkpoint_every and epoch % checkpoint_every == 0:
                 checkpoint(state)
-            if flag.signum is not None and plan is not None:
+            signum = distributed.any_rank(flag.signum)
+            if signum is not None and plan is not None:
                 if checkpoint is not None:
                     checkpoint(state)
-                raise TrainingInterrupted(flag.signum, epoch, checkpoint is not None)
+                raise TrainingInterrupted(signum, epoch, checkpoint is not None)
     module.eval()
     state.finished = True
     return state

@@ -135,3 +135,25 @@ def test_errors_name_the_file_and_json_reports_them(fitted, tmp_path, invoke):
     _check(r, 2, f"In '{tmp_path / 'frac.h5ad'}'", "non-integer")
     reported = json.loads(r.stdout)
     assert reported["exit_code"] == 2 and "non-integer" in reported["error"]
+
+
+def test_bad_scaling_options(fitted, tmp_path, invoke):
+    data = str(fitted / "data.h5ad")
+    out = str(tmp_path / "m.pt")
+    _check(invoke("fit", data, "--mode", "integrate", "-o", out, "--threads", "0"), 2,
+           "--threads must be 1 or more")
+    _check(invoke("fit", data, "--mode", "integrate", "-o", out, "--nproc", "-1"), 2,
+           "--nproc must be 1 or more")
+    _check(invoke("fit", data, "--mode", "integrate", "-o", out, "--device", "gpu"), 2,
+           "--device must be auto, cpu, cuda or cuda:N")
+    _check(invoke("predict", str(fitted / "m.pt"), data, "-o", str(tmp_path / "p.h5ad"),
+                  "--threads", "0"), 2, "--threads must be 1 or more")
+    assert not list(tmp_path.iterdir())
+    before = torch.get_num_threads()
+    try:
+        r = invoke("predict", str(fitted / "m.pt"), data, "-o", str(tmp_path / "p.h5ad"),
+                   "--threads", "1")
+        assert r.exit_code == 0, r.stderr
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__, keys
+from .. import __version__, distributed, keys
 from ..config import CONFIGS, TrainConfig, config_from_dict, config_to_dict, make_config
 from ..errors import InputError
 from ..io import load_model, plain, save_model
@@ -51,8 +51,13 @@ def default_epochs(max_epochs: int | None, steps_per_epoch: int) -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but torch sees no CUDA device.")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device} was asked for, but torch sees no CUDA device.")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                             "device(s), numbered from 0.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -172,7 +177,8 @@ class BaseModel:
         def checkpoint(current: TrainState) -> None:
             self.optimizer_state_ = strategy.state_dict()
             self.train_state_ = current
-            self._save(checkpoint_path)
+            if distributed.is_main():
+                self._save(checkpoint_path)
 
         self.train_state_ = run(self, strategy, state, on_epoch,
                                 checkpoint if checkpoint_path is not None else None,
