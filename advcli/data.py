@@ -445,9 +445,15 @@ class CountRows:
 
     def __init__(self, counts: sp.csr_matrix, device):
         import torch
+        from scipy.special import gammaln
 
         self.shape = counts.shape
         self.device = device
+        csr = sp.csr_matrix(counts)  # zeros add log(0!) = 0: the sums need the stored entries only
+        per_entry = sp.csr_matrix((gammaln(csr.data + 1.0), csr.indices, csr.indptr),
+                                  shape=csr.shape)
+        self.log_factorial = torch.from_numpy(
+            np.asarray(per_entry.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)).to(device)
         if counts.shape[0] * counts.shape[1] <= self.DENSE_LIMIT:
             self.dense = torch.from_numpy(counts.toarray()).to(device)
             self.csr = None
@@ -481,6 +487,7 @@ def count_batch(rows: "CountRows", idx) -> dict:
     counts = rows.rows(idx)
     library = counts.sum(dim=1).clamp_min(1.0)
     return {"counts": counts, "library": library,
+            "log_factorial": rows.log_factorial[idx.to(rows.log_factorial.device)],
             "x_norm": torch.log1p(counts / library[:, None] * TARGET_SUM)}
 
 

@@ -13,8 +13,12 @@ import torch.nn.functional as F
 
 
 def nb_log_prob(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, factorial: bool = True) -> torch.Tensor:
     """Elementwise NB log-probability of counts ``y`` (same shape as ``log_mu``).
+
+    ``factorial=False`` leaves out -log(y!), a constant of the data: the training losses add it
+    back from per-cell sums computed once (``log_factorial_sums``) instead of running an lgamma
+    over every minibatch entry at every step.
 
     ``theta`` broadcasts against ``y``; or, given ``rows``, it is a table with one row per group
     (a domain) and cell i uses row ``rows[i]``: the per-gene terms (log and lgamma of theta) are
@@ -25,22 +29,38 @@ def nb_log_prob(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
     if rows is not None:
         theta, log_theta, lgamma_theta = theta[rows], log_theta[rows], lgamma_theta[rows]
     log_theta_mu = torch.logaddexp(log_theta, log_mu)  # log(theta + mu), stable for large mu
-    return (theta * (log_theta - log_theta_mu) + y * (log_mu - log_theta_mu)
-            + torch.lgamma(y + theta) - lgamma_theta - torch.lgamma(y + 1.0))
+    out = (theta * (log_theta - log_theta_mu) + y * (log_mu - log_theta_mu)
+           + torch.lgamma(y + theta) - lgamma_theta)
+    return out - torch.lgamma(y + 1.0) if factorial else out
+
+
+def log_factorial_sums(y: torch.Tensor) -> torch.Tensor:
+    """Each cell's sum over genes of log(y!)."""
+    return torch.lgamma(y + 1.0).sum(dim=1)
+
+
+def _cell_log_lik(y, log_mu, theta, rows, log_factorial) -> torch.Tensor:
+    """Per-cell NB log-likelihood summed over genes; ``log_factorial`` (per-cell sums of
+    log(y!)) saves the elementwise lgamma when it is known."""
+    if log_factorial is None:
+        return nb_log_prob(y, log_mu, theta, rows=rows).sum(dim=1)
+    return nb_log_prob(y, log_mu, theta, rows=rows, factorial=False).sum(dim=1) - log_factorial
 
 
 def nb_reconstruction(counts: torch.Tensor, log_prop: torch.Tensor, library: torch.Tensor,
-                      theta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+                      theta: torch.Tensor, rows: torch.Tensor | None = None,
+                      log_factorial: torch.Tensor | None = None) -> torch.Tensor:
     """Negative NB log-likelihood of each cell's counts given the decoder's log proportions
     and the cell's library size, summed over genes and averaged over cells (scVI's
     reconstruction term); ``theta`` per gene, or a table with ``rows`` as in nb_log_prob."""
     log_mu = log_prop + torch.log(library)[:, None]
-    return -nb_log_prob(counts, log_mu, theta, rows=rows).sum(dim=1).mean()
+    return -_cell_log_lik(counts, log_mu, theta, rows, log_factorial).mean()
 
 
-def nb_nll(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def nb_nll(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
+           log_factorial: torch.Tensor | None = None) -> torch.Tensor:
     """NB negative log-likelihood averaged over cells and genes (nats per count entry)."""
-    return -nb_log_prob(y, log_mu, theta).mean()
+    return -_cell_log_lik(y, log_mu, theta, None, log_factorial).mean() / y.shape[1]
 
 
 def nb_deviance(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

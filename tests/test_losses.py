@@ -99,3 +99,28 @@ def test_uniform_loss_is_zero_at_uniform_and_negce_is_minus_ce():
     ce = torch.nn.functional.cross_entropy(logits, domain)
     assert torch.isclose(losses.negce(logits, domain), -ce)
     assert torch.isclose(losses.domain_ce(logits, domain), ce)
+
+
+def test_precomputed_log_factorials_give_the_same_nb_losses():
+    """The training losses take log(y!) from per-cell sums computed once; the values and the
+    gradients are those of the elementwise form."""
+    import scipy.sparse as sp
+
+    from advcli.data import CountRows
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.poisson(torch.rand(6, 9, generator=g) * 20)
+    log_mu = torch.randn(6, 9, generator=g, requires_grad=True)
+    theta = torch.rand(9, generator=g) + 0.5
+    lf = CountRows(sp.csr_matrix(y.numpy()), "cpu").log_factorial
+    torch.testing.assert_close(lf, losses.log_factorial_sums(y))
+    a = losses.nb_nll(y, log_mu, theta)
+    b = losses.nb_nll(y, log_mu, theta, lf)
+    torch.testing.assert_close(a, b)
+    ga, = torch.autograd.grad(a, log_mu)
+    gb, = torch.autograd.grad(b, log_mu)
+    torch.testing.assert_close(ga, gb)
+    library = y.sum(1).clamp_min(1)
+    torch.testing.assert_close(losses.nb_reconstruction(y, log_mu, library, theta),
+                               losses.nb_reconstruction(y, log_mu, library, theta,
+                                                        log_factorial=lf))

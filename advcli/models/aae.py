@@ -68,7 +68,8 @@ class AAEModule(torch.nn.Module):
         n_genes = out.shape[1]
         if self.likelihood == "nb":
             return losses.nb_reconstruction(batch["counts"], out, batch["library"],
-                                            self.theta()) / n_genes
+                                            self.theta(),
+                                            log_factorial=batch.get("log_factorial")) / n_genes
         return losses.mse_per_cell(out, batch["x_norm"]) / n_genes
 
     def objective(self, batch: dict, players, ctx: dict) -> tuple[dict, dict]:

@@ -90,11 +90,12 @@ class ConfounderModule(torch.nn.Module):
         """Each active player's loss and the terms to log. ``ctx['phase']``: baseline (the
         DBPR baselines), warm_start (the generator learns ``batch['start']``), or training."""
         x, d, y, off = batch["x"], batch["d"], batch["y"], batch["offset"]
+        lf = batch.get("log_factorial")
         phase = ctx["phase"]
         if phase == "baseline":
             bce = losses.bce(self.baseline_classifier(x), d)
             nb = losses.nb_nll(y, self.baseline_nb(torch.cat([x, d[:, None]], dim=1), off),
-                               self.baseline_nb.theta)
+                               self.baseline_nb.theta, lf)
             return {"baseline": bce + nb}, {"bce": bce.detach(), "nb": nb.detach()}
         if phase == "warm_start":
             mse = F.mse_loss(self.generator(x, d, y, off), batch["start"])
@@ -102,7 +103,7 @@ class ConfounderModule(torch.nn.Module):
         out, logs = {}, {}
         if "generator" in players:
             z, _ = self.z(x, d, y, off, ctx["temperature"])
-            out["generator"] = self._generator_loss(x, d, y, off, z, ctx["weights"], logs)
+            out["generator"] = self._generator_loss(x, d, y, off, z, ctx["weights"], logs, lf)
             z = z.detach()
         else:
             with torch.no_grad():
@@ -112,17 +113,18 @@ class ConfounderModule(torch.nn.Module):
             logs["bce"] = out["classifier"].detach()
         if "nb" in players:
             log_mu = self.nb(torch.cat([x, d[:, None], z], dim=1), off)
-            out["nb"] = losses.nb_nll(y, log_mu, self.nb.theta)
+            out["nb"] = losses.nb_nll(y, log_mu, self.nb.theta, lf)
             logs["nb"] = out["nb"].detach()
         return out, logs
 
-    def _generator_loss(self, x, d, y, off, z, weights: dict, logs: dict) -> torch.Tensor:
+    def _generator_loss(self, x, d, y, off, z, weights: dict, logs: dict,
+                        log_factorial: torch.Tensor | None = None) -> torch.Tensor:
         """bce_w * BCE + nb_w * NB - dbpr_w * (w' + v') through the heads held constant. BCE
         is per cell, NB per cell and gene; the DBPR terms are rewarded (subtracted)."""
         d_logit = constant_call(self.classifier, torch.cat([x, z], dim=1))
         log_mu = constant_call(self.nb, torch.cat([x, d[:, None], z], dim=1), off)
         theta = self.nb.theta.detach()
-        bce, nb = losses.bce(d_logit, d), losses.nb_nll(y, log_mu, theta)
+        bce, nb = losses.bce(d_logit, d), losses.nb_nll(y, log_mu, theta, log_factorial)
         total = weights["bce"] * bce + weights["nb"] * nb
         if weights["dbpr"] > 0:
             with torch.no_grad():
@@ -292,7 +294,7 @@ class ConfounderModel(BaseModel):
     def batch(self, idx: torch.Tensor) -> dict:
         idx = idx.to(self._x.device)
         out = {"x": self._x[idx], "d": self._d[idx], "y": self._y.rows(idx),
-               "offset": self._off[idx]}
+               "offset": self._off[idx], "log_factorial": self._y.log_factorial[idx]}
         if self._start is not None:
             out["start"] = self._start[idx]
         return out

@@ -77,7 +77,8 @@ class DisentangleModule(torch.nn.Module):
 
     def reconstruction(self, batch: dict, out: torch.Tensor) -> torch.Tensor:
         if self.likelihood == "nb":
-            return losses.nb_reconstruction(batch["counts"], out, batch["library"], self.theta())
+            return losses.nb_reconstruction(batch["counts"], out, batch["library"], self.theta(),
+                                            log_factorial=batch.get("log_factorial"))
         return losses.mse_per_cell(out, batch["x_norm"])
 
     def profile(self, out: torch.Tensor) -> torch.Tensor:

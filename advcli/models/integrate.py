@@ -109,7 +109,8 @@ class PairedVAE(torch.nn.Module):
         out = self.decode(z, batch["domain"])
         if self.likelihood == "nb":
             recon = losses.nb_reconstruction(batch["counts"], out, batch["library"],
-                                             self.theta(), rows=batch["domain"])
+                                             self.theta(), rows=batch["domain"],
+                                             log_factorial=batch.get("log_factorial"))
         else:
             recon = losses.mse_per_cell(out, batch["x_norm"])
         kl = losses.gaussian_kl(mean, logvar)

@@ -1,0 +1,333 @@
+"""Training throughput, scaling in n, peak memory and the matmul limit, in one run.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/throughput.py                  # all parts
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/throughput.py --parts seed,limit
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/throughput.py --parts scale --sizes 1000,10000,100000
+
+Parts:
+
+* ``seed``: the design documents' alternating loop (per-sample Dataset, DataLoader at batch 32,
+  odd outer iterations train the classifier then the NB model for one pass each, even ones the
+  generator), copied faithfully except for the one change it needs to run at all (the
+  predictor losses were computed under no_grad), against ``advcli.ConfounderModel`` on the same
+  simulated 10,000 x 1,000 data. Throughput is cells x player-epochs per second: one
+  player-epoch is every player seeing every cell once (three DataLoader passes of the loop; one
+  advcli epoch, whose steps train the heads and then the generator on each minibatch). Quality
+  is |r(Z-hat, Z)| on all cells.
+* ``scale``: ``advcli fit`` / ``predict`` / ``diagnose`` in fresh processes for both modes at each
+  size (fixed epochs), with wall and CPU seconds, peak RSS and the exponent of fit time in n.
+* ``limit``: the confounder model's multiply-adds per cell and epoch against torch.matmul's
+  measured FLOP/s at the model's own shapes, as the fraction of that limit advcli reaches.
+* ``scvi``: integrate against scVI (``pip install -e '.[bench]'``) on ``simulate integrate`` data,
+  the same epochs, CPU seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import advcli
+
+CHILD = """
+import resource, runpy, sys
+sys.argv = ["advcli"] + sys.argv[1:]
+try:
+    runpy.run_module("advcli.cli", run_name="__main__")
+except SystemExit as exc:
+    if exc.code:
+        raise
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+"""
+
+
+# ----------------------------------------------------------------------------- the seed loop
+
+
+class XDYDataset(Dataset):
+    def __init__(self, X, D, Y):
+        self.X, self.D, self.Y = X.float(), D.float().view(-1, 1), Y.float()
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], self.D[i], self.Y[i]
+
+
+class SeedNB(nn.Module):
+    def __init__(self, in_dim, n_genes):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, n_genes)
+        self.theta_log = nn.Parameter(torch.full((n_genes,), 1.0).log())
+
+    def forward(self, feats):
+        return self.fc(feats), F.softplus(self.theta_log) + 1e-8
+
+
+def seed_nb_nll(y, log_mu, theta, eps=1e-8):
+    mu = torch.exp(log_mu) + eps
+    theta = theta.view(1, -1)
+    t1 = torch.lgamma(y + theta) - torch.lgamma(theta) - torch.lgamma(y + 1.0)
+    t2 = theta * (torch.log(theta + eps) - torch.log(theta + mu))
+    t3 = y * (torch.log(mu) - torch.log(theta + mu))
+    return -(t1 + t2 + t3).mean()
+
+
+class SeedGenerator(nn.Module):
+    def __init__(self, in_dim, z_dim=1, hidden=128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, z_dim), nn.Sigmoid())
+
+    def forward(self, X, D, Y):
+        probs = self.net(torch.cat([X, D, Y], dim=1))
+        return (probs > 0.5).float() + (probs - probs.detach()), probs
+
+
+def seed_loop(X, D, Y, outer_iters=10, batch_size=32, lr=1e-3):
+    """The design documents' alternating_train (odd: classifier pass, NB pass; even: generator
+    pass). Returns the generator's probabilities on all cells and the number of passes."""
+    torch.manual_seed(0)
+    n, x_dim = X.shape
+    p = Y.shape[1]
+    loader = DataLoader(XDYDataset(X, D, Y), batch_size=batch_size, shuffle=True, drop_last=True)
+    gen = SeedGenerator(x_dim + 1 + p)
+    cls = nn.Linear(x_dim + 1, 1)
+    nb = SeedNB(x_dim + 2, p)
+    bce = nn.BCEWithLogitsLoss()
+    opt_cls = torch.optim.Adam(cls.parameters(), lr=lr)
+    opt_nb = torch.optim.Adam(nb.parameters(), lr=lr)
+    opt_gen = torch.optim.Adam(gen.parameters(), lr=lr)
+    passes = 0
+    for outer in range(1, outer_iters + 1):
+        if outer % 2 == 1:
+            for q in gen.parameters():
+                q.requires_grad = False
+            for Xb, Db, Yb in loader:
+                with torch.no_grad():
+                    Z_hat, _ = gen(Xb, Db, Yb)
+                loss = bce(cls(torch.cat([Xb, Z_hat], dim=1)), Db)
+                opt_cls.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_cls.step()
+            for Xb, Db, Yb in loader:
+                with torch.no_grad():
+                    Z_hat, _ = gen(Xb, Db, Yb)
+                log_mu, theta = nb(torch.cat([Xb, Db, Z_hat], dim=1))
+                loss = seed_nb_nll(Yb, log_mu, theta)
+                opt_nb.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_nb.step()
+            passes += 2
+        else:
+            for q in gen.parameters():
+                q.requires_grad = True
+            for q in list(cls.parameters()) + list(nb.parameters()):
+                q.requires_grad = False
+            for Xb, Db, Yb in loader:
+                Z_hat, _ = gen(Xb, Db, Yb)
+                log_mu, theta = nb(torch.cat([Xb, Db, Z_hat], dim=1))
+                loss = bce(cls(torch.cat([Xb, Z_hat], dim=1)), Db) + seed_nb_nll(Yb, log_mu, theta)
+                opt_gen.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_gen.step()
+            for q in list(cls.parameters()) + list(nb.parameters()):
+                q.requires_grad = True
+            passes += 1
+    with torch.no_grad():
+        _, probs = gen(X.float(), D.float().view(-1, 1), Y.float())
+    return probs[:, 0].numpy(), passes
+
+
+def _abs_r(a, b) -> float:
+    return abs(float(np.corrcoef(np.asarray(a).ravel(), np.asarray(b).ravel())[0, 1]))
+
+
+def part_seed(tmp: Path, n: int, genes: int) -> None:
+    path = tmp / "confounder.h5ad"
+    subprocess.run([sys.executable, "-m", "advcli", "simulate", "confounder", "-o", str(path),
+                    "--n", str(n), "--genes", str(genes), "--setting", "general"], check=True,
+                   capture_output=True)
+    a = ad.read_h5ad(path)
+    cov = [c for c in a.obs.columns if c.startswith("cov_")]
+    X = torch.tensor(a.obs[cov].to_numpy(np.float32))
+    D = torch.tensor(a.obs["D"].to_numpy(np.float32))
+    Y = torch.tensor(np.asarray(a.X.todense() if hasattr(a.X, "todense") else a.X, np.float32))
+    z_true = a.obsm["Z_true"][:, 0]
+    print(f"\n== confounder training throughput, {n:,} cells x {genes:,} genes "
+          f"(simulate confounder --setting general), {torch.get_num_threads()} threads")
+    print(f"{'method':<34}{'player-epochs':>14}{'wall s':>9}{'cpu s':>9}"
+          f"{'cells x epochs / s':>20}{'|r(Z-hat, Z)|':>15}")
+    w, c = time.perf_counter(), time.process_time()
+    probs, passes = seed_loop(X, D, Y)
+    w, c = time.perf_counter() - w, time.process_time() - c
+    seed_rate = n * passes / 3 / w
+    print(f"{'design documents loop (batch 32)':<34}{passes / 3:>14.1f}{w:>9.1f}{c:>9.1f}"
+          f"{seed_rate:>20,.0f}{_abs_r(probs, z_true):>15.3f}")
+    for label, opts in (("advcli defaults", {}), ("advcli --batch-size 512", {"batch_size": 512})):
+        m = advcli.ConfounderModel(a, **opts).train()
+        s = m.fit_summary()
+        rate = n * s["epochs"] / s["train_seconds"]
+        print(f"{label:<34}{s['epochs']:>14d}{s['train_seconds']:>9.1f}"
+              f"{s['train_cpu_seconds']:>9.1f}{rate:>20,.0f}"
+              f"{_abs_r(m.predict_training_z()[:, 0], z_true):>15.3f}   {rate / seed_rate:.1f}x")
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def _run(args: list[str]) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"advcli {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    peak_kb, cpu = done.stdout.split()[-2:]
+    return time.perf_counter() - start, float(cpu), float(peak_kb) / 1024.0
+
+
+def part_scale(tmp: Path, sizes: list[int], genes: int, epochs: int) -> None:
+    print(f"\n== scaling in n: {genes:,} genes, fit with --max-epochs {epochs}, fresh processes")
+    print(f"{'mode':<12}{'command':<10}{'cells':>10}{'wall s':>9}{'cpu s':>9}{'peak MB':>9}"
+          f"{'cells / wall s':>16}")
+    for mode in ("confounder", "integrate"):
+        times = []
+        for n in sizes:
+            data = tmp / f"{mode}_{n}.h5ad"
+            sim = (["--n", str(n)] if mode == "confounder" else
+                   ["--n-a", str(n // 2), "--n-b", str(n - n // 2)])
+            _run(["simulate", mode, "-o", str(data), "--genes", str(genes), *sim])
+            model, pred, report = tmp / f"{mode}_{n}.pt", tmp / f"{mode}_{n}_p.h5ad", tmp / f"r_{mode}_{n}"
+            for name, args in (("fit", ["fit", str(data), "--mode", mode, "-o", str(model),
+                                        "--max-epochs", str(epochs), "--patience", "0"]),
+                               ("predict", ["predict", str(model), str(data), "-o", str(pred)]),
+                               ("diagnose", ["diagnose", str(pred), "-o", str(report)])):
+                wall, cpu, peak = _run(args)
+                if name == "fit":
+                    times.append(wall)
+                print(f"{mode:<12}{name:<10}{n:>10,}{wall:>9.1f}{cpu:>9.1f}{peak:>9.0f}"
+                      f"{n / wall:>16,.0f}")
+            for f in (data, pred):
+                f.unlink(missing_ok=True)
+        if len(sizes) > 1:
+            slope = np.polyfit(np.log(sizes), np.log(times), 1)[0]
+            print(f"{mode:<12}fit time ~ n^{slope:.2f} over {sizes[0]:,}-{sizes[-1]:,} cells "
+                  "(start-up included)")
+
+
+# ----------------------------------------------------------------------------- matmul limit
+
+
+def _matmul_flops(m: int, k: int, n: int, repeats: int = 50) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(5):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - start)
+
+
+def part_limit(tmp: Path, n: int, genes: int) -> None:
+    """FLOPs of one epoch per cell: each step runs the generator forward and the heads forward
+    and backward (heads' turn), then the generator and heads forward and backward (the
+    generator's turn). A backward costs twice its forward."""
+    path = tmp / "confounder_limit.h5ad"
+    subprocess.run([sys.executable, "-m", "advcli", "simulate", "confounder", "-o", str(path),
+                    "--n", str(n), "--genes", str(genes), "--setting", "general"], check=True,
+                   capture_output=True)
+    a = ad.read_h5ad(path)
+    m = advcli.ConfounderModel(a).train()
+    s = m.fit_summary()
+    rate = n * s["epochs"] / s["train_seconds"]
+    mod = m.module
+
+    def linears(module) -> list[nn.Linear]:
+        return [l for l in module.modules() if isinstance(l, nn.Linear)]
+
+    def cost(layers) -> tuple[float, float]:
+        """(FLOPs per cell of one forward, seconds of one forward of a minibatch at the
+        measured matmul speed of each layer's shape)."""
+        flops = sum(2.0 * l.in_features * l.out_features for l in layers)
+        seconds = sum(2.0 * batch * l.in_features * l.out_features /
+                      _matmul_flops(batch, l.in_features, l.out_features) for l in layers)
+        return flops, seconds
+
+    batch = m.config.batch_size
+    gen_flops, gen_s = cost(linears(mod.generator))
+    head_flops, head_s = cost(linears(mod.classifier) + linears(mod.nb))
+    per_cell = gen_flops * (1 + 3) + head_flops * (3 + 3)
+    step_limit = gen_s * (1 + 3) + head_s * (3 + 3)
+    limit_rate = batch / step_limit
+    print(f"\n== matmul limit, confounder model, {n:,} x {genes:,}, batch {batch}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"FLOPs per cell and epoch (matmuls only): {per_cell / 1e6:.2f} M")
+    print(f"torch.matmul at the model's shapes: {batch * per_cell / step_limit / 1e9:.2f} GFLOP/s "
+          f"-> at most {limit_rate:,.0f} cells x epochs / s")
+    print(f"advcli: {rate:,.0f} cells x epochs / s = {per_cell * rate / 1e9:.2f} GFLOP/s, "
+          f"{rate / limit_rate:.0%} of the matmul limit")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="seed,limit,scale,scvi")
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--genes", type=int, default=1_000)
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "seed" in parts:
+            part_seed(tmp, args.n, args.genes)
+        if "limit" in parts:
+            part_limit(tmp, args.n, args.genes)
+        if "scale" in parts:
+            part_scale(tmp, [int(s) for s in args.sizes.split(",")], args.genes, args.epochs)
+        if "scvi" in parts:
+            part_scvi(tmp, args.epochs)
+    return 0
+
+
+def part_scvi(tmp: Path, epochs: int) -> None:
+    try:
+        import scvi
+    except ImportError:
+        print("\n== scVI: not installed (pip install -e '.[bench]'); skipped")
+        return
+    path = tmp / "integrate.h5ad"
+    subprocess.run([sys.executable, "-m", "advcli", "simulate", "integrate", "-o", str(path)],
+                   check=True, capture_output=True)
+    a = ad.read_h5ad(path)
+    print(f"\n== integrate vs scVI, {a.n_obs:,} x {a.n_vars:,}, {epochs} epochs each")
+    c = time.process_time()
+    w = time.perf_counter()
+    advcli.IntegrationModel(a, max_epochs=epochs, patience=0).train()
+    ours = (time.perf_counter() - w, time.process_time() - c)
+    b = a.copy()
+    scvi.model.SCVI.setup_anndata(b, batch_key="batch")
+    model = scvi.model.SCVI(b, n_latent=10)
+    c, w = time.process_time(), time.perf_counter()
+    model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
+    theirs = (time.perf_counter() - w, time.process_time() - c)
+    print(f"advcli: {ours[0]:.1f} s wall, {ours[1]:.1f} s CPU; scVI: {theirs[0]:.1f} s wall, "
+          f"{theirs[1]:.1f} s CPU; cells x epochs / s {a.n_obs * epochs / ours[0]:,.0f} vs "
+          f"{a.n_obs * epochs / theirs[0]:,.0f} ({theirs[0] / ours[0]:.2f}x)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
