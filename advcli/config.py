@@ -276,7 +276,7 @@ class DisentangleConfig(LatentModelConfig):
                            "(towards a wrong class).", LATENT,
                            choices=("negce", "uniform", "flip"))
     beta_kl: float = option(1.0, "Weight of the KL term of z.", DISENTANGLE)
-    adv_weight: float = option(10.0, "Weight of the adversarial term.", LATENT)
+    adv_weight: float = option(30.0, "Weight of the adversarial term.", LATENT)
 
     def check(self) -> None:
         super().check()
