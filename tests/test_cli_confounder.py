@@ -399,3 +399,15 @@ def test_control_genes_empty_list_is_bad_input(tmp_path, invoke, write):
     r = invoke("fit", write(make_adata()), "--mode", "confounder", "-o", tmp_path / "m.pt",
                "--control-genes", listing)
     assert r.exit_code == 2 and "names no genes" in r.output
+
+
+def test_fit_that_ends_within_the_warm_start_says_so(confounder_file, tmp_path, invoke):
+    """--max-epochs 1 used to crash the summary (no epoch of the heads to report)."""
+    import json
+
+    r = invoke("fit", confounder_file, "--mode", "confounder", "-o", tmp_path / "m.pt",
+               "--max-epochs", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["final_losses"] == {}
+    assert "within the warm start" in summary["warnings"][0]

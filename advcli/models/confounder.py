@@ -528,8 +528,8 @@ class ConfounderModel(BaseModel):
         records = self.train_state_.records
         heads = [r for r in records if r["phase"] == "heads"]
         gen = [r for r in records if r["phase"] in ("generator", "joint")]
-        last = heads[-1] if heads else gen[-1]
-        final = {"bce": last["bce"], "nb": last["nb"]}
+        last = heads[-1] if heads else gen[-1] if gen else None
+        final = {} if last is None else {"bce": last["bce"], "nb": last["nb"]}
         if gen:
             final["generator_total"] = gen[-1]["total"]
         corr_d = [_pearson(z[:, j], d) for j in range(z.shape[1])]
@@ -558,6 +558,11 @@ class ConfounderModel(BaseModel):
                 f"Z-hat column(s) {collapsed} are constant or put over 99% of cells in one "
                 "group: adjusting for them changes little. Try another --seed, a lower --lr, "
                 "or --z-type continuous if the hidden factor is a gradient rather than groups.")
+        if last is None:
+            warnings.insert(0, (
+                f"Training ended after {self.epochs_} epoch(s), within the warm start: the "
+                "treatment and count models were never trained, so Z-hat is only the starting "
+                "point. Raise --max-epochs."))
         if self.restarts_:
             first = self.restarts_[0]
             warnings.insert(0, (
