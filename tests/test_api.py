@@ -67,3 +67,15 @@ def test_collapsed_detects_lopsided_and_constant_columns(sample):
     z = np.column_stack([np.r_[np.ones(999), 0.0], np.full(1000, 0.3),
                          np.tile([0.1, 0.9], 500)])
     assert model._collapsed(z) == [0, 1]
+
+
+def test_predict_inplace_writes_what_the_command_line_writes(sample):
+    from advcli.errors import InputError
+
+    model = ConfounderModel(sample, z_dim=1, max_epochs=8).train()
+    adata = sample.copy()
+    written = model.predict(adata, inplace=True)
+    assert "obsm['Z_hat']" in written
+    np.testing.assert_allclose(adata.obsm["Z_hat"], model.predict(sample)["Z_hat"], rtol=1e-6)
+    with pytest.raises(InputError, match="inplace=True"):
+        model.predict(inplace=True)

@@ -248,9 +248,12 @@ class AAEModel(BaseModel):
         return CountRows(counts, self.device), torch.from_numpy(condition).to(self.device)
 
     @torch.inference_mode()
-    def predict(self, adata=None, batch_size: int = 1024, device: str | None = None
-                ) -> dict[str, np.ndarray]:
-        """Each cell's code and, with the NB likelihood, its decoded NB mean."""
+    def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
+                inplace: bool = False) -> dict[str, np.ndarray] | list[str]:
+        """Each cell's code and, with the NB likelihood, its decoded NB mean (``inplace``:
+        written into ``adata`` as predict on the command line writes them)."""
+        if inplace:
+            return self._predict_inplace(adata, batch_size=batch_size, device=device)
         self._require_trained()
         if device is not None:
             self.device = resolve_device(device)

@@ -201,6 +201,12 @@ class BaseModel:
             raise InputError(f"A model loaded without data needs the AnnData for {what}; "
                              "pass it.")
 
+    def _predict_inplace(self, adata, device: str | None = None, **options) -> list[str]:
+        """``predict(adata, inplace=True)``: the command line's outputs written into ``adata``."""
+        if adata is None:
+            raise InputError("predict(inplace=True) writes into an AnnData; pass it.")
+        return self.predict_into(adata, device=device or "auto", **options)
+
     def fit_summary(self) -> dict[str, Any]:
         self._require_trained()
         return dict(self.summary_)

@@ -451,9 +451,12 @@ class ConfounderModel(BaseModel):
         return torch.from_numpy(x), torch.from_numpy(d), torch.from_numpy(offset), counts
 
     def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
-                keep_means: bool = True) -> dict[str, np.ndarray]:
+                keep_means: bool = True, inplace: bool = False
+                ) -> dict[str, np.ndarray] | list[str]:
         """Per-cell outputs (keys in docs/data_format.md) for ``adata`` (default: the training
-        data), in row order."""
+        data), in row order; ``inplace``: written into ``adata``, the keys returned."""
+        if inplace:
+            return self._predict_inplace(adata, batch_size=batch_size, device=device)
         self._require_trained()
         if device is not None:
             self.to(resolve_device(device))

@@ -239,9 +239,11 @@ class DisentangleModel(BaseModel):
         return CountRows(counts, self.device)
 
     @torch.inference_mode()
-    def predict(self, adata=None, batch_size: int = 1024, device: str | None = None
-                ) -> dict[str, np.ndarray]:
-        """s and z's posterior mean of every cell."""
+    def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
+                inplace: bool = False) -> dict[str, np.ndarray] | list[str]:
+        """s and z's posterior mean of every cell (``inplace``: written into ``adata``)."""
+        if inplace:
+            return self._predict_inplace(adata, batch_size=batch_size, device=device)
         self._require_trained()
         if device is not None:
             self.device = resolve_device(device)

@@ -311,10 +311,14 @@ class IntegrationModel(BaseModel):
 
     @torch.inference_mode()
     def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
-                decode_as: str | None = None) -> dict[str, np.ndarray]:
+                decode_as: str | None = None, inplace: bool = False
+                ) -> dict[str, np.ndarray] | list[str]:
         """Posterior means, the discriminator's probability of each cell's own domain and, with
         the NB likelihood, the NB means; ``decode_as`` decodes every cell with that domain's
-        decoder."""
+        decoder; ``inplace``: written into ``adata`` (obsm['X_advcli'] for scanpy)."""
+        if inplace:
+            return self._predict_inplace(adata, batch_size=batch_size, device=device,
+                                         decode_as=decode_as)
         self._require_trained()
         if device is not None:
             self.device = resolve_device(device)
