@@ -157,3 +157,23 @@ def test_bad_scaling_options(fitted, tmp_path, invoke):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_diagnose_compares_with_the_unintegrated_pca(fitted, tmp_path, invoke):
+    """An embedding that keeps only the domains scores below PCA of the counts, and the
+    report says so."""
+    import json
+
+    a = ad.read_h5ad(fitted / "p.h5ad")
+    shape = a.obsm["X_advcli"].shape
+    domain = (a.obs["batch"].astype(str).to_numpy() == a.obs["batch"].astype(str).iloc[0])
+    a.obsm["X_advcli"] = (np.random.default_rng(0).normal(size=shape) * 0.1
+                          + 10.0 * domain[:, None])
+    a.write_h5ad(tmp_path / "noise.h5ad")
+    r = invoke("diagnose", tmp_path / "noise.h5ad", "-o", tmp_path / "report")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    baseline = summary["unintegrated_metrics"]
+    assert set(baseline) == set(summary["metrics"])
+    assert summary["metrics"]["overall_score"] < baseline["overall_score"]
+    assert any("scores below the unintegrated PCA" in n for n in summary["notes"])

@@ -50,15 +50,29 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                      "overall scores) are skipped.")
     embedding = check_finite_obsm(adata, keys.X_LATENT, "the embedding")
     metrics = integration_metrics(embedding, batch, labels)
-    (folder / "integration_metrics.json").write_text(json.dumps(plain(metrics, json_safe=True), indent=2))
+    before = unintegrated_pca(adata, embedding.shape[1])
+    baseline = integration_metrics(before, batch, labels) if before is not None else None
+    if before is None:
+        notes.append("X does not hold counts, so there is no unintegrated baseline to compare "
+                     "with.")
+    elif "overall_score" in metrics and metrics["overall_score"] < baseline["overall_score"]:
+        notes.append(f"The integrated embedding scores below the unintegrated PCA (overall "
+                     f"{metrics['overall_score']:.3f} against {baseline['overall_score']:.3f}): "
+                     "the fit made things worse. Check the loss curves; try --adversary "
+                     "alternate or another --seed.")
+    (folder / "integration_metrics.json").write_text(json.dumps(
+        plain({**metrics, "unintegrated_pca": baseline}, json_safe=True), indent=2))
     plt = pyplot()
     if _distinct_rows(embedding) < 10:
         notes.append("The embedding is (nearly) constant: every cell sits at a handful of "
                      "points, so the fit collapsed and no map is drawn. Refit with another "
                      "--seed or a lower --lr.")
     else:
-        _embedding_plot(plt, embedding, batch, labels, batch_key, label_key,
-                        folder / "embedding.png")
+        maps = [("X_advcli", embedding, metrics)]
+        if before is not None:
+            maps.insert(0, ("unintegrated PCA", before, baseline))
+        notes += _embedding_plot(plt, maps, batch, labels, batch_key, label_key,
+                                 folder / "embedding.png")
     if payload is not None:
         loss_curves(payload["history"], LOSS_PANELS, folder / "loss_curves.png", notes)
     else:
@@ -69,7 +83,29 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                      "--adv-weight or --adversary alternate.")
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
                                         "overall_score") if k in metrics}
-    return {"metrics": metrics, "headline": headline, "notes": notes}
+    if baseline is not None:
+        headline.update({f"{k}_unintegrated": baseline[k] for k in ("ilisi", "overall_score")
+                         if k in baseline})
+    return {"metrics": metrics, "unintegrated_metrics": baseline, "headline": headline,
+            "notes": notes}
+
+
+def unintegrated_pca(adata, n_components: int) -> np.ndarray | None:
+    """What integration is judged against: PCA of log1p-normalised counts (None when X does
+    not hold finite, non-negative counts)."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    if x.shape[1] < 2 or not np.isfinite(x.data).all() or (x.data < 0).any():
+        return None
+    library = np.asarray(x.sum(axis=1)).ravel()
+    x = sp.diags(1e4 / np.maximum(library, 1.0)) @ x
+    x.data = np.log1p(x.data)
+    k = int(min(max(n_components, 2), x.shape[1] - 1, x.shape[0] - 1))
+    if k < 2:
+        return None
+    return PCA(n_components=k, svd_solver="arpack", random_state=0).fit_transform(x)
 
 
 def _distinct_rows(embedding: np.ndarray) -> int:
@@ -81,33 +117,47 @@ def _distinct_rows(embedding: np.ndarray) -> int:
     return len(np.unique(np.round(embedding / (spread * 1e-6)), axis=0))
 
 
-def _embedding_plot(plt, embedding, batch, labels, batch_key, label_key, path):
+def _embedding_plot(plt, maps, batch, labels, batch_key, label_key, path) -> list[str]:
+    """One row per embedding (unintegrated PCA above X_advcli), coloured by domain and by
+    label, each with its metrics in the title; returns notes (subsampling)."""
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(0)
-    keep = np.arange(len(batch))
-    if len(keep) > MAP_CELLS:
-        keep = np.sort(rng.choice(len(keep), MAP_CELLS, replace=False))
+    n = len(batch)
+    keep = np.arange(n)
+    notes = []
+    if n > MAP_CELLS:
+        keep = np.sort(rng.choice(n, MAP_CELLS, replace=False))
+        notes.append(f"embedding.png shows a random {MAP_CELLS:,} of the {n:,} cells; the "
+                     "metrics use every cell.")
     perplexity = float(min(30, max(2, (len(keep) - 1) / 3)))
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(
-        embedding[keep])
-    panels = [(batch[keep], f"coloured by {batch_key}")]
+    colourings = [(batch[keep], batch_key)]
     if labels is not None:
-        panels.append((labels[keep], f"coloured by {label_key}"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+        colourings.append((labels[keep], label_key))
+    fig, axes = plt.subplots(len(maps), len(colourings),
+                             figsize=(6.5 * len(colourings), 5.5 * len(maps)), squeeze=False)
     order = rng.permutation(len(keep))  # draw in random order so no group hides another
-    for ax, (values, title) in zip(axes[0], panels):
-        cats = np.unique(values)
-        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
-        colour = {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
-        ax.scatter(xy[order, 0], xy[order, 1], s=3, c=[colour[v] for v in values[order]],
-                   alpha=0.7, linewidths=0)
-        handles = [plt.Line2D([], [], marker="o", ls="", color=colour[c], label=str(c))
-                   for c in cats[:20]]
-        ax.legend(handles=handles, fontsize=7, markerscale=1.2, loc="best", frameon=False)
-        ax.set_title(f"t-SNE of X_advcli, {title}")
-        ax.set_xticks([])
-        ax.set_yticks([])
+    size = float(np.clip(20000 / len(keep), 3, 30))
+    for row, (name, embedding, scores) in enumerate(maps):
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                  random_state=0).fit_transform(embedding[keep])
+        score = ", ".join(f"{k} {scores[k]:.2f}" for k in ("ilisi", "ari", "overall_score")
+                          if k in scores)
+        for ax, (values, key) in zip(axes[row], colourings):
+            cats, counts = np.unique(values, return_counts=True)
+            cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+            colour = {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
+            rare = {c for c, k in zip(cats, counts) if k < 0.02 * len(values)}
+            sizes = np.array([size * (3 if v in rare else 1) for v in values[order]])
+            ax.scatter(xy[order, 0], xy[order, 1], s=sizes,
+                       c=[colour[v] for v in values[order]], alpha=0.7, linewidths=0)
+            handles = [plt.Line2D([], [], marker="o", ls="", color=colour[c],
+                                  label=f"{c} ({k:,})") for c, k in zip(cats[:20], counts[:20])]
+            ax.legend(handles=handles, fontsize=7, markerscale=1.2, loc="best", frameon=False)
+            ax.set_title(f"t-SNE of {name}, by {key}\n{score}", fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return notes
