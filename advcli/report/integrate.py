@@ -74,7 +74,11 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         notes += _embedding_plot(plt, maps, batch, labels, batch_key, label_key,
                                  folder / "embedding.png")
     if payload is not None:
-        loss_curves(payload["history"], LOSS_PANELS, folder / "loss_curves.png", notes)
+        k = max(len(payload.get("encoding", {}).get("domains", [])), 2)
+        panels = [LOSS_PANELS[0], {**LOSS_PANELS[1], "reference": [
+            (float(np.log(k)), f"chance CE ln {k}"), (1.0 / k, f"chance accuracy 1/{k}")]}]
+        loss_curves(payload["history"], panels, folder / "loss_curves.png", notes,
+                    training_markers(payload["history"]))
     else:
         notes.append("No --model given: loss_curves.png needs the model file's history.")
     if metrics.get("ilisi", 1.0) < UNMIXED_ILISI:
@@ -106,6 +110,26 @@ def unintegrated_pca(adata, n_components: int) -> np.ndarray | None:
     if k < 2:
         return None
     return PCA(n_components=k, svd_solver="arpack", random_state=0).fit_transform(x)
+
+
+def training_markers(history: dict) -> list[tuple[float, str]]:
+    """Epochs worth a line on the loss curves: where the KL and adversary warm-ups end and the
+    best validation epoch (where early stopping kept the model)."""
+    if not isinstance(history, dict) or "epoch" not in history:
+        return []
+    epochs = np.asarray(history["epoch"], dtype=float)
+    out = []
+    for column, label in (("kl_weight", "KL warm-up ends"),
+                          ("adv_weight", "adversary at full weight")):
+        values = np.asarray(history.get(column, []), dtype=float)
+        if len(values) == len(epochs) and np.isfinite(values).any():
+            top = np.nanmax(values)
+            if top > 0 and values[0] < top:
+                out.append((float(epochs[np.argmax(values >= top)]), label))
+    val = np.asarray(history.get("val_elbo", []), dtype=float)
+    if len(val) == len(epochs) and np.isfinite(val).any():
+        out.append((float(epochs[np.nanargmin(val)]), "best validation -ELBO"))
+    return out
 
 
 def _distinct_rows(embedding: np.ndarray) -> int:

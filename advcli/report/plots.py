@@ -18,10 +18,13 @@ def pyplot():
     return plt
 
 
-def loss_curves(history: dict, panels: list[dict], path: Path, notes: list[str]) -> None:
+def loss_curves(history: dict, panels: list[dict], path: Path, notes: list[str],
+                markers: list[tuple[float, str]] = ()) -> None:
     """One panel per entry of ``panels`` ({title, ylabel, series: [(column, label)], optional
-    phases, symlog}), each series against the epoch; with ``phases`` only epochs of those
-    training phases are drawn. A history without per-epoch records is a note, not a plot."""
+    phases, symlog, reference: [(y, label)]}), each series against the epoch; with ``phases``
+    only epochs of those training phases are drawn, ``reference`` adds dashed horizontal lines
+    (a chance level), ``markers`` dotted vertical lines on every panel (the end of a warm-up,
+    the best epoch). A history without per-epoch records is a note, not a plot."""
     if not isinstance(history, dict) or "epoch" not in history:
         notes.append("The model file's history has no per-epoch records (written by an older "
                      "advcli): loss_curves.png is skipped.")
@@ -41,13 +44,19 @@ def loss_curves(history: dict, panels: list[dict], path: Path, notes: list[str])
                 ax.plot(epochs[keep], values[keep], marker="." if keep.sum() < 30 else None,
                         label=label)
                 drawn = True
+        for y, label in panel.get("reference", []) if drawn else []:
+            ax.axhline(y, color="grey", ls="--", lw=0.8)
+            ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7,
+                        color="grey", va="bottom")
+        for i, (x, label) in enumerate(markers if drawn else []):
+            ax.axvline(x, color=f"C{i + 3}", ls=":", lw=1.2, label=label)
         if panel.get("symlog") and drawn:
             ax.set_yscale("symlog")
         ax.set_xlabel("epoch (all phases counted)")
         ax.set_ylabel(panel.get("ylabel", ""))
         ax.set_title(panel["title"])
         if drawn:
-            ax.legend()
+            ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no epochs of this phase", ha="center", va="center",
                     transform=ax.transAxes)
