@@ -411,3 +411,28 @@ def test_fit_that_ends_within_the_warm_start_says_so(confounder_file, tmp_path, 
     summary = json.loads(r.stdout)
     assert summary["final_losses"] == {}
     assert "within the warm start" in summary["warnings"][0]
+
+
+def test_z_hat_associations_name_what_z_hat_follows():
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from advcli.report.confounder import z_hat_associations
+
+    rng = np.random.default_rng(0)
+    n = 300
+    donor = np.repeat(["d1", "d2", "d3"], n // 3)
+    depth = rng.normal(size=n)
+    obs = pd.DataFrame({"donor": donor, "depth": depth, "D_logit": rng.normal(size=n)},
+                       index=[f"c{i}" for i in range(n)])
+    adata = ad.AnnData(X=rng.poisson(2.0, size=(n, 5)).astype(np.float32), obs=obs)
+    z = np.column_stack([pd.Series(donor).map({"d1": 0.0, "d2": 1.0, "d3": 2.0}).to_numpy()
+                         + 0.01 * rng.normal(size=n), depth ** 3])
+    table = z_hat_associations(adata, z)
+    best = table.loc[table.groupby("z_column")["strength"].idxmax()]
+    assert best["obs_column"].tolist() == ["donor", "depth"]
+    assert best["measure"].tolist() == ["eta", "|Spearman|"]
+    assert (best["strength"] > 0.99).all()
+    assert "D_logit" not in set(table["obs_column"])  # advcli's own outputs are not obs facts
+    assert "log library size" in set(table["obs_column"])

@@ -62,6 +62,19 @@ def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, An
                 folder / "z_vs_true.png", ols_line)
     else:
         notes.append(f"No obsm['{keys.Z_TRUE}']: Z-hat is not compared with a true Z.")
+    follows = z_hat_associations(adata, z_hat)
+    if not follows.empty:
+        follows.to_csv(folder / "z_hat_associations.csv", index=False)
+        _follows_plot(plt, follows, folder / "z_hat_follows.png")
+        top = follows.sort_values("strength", ascending=False).groupby("z_column").head(1)
+        metrics["z_hat_follows"] = {f"Z_hat[{int(r.z_column)}]": {
+            "obs": r.obs_column, "measure": r.measure, "strength": float(r.strength)}
+            for r in top.itertuples()}
+        shown = top.nlargest(3, "strength")
+        headline["Z-hat follows"] = "; ".join(
+            f"[{int(r.z_column)}] {r.obs_column} ({r.measure} {r.strength:.2f})"
+            for r in shown.itertuples()) + (" (all: z_hat_follows.png)"
+                                             if len(top) > len(shown) else "")
 
     if keys.LOG_MU_TRUE in adata.layers:
         log_mu_hat = np.log(np.asarray(adata.layers[keys.NB_MEAN], dtype=float).clip(1e-30))
@@ -95,6 +108,72 @@ def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, An
         effects.to_csv(folder / "treatment_effects.csv", index=False)
         _effects_plot(plt, effects, folder / "treatment_effects.png")
     return {"metrics": metrics, "headline": headline, "notes": notes}
+
+
+MAX_LEVELS = 50  # a categorical obs column with more levels is not a grouping to compare
+
+
+def z_hat_associations(adata, z_hat: np.ndarray) -> pd.DataFrame:
+    """How strongly each Z-hat column follows each obs column and the log library size: |Spearman
+    rho| for numeric columns, the correlation ratio eta (the share of Z-hat's spread between the
+    groups, square-rooted) for categorical ones. On real data this says what the inferred
+    confounder is: a donor, a chemistry, sequencing depth, a cell type."""
+    from scipy.stats import spearmanr
+
+    columns: dict[str, tuple[str, np.ndarray]] = {}
+    try:
+        library = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)
+        if np.isfinite(library).all() and (library > 0).all():
+            columns["log library size"] = ("numeric", np.log(library))
+    except (TypeError, ValueError):
+        pass
+    skip = {keys.D_LOGIT, keys.D_PROB, keys.LOGIT_D_TRUE, keys.LOG_LIK_Y}  # advcli's own
+    for name in adata.obs.columns:
+        col = adata.obs[name]
+        if name in skip or col.isna().any():
+            continue
+        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+            values = col.to_numpy(float)
+            if np.isfinite(values).all() and len(np.unique(values)) > MAX_LEVELS:
+                columns[str(name)] = ("numeric", values)
+                continue
+        levels = col.astype(str).to_numpy()
+        if 2 <= len(np.unique(levels)) <= MAX_LEVELS:
+            columns[str(name)] = ("categorical", levels)
+    rows = []
+    for j in range(z_hat.shape[1]):
+        z = z_hat[:, j].astype(float)
+        if np.std(z) == 0:
+            continue
+        for name, (kind, values) in columns.items():
+            if kind == "numeric":
+                rho = spearmanr(z, values)[0]
+                rows.append((j, name, "|Spearman|", abs(float(np.nan_to_num(rho)))))
+            else:
+                groups = pd.Series(z).groupby(values)
+                between = float((groups.size() * (groups.mean() - z.mean()) ** 2).sum())
+                rows.append((j, name, "eta", float(np.sqrt(between / ((z - z.mean()) ** 2).sum()))))
+    return pd.DataFrame(rows, columns=["z_column", "obs_column", "measure", "strength"])
+
+
+def _follows_plot(plt, follows: pd.DataFrame, path: Path) -> None:
+    """A heatmap: obs columns (the 15 strongest) x Z-hat columns, the strength written in."""
+    table = follows.pivot_table(index=["obs_column", "measure"], columns="z_column",
+                                values="strength")
+    table = table.loc[table.max(axis=1).sort_values(ascending=False).index[:15]]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * table.shape[1], 1.2 + 0.4 * table.shape[0]))
+    image = ax.imshow(table.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(table.to_numpy()):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if value < 0.6 else "black")
+    ax.set_xticks(range(table.shape[1]), [f"Z_hat[{int(c)}]" for c in table.columns],
+                  rotation=45, ha="right")
+    ax.set_yticks(range(table.shape[0]), [f"{o} ({m})" for o, m in table.index])
+    ax.set_title("What Z-hat follows")
+    fig.colorbar(image, ax=ax, label="|Spearman rho| or correlation ratio eta")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
