@@ -218,16 +218,22 @@ class DomainDiscriminator(nn.Module):
 
 class PriorDiscriminator(nn.Module):
     """Tells a minibatch of latent codes from a minibatch of prior draws (logits: code,
-    prior). Each input also sees the mean and spread of its own minibatch per dimension (the
-    minibatch-statistics features of progressive GANs): without them an encoder can send every
+    prior). Each input also sees its own minibatch's quantiles per dimension (a generalisation
+    of the minibatch statistics of progressive GANs): without them an encoder can send every
     cell to one point the discriminator currently believes, and chase it from point to point;
-    with them a collapsed or shifted minibatch is plainly fake."""
+    with the mean and spread alone a minibatch with the right moments but the wrong shape (one
+    lump per cell type) passes; with the quantiles the shape of each marginal is judged."""
+
+    QUANTILES = (0.05, 0.15, 0.3, 0.5, 0.7, 0.85, 0.95)
 
     def __init__(self, latent_dim: int, hidden: int = 128):
         super().__init__()
-        self.net = mlp(3 * latent_dim, hidden, 2, layers=2)
+        self.register_buffer("levels", torch.tensor(self.QUANTILES), persistent=False)
+        self.net = mlp((1 + len(self.QUANTILES)) * latent_dim, hidden, 2, layers=2)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        center = z.mean(dim=0, keepdim=True)
-        spread = z.std(dim=0, keepdim=True) if z.shape[0] > 1 else torch.ones_like(center)
-        return self.net(torch.cat([z, center.expand_as(z), spread.expand_as(z)], dim=1))
+        if z.shape[0] > 1:
+            q = torch.quantile(z, self.levels.to(z.dtype), dim=0)  # (levels, dims)
+        else:
+            q = z.expand(len(self.QUANTILES), -1)
+        return self.net(torch.cat([z, q.T.reshape(1, -1).expand(z.shape[0], -1)], dim=1))

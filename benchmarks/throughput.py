@@ -25,7 +25,6 @@ Parts:
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import sys
 import tempfile
