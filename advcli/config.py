@@ -37,6 +37,10 @@ class TrainConfig:
     """Options every mode shares; each mode's class may give them other defaults."""
 
     layer: str | None = option(None, "Counts layer to use instead of X.", TRAINING, shown="X")
+    n_top_genes: int | None = option(None, "Train on the N most variable genes (the Seurat v3 "
+                                     "rule on counts, ranked within each batch or condition); "
+                                     "predict then reads those genes from any file.", TRAINING,
+                                     shown="all genes")
     seed: int = option(0, "Random seed: the same seed gives the same model.", TRAINING)
     device: str = option("auto", "Where to train: auto (a GPU if torch sees one), cpu, cuda or "
                          "cuda:N.", TRAINING)
@@ -64,7 +68,7 @@ class TrainConfig:
             raise InputError(f"--device must be auto, cpu, cuda or cuda:N (got '{self.device}').")
         _positive(lr=self.lr, hidden=self.hidden)
         _non_negative(patience=self.patience)
-        for name in ("max_epochs", "batch_size", "max_grad_norm"):
+        for name in ("max_epochs", "batch_size", "max_grad_norm", "n_top_genes"):
             if getattr(self, name) is not None:
                 _positive(**{name: getattr(self, name)})
 
@@ -250,6 +254,9 @@ class AAEConfig(LatentModelConfig):
                            choices=("negce", "uniform", "flip"))
 
     lr: float = option(3e-4, "Learning rate.", TRAINING)
+    max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
+                                    "counted.", TRAINING, shown="100, or enough for 6,000 steps "
+                                    "(at most 1,000)")
 
     def check(self) -> None:
         super().check()

@@ -552,3 +552,65 @@ def per_cell_frame(adata, written: list[str]) -> pd.DataFrame:
             for j in range(values.shape[1]):
                 frame[f"{name}_{j}"] = values[:, j]
     return frame
+
+
+def _local_quadratic(x: np.ndarray, y: np.ndarray, span: float = 0.3, grid: int = 200
+                     ) -> np.ndarray:
+    """A loess curve (degree 2, tricube weights over the nearest ``span`` of the points) of y
+    on x, evaluated on a grid of x and interpolated to every point."""
+    n = len(x)
+    k = max(int(np.ceil(span * n)), 3)
+    at = np.quantile(x, np.linspace(0, 1, grid))
+    fitted = np.empty(grid)
+    for i, x0 in enumerate(at):
+        d = np.abs(x - x0)
+        near = np.argpartition(d, k - 1)[:k]
+        w = (1 - (d[near] / max(d[near].max(), 1e-12)) ** 3) ** 3
+        design = np.column_stack([np.ones(k), x[near] - x0, (x[near] - x0) ** 2])
+        sw = np.sqrt(w)[:, None]
+        coef = np.linalg.lstsq(design * sw, y[near] * sw[:, 0], rcond=None)[0]
+        fitted[i] = coef[0]
+    at, first = np.unique(at, return_index=True)
+    return np.interp(x, at, fitted[first])
+
+
+def highly_variable_genes(counts: sp.csr_matrix, n_top: int,
+                          batches: np.ndarray | None = None) -> np.ndarray:
+    """Column indices of the ``n_top`` most variable genes, in file order: the Seurat v3 rule on
+    raw counts (each gene's variance after standardising by the loess trend of variance on mean,
+    values clipped at mean + sqrt(cells) trend-SDs), ranked within each batch; genes variable in
+    more batches first, then by median rank."""
+    counts = sp.csr_matrix(counts, dtype=np.float64)
+    n_genes = counts.shape[1]
+    if n_top >= n_genes:
+        return np.arange(n_genes)
+    groups = np.zeros(counts.shape[0], dtype=int) if batches is None else \
+        np.unique(np.asarray(batches).astype(str), return_inverse=True)[1]
+    ranks, in_top = [], np.zeros(n_genes)
+    for b in np.unique(groups):
+        part = counts[groups == b]
+        n = part.shape[0]
+        mean = np.asarray(part.mean(axis=0)).ravel()
+        var = np.asarray(part.multiply(part).mean(axis=0)).ravel() - mean ** 2
+        var *= n / max(n - 1, 1)
+        varying = var > 0
+        norm_var = np.zeros(n_genes)
+        if varying.sum() >= 3 and n > 1:
+            trend = _local_quadratic(np.log10(mean[varying]), np.log10(var[varying]))
+            sd = np.zeros(n_genes)
+            sd[varying] = np.sqrt(10 ** trend)
+            clip = mean + sd * np.sqrt(n)
+            data = np.minimum(part.data, clip[part.indices])
+            sums = np.bincount(part.indices, weights=data, minlength=n_genes)
+            squares = np.bincount(part.indices, weights=data ** 2, minlength=n_genes)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                norm_var = np.where(varying, (n * mean ** 2 + squares - 2 * mean * sums)
+                                    / ((n - 1) * sd ** 2), 0.0)
+        order = np.argsort(-norm_var, kind="stable")
+        rank = np.empty(n_genes)
+        rank[order] = np.arange(n_genes)
+        ranks.append(rank)
+        in_top[order[:n_top]] += 1
+    median_rank = np.median(np.vstack(ranks), axis=0)
+    chosen = np.lexsort((median_rank, -in_top))[:n_top]
+    return np.sort(chosen)

@@ -179,3 +179,27 @@ def test_default_fit_reports_mixing_without_warning(tmp_path, invoke, integrate_
     r = invoke("fit", integrate_file, "--mode", "integrate", "-o", tmp_path / "m.pt", "--json")
     summary = json.loads(r.stdout)
     assert summary["mixing_ilisi"] > 0.2 and not summary["warnings"]
+
+
+def test_n_top_genes_trains_on_the_variable_genes_and_predict_reads_them(integrate_file,
+                                                                          tmp_path, invoke):
+    import anndata as ad
+    import numpy as np
+    import torch
+
+    model, pred = tmp_path / "m.pt", tmp_path / "p.h5ad"
+    r = invoke("fit", integrate_file, "--mode", "integrate", "--n-top-genes", "15",
+               "--max-epochs", "2", "-o", model)
+    assert r.exit_code == 0, r.stderr
+    genes = torch.load(model, weights_only=True)["genes"]
+    assert len(genes) == 15
+    r = invoke("predict", model, integrate_file, "-o", pred)
+    assert r.exit_code == 0, r.stderr
+    out = ad.read_h5ad(pred)
+    assert out.obsm["X_advcli"].shape[0] == out.n_obs
+    if "nb_mean" in out.layers:
+        used = np.isin(out.var_names, genes)
+        assert np.isfinite(out.layers["nb_mean"][:, used]).all()
+        assert np.isnan(out.layers["nb_mean"][:, ~used]).all()
+    r = invoke("fit", integrate_file, "--mode", "integrate", "--n-top-genes", "0", "-o", model)
+    assert r.exit_code == 2 and "--n-top-genes" in r.stderr

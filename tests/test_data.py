@@ -203,3 +203,21 @@ def test_gene_moments_match_the_simulated_dispersion():
     log_mean, alpha = gene_moments(y, sf)
     np.testing.assert_allclose(np.exp(log_mean), 4.0, rtol=0.05)
     np.testing.assert_allclose(alpha, 1 / theta, atol=0.06)
+
+
+def test_highly_variable_genes_find_the_overdispersed_ones():
+    import scipy.sparse as sp
+
+    from advcli.data import highly_variable_genes
+
+    rng = np.random.default_rng(0)
+    n, g = 1000, 120
+    mu = rng.lognormal(0, 1, g)
+    x = rng.poisson(mu, size=(n, g)).astype(float)
+    planted = [3, 50, 77, 119]
+    for j in planted:
+        x[:, j] = rng.negative_binomial(0.5, 0.5 / (0.5 + mu[j]), size=n)
+    batches = np.repeat(["a", "b"], n // 2)
+    assert highly_variable_genes(sp.csr_matrix(x), 4, batches).tolist() == planted
+    assert highly_variable_genes(sp.csr_matrix(x), 4).tolist() == planted
+    assert highly_variable_genes(sp.csr_matrix(x), 500).tolist() == list(range(g))

@@ -33,6 +33,9 @@ from ..train import EpochPlan
 from .base import BaseModel, default_batch_size, default_epochs, resolve_device
 
 FAKE, REAL = 0, 1  # the discriminator's classes: an encoded code, a prior draw
+PRIOR_MATCH_STEPS = 6000  # the codes reach the prior in optimizer steps, not epochs: on PBMC
+                          # (1,200 cells) held-out KS was 0.17 after 1,000 steps, 0.13 after
+                          # 3,000 and 0.09 after 6,000
 LIBRARY_QUANTILES = 101  # sampled cells draw their library size from these, per condition
 
 
@@ -177,8 +180,13 @@ class AAEModel(BaseModel):
         return math.ceil(self._condition.shape[0] / self.config.batch_size)
 
     @property
+    def hvg_batch_key(self) -> str | None:
+        return self.config.condition_key
+
+    @property
     def planned_epochs(self) -> int:
-        return default_epochs(self.config.max_epochs, self.steps_per_epoch)
+        return default_epochs(self.config.max_epochs, self.steps_per_epoch, PRIOR_MATCH_STEPS,
+                              most=1000)
 
     def batches(self, sampler: torch.Generator) -> list[torch.Tensor]:
         return [b for b in minibatches(self._condition.shape[0], self.config.batch_size, sampler)

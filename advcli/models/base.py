@@ -43,11 +43,12 @@ def default_batch_size(n_cells: int) -> int:
     return int(min(256, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
 
 
-def default_epochs(max_epochs: int | None, steps_per_epoch: int) -> int:
-    """--max-epochs, else DEFAULT_EPOCHS or as many as MIN_STEPS needs (at most 400)."""
+def default_epochs(max_epochs: int | None, steps_per_epoch: int, min_steps: int = MIN_STEPS,
+                   most: int = 400) -> int:
+    """--max-epochs, else DEFAULT_EPOCHS or as many as ``min_steps`` needs (at most ``most``)."""
     if max_epochs is not None:
         return max_epochs
-    return int(min(400, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))))
+    return int(min(most, max(DEFAULT_EPOCHS, math.ceil(min_steps / steps_per_epoch))))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,8 +84,26 @@ class BaseModel:
         self.train_state_: TrainState | None = None
         self.is_trained_ = False
         self.has_data_ = True
-        self._setup(adata)
+        self._setup(self._gene_selection(adata))
         self.fingerprint_ = self._fingerprint()
+
+    def _gene_selection(self, adata):
+        """The cells with only the --n-top-genes most variable genes (all genes without it)."""
+        n_top = getattr(self.config, "n_top_genes", None)
+        if n_top is None or n_top >= adata.n_vars:
+            return adata
+        from ..data import highly_variable_genes, load_counts, obs_column, validate_counts
+
+        validate_counts(adata, self.config.layer)
+        key = self.hvg_batch_key
+        batches = None if key is None else obs_column(adata, key, "Batch").astype(str).to_numpy()
+        return adata[:, highly_variable_genes(load_counts(adata, self.config.layer), n_top,
+                                              batches)].copy()
+
+    @property
+    def hvg_batch_key(self) -> str | None:
+        """The obs column within which --n-top-genes ranks genes (None: all cells at once)."""
+        return None
 
     def __repr__(self) -> str:
         state = ("trained" if self.is_trained_ else

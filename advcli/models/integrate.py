@@ -195,6 +195,10 @@ class IntegrationModel(BaseModel):
         return default_epochs(self.config.max_epochs, self.steps_per_epoch)
 
     @property
+    def hvg_batch_key(self) -> str | None:
+        return self.config.batch_key
+
+    @property
     def planned_epochs(self) -> int:
         return self.max_epochs
 
