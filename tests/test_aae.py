@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 
 from advcli import AAEModel, losses
 from advcli.models.aae import FAKE, AAEModule
@@ -73,6 +74,18 @@ def pbmc_like():
     return a
 
 
+def test_attribute_normal_scores_keep_the_order_and_follow_the_prior():
+    from scipy.stats import kstest, spearmanr
+
+    from advcli.models.aae import normal_scores
+
+    skewed = np.random.default_rng(0).lognormal(0, 1, 2000)
+    scores = normal_scores(skewed)
+    assert spearmanr(scores, skewed)[0] == pytest.approx(1.0)
+    assert kstest(scores, "norm").statistic < 0.01
+    assert kstest((skewed - skewed.mean()) / skewed.std(), "norm").statistic > 0.1
+
+
 def test_api_train_predict_sample_and_reload(pbmc_like, tmp_path):
     model = AAEModel(pbmc_like, condition_key="batch", attribute_key="log_library",
                      latent_dim=4, max_epochs=20).train()
@@ -86,8 +99,10 @@ def test_api_train_predict_sample_and_reload(pbmc_like, tmp_path):
     assert (cells.obs["batch"] == "B").all() and (cells.X.data >= 0).all()
     assert np.array_equal(cells.X.data, np.round(cells.X.data))
     intercept, slope = model.attribute_map_
-    standard = (7.0 - model.attribute_center_) / model.attribute_scale_
-    assert np.allclose(cells.obsm["X_advcli"][:, 0], intercept + slope * standard, atol=1e-5)
+    score = norm.ppf(np.mean(pbmc_like.obs["log_library"] <= 7.0))  # 7.0's normal score
+    assert np.allclose(cells.obsm["X_advcli"][:, 0], intercept + slope * score, atol=0.05)
+    higher = model.sample(50, condition="B", attribute=8.0, seed=3).obsm["X_advcli"][:, 0]
+    assert np.sign(higher[0] - cells.obsm["X_advcli"][0, 0]) == np.sign(slope)
     model.save(tmp_path / "aae.pt")
     loaded = AAEModel.load(tmp_path / "aae.pt")
     np.testing.assert_array_equal(loaded.predict(pbmc_like)["latent"], codes)
