@@ -243,7 +243,7 @@ class AAEConfig(LatentModelConfig):
                                        "by attribute regularisation.", AAE, shown="none")
     attribute_dim: int = option(0, "The latent dimension that orders cells by the attribute.",
                                 AAE)
-    ar_weight: float = option(1.0, "Weight of the attribute-regularisation loss.", AAE)
+    ar_weight: float = option(3.0, "Weight of the attribute-regularisation loss.", AAE)
     adversary: str = option("alternate", "grl (gradient reversal: one backward, every player "
                             "steps) or alternate (the discriminator steps with the encoder "
                             "frozen, then the encoder with the discriminator frozen).", LATENT,
