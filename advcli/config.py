@@ -204,13 +204,17 @@ class IntegrationConfig(LatentModelConfig):
     batch_key: str = option("batch", "obs column with the domains (two or more).", INTEGRATE)
     design: str = option("shared", "shared (one encoder, a domain-conditioned decoder) or "
                          "paired (one VAE per domain).", INTEGRATE, choices=("shared", "paired"))
+    tie: float = option(0.1, "paired design: after each step, each domain's encoder and "
+                        "decoder weights move this fraction of the way to the domains' average "
+                        "(0: untied VAEs, 1: identical).", INTEGRATE)
     adv_start_epoch: int = option(0, "Epoch at which the adversary starts acting.", INTEGRATE)
     adv_warmup_epochs: int | None = option(None, "Epochs over which the adversarial weight "
                                            "ramps in.", INTEGRATE, shown="a twentieth of the "
                                            "epochs")
     grl_lambda: float = option(1.0, "Gradient-reversal factor (multiplies --adv-weight under "
                                "--adversary grl).", INTEGRATE)
-    d_steps: int = option(1, "Discriminator steps per minibatch (--adversary alternate).",
+    d_steps: int = option(3, "Discriminator steps per minibatch (under grl, the extra steps "
+                          "come before the joint one).",
                           INTEGRATE)
     e_steps: int = option(1, "Encoder steps per minibatch (--adversary alternate).", INTEGRATE)
     beta_kl: float = option(1.0, "Weight of the KL term.", INTEGRATE)
@@ -227,6 +231,8 @@ class IntegrationConfig(LatentModelConfig):
         for name in ("adv_warmup_epochs", "kl_warmup_epochs"):
             if getattr(self, name) is not None:
                 _non_negative(**{name: getattr(self, name)})
+        if not 0.0 <= self.tie <= 1.0:
+            raise InputError(f"--tie must be between 0 and 1 (got {self.tie}).")
         if not 0.0 <= self.val_fraction < 0.5:
             raise InputError(f"--val-fraction must be in [0, 0.5) (got {self.val_fraction}).")
 

@@ -73,6 +73,8 @@ class Strategy:
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.players[name], self.max_grad_norm)
             self.optimizers[name].step()
+        if hasattr(self.module, "after_step"):
+            self.module.after_step(players)
         return record
 
     def state_dict(self) -> dict:
@@ -98,7 +100,13 @@ class Simultaneous(Strategy):
     """Every active player steps at once on its own loss (gradient reversal; joint update)."""
 
     def step(self, batch: dict, players: Collection[str], ctx: dict) -> dict[str, float]:
-        return self._update(batch, [p for p in self.players if p in players], ctx)
+        active = [p for p in self.players if p in players]
+        # players that first take solo steps on the minibatch (a discriminator catching up)
+        for name, extra in getattr(self.module, "solo_steps", {}).items():
+            if name in active and len(active) > 1:
+                for _ in range(extra):
+                    self._update(batch, [name], ctx)
+        return self._update(batch, active, ctx)
 
 
 class AlternatingFreeze(Strategy):

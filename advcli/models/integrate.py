@@ -29,6 +29,29 @@ from ..train import EpochPlan
 from .base import BaseModel, default_batch_size, default_epochs, resolve_device
 
 MIXING_CELLS = 5000
+SEPARATED_ACC = 0.9  # held-out discriminator accuracy at which the domains are called apart
+SETTLED_CE = 0.01  # nats: a rise of the discriminator's validation loss smaller than this is noise
+SETTLED_MIXING = 0.01  # a rise of the validation cells' neighbourhood mixing smaller than this
+MIXING_NEIGHBOURS, MIXING_VAL_CELLS = 15, 1500
+
+
+def neighbourhood_mixing(latent: torch.Tensor, domain: torch.Tensor, n_domains: int) -> float:
+    """Mean entropy of the domains among each cell's nearest neighbours, over log(n_domains),
+    on up to MIXING_VAL_CELLS cells (seeded): 0 when every neighbourhood is from one domain.
+    Local mixing is what integration is for; a discriminator can be fooled globally (accuracy
+    near chance) while each domain still sits in its own patch of every cluster."""
+    n = latent.shape[0]
+    if n < 3 or n_domains < 2:
+        return math.nan
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:MIXING_VAL_CELLS]
+    z, d = latent[keep.to(latent.device)].float(), domain[keep.to(domain.device)]
+    k = min(MIXING_NEIGHBOURS, z.shape[0] - 1)
+    dist = torch.cdist(z, z)
+    dist.fill_diagonal_(math.inf)
+    neighbours = d[dist.topk(k, largest=False).indices]
+    shares = torch.stack([(neighbours == j).float().mean(dim=1) for j in range(n_domains)], 1)
+    entropy = -(shares * torch.log(shares.clamp_min(1e-12))).sum(dim=1)
+    return float(entropy.mean() / math.log(n_domains))
 
 
 class PairedVAE(torch.nn.Module):
@@ -44,8 +67,9 @@ class PairedVAE(torch.nn.Module):
 
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_domains: int,
                  likelihood: str, paired: bool = False, dropout: float = 0.0,
-                 adv_loss: str = "negce"):
+                 adv_loss: str = "negce", tie: float = 0.0):
         super().__init__()
+        self.tie = tie
         shared_decoder = not paired
         self.encoders = torch.nn.ModuleList(Encoder(n_genes, latent_dim, hidden, dropout)
                                             for _ in range(n_domains if paired else 1))
@@ -62,6 +86,22 @@ class PairedVAE(torch.nn.Module):
         self.shared_decoder = shared_decoder
         self.adv_loss = losses.ADV_LOSSES[adv_loss]
 
+    @torch.no_grad()
+    def after_step(self, players) -> None:
+        """Paired design: after each VAE step, every domain's encoder and decoder weights move a
+        fraction ``tie`` of the way to the domains' average, so the domains' VAEs differ only
+        where their data keep pulling them apart (a proximal step, free of the optimizer's
+        noise floor that a penalty term under Adam has)."""
+        if not self.tie or "vae" not in players:
+            return
+        for group in (self.encoders, self.decoders):
+            if len(group) < 2:
+                continue
+            for params in zip(*(m.parameters() for m in group)):
+                mean = torch.stack(params).mean(dim=0)
+                for p in params:
+                    p.lerp_(mean, self.tie)
+
     def theta(self) -> torch.Tensor:
         """Inverse dispersion per domain (rows) and gene."""
         return torch.exp(self.log_theta.clamp(-10.0, 10.0))
@@ -74,6 +114,11 @@ class PairedVAE(torch.nn.Module):
         return [(("discriminator",), self.d_steps), (("vae",), self.e_steps)]
 
     d_steps = e_steps = 1
+
+    @property
+    def solo_steps(self) -> dict[str, int]:
+        """Under gradient reversal, the discriminator's steps beyond the joint one."""
+        return {"discriminator": self.d_steps - 1}
 
     def encode(self, x_norm: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance, each cell through its own domain's encoder."""
@@ -115,7 +160,7 @@ class PairedVAE(torch.nn.Module):
             recon = losses.mse_per_cell(out, batch["x_norm"])
         kl = losses.gaussian_kl(mean, logvar)
         return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * kl,
-                "mean": mean}
+                "mean": mean, "z": z}
 
     def objective(self, batch: dict, players, ctx: dict) -> tuple[dict, dict]:
         """vae: -ELBO (KL weighted) + adv_weight * adversarial loss of the discriminator held
@@ -124,7 +169,8 @@ class PairedVAE(torch.nn.Module):
         out, logs = {}, {}
         if "vae" in players:
             terms = self.elbo_terms(batch, ctx["kl_weight"])
-            mean = terms["mean"]
+            import os
+            mean = terms["z"] if os.environ.get("ADV_ON_SAMPLE") else terms["mean"]
             logits = constant_call(self.discriminator, mean)
             out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adv_loss(logits, domain)
             logs.update(elbo=terms["elbo"].detach(), recon=terms["recon"].detach(),
@@ -172,7 +218,7 @@ class IntegrationModel(BaseModel):
         cfg = self.config
         module = PairedVAE(n_genes, cfg.latent_dim, cfg.hidden, len(self.domains_),
                            cfg.likelihood, paired=cfg.design == "paired", dropout=cfg.dropout,
-                           adv_loss=cfg.adv_loss)
+                           adv_loss=cfg.adv_loss, tie=cfg.tie)
         module.d_steps, module.e_steps = cfg.d_steps, cfg.e_steps
         return module
 
@@ -217,39 +263,64 @@ class IntegrationModel(BaseModel):
         """The KL weight warms up over the first quarter of the epochs; the adversary acts from
         the first epoch (ramped in over a twentieth), so that the domains never part: a
         discriminator that first meets an already-separated latent space is certain of every
-        cell and the negative cross-entropy gives the encoders no gradient. Training stops when
-        the validation ELBO has not improved for --patience epochs after both warm-ups."""
+        cell and the negative cross-entropy gives the encoders no gradient. Training stops when,
+        for --patience epochs after both warm-ups, neither has the validation ELBO improved nor
+        the discriminator's validation cross-entropy risen: mixing the domains costs ELBO, so
+        stopping on the ELBO alone ends training while the adversary is still winning. Nor does
+        it stop while the discriminator still tells the domains of held-out cells apart: with a
+        strong batch effect the domains start apart and mix late."""
         cfg = self.config
         n = self.max_epochs
         kl_warm = max(1, n // 4) if cfg.kl_warmup_epochs is None else cfg.kl_warmup_epochs
         ramp = max(1, n // 20) if cfg.adv_warmup_epochs is None else cfg.adv_warmup_epochs
         factor = cfg.grl_lambda if cfg.adversary == "grl" else 1.0
-        best, stale = math.inf, 0
+        best_elbo, best_ce, best_mixing, stale = math.inf, -math.inf, -math.inf, 0
         for epoch in range(1, n + 1):
             kl = cfg.beta_kl * min(1.0, epoch / max(kl_warm, 1))
             adv = cfg.adv_weight * min(1.0, max(0.0, (epoch - cfg.adv_start_epoch) / max(ramp, 1)))
             record = yield EpochPlan(("vae", "discriminator"),
                                      {"kl_weight": kl, "adv_weight": adv * factor},
                                      log={"kl_weight": kl, "adv_weight": adv})
-            val = record.get("val_elbo", math.nan)
+            val, ce = record.get("val_elbo", math.nan), record.get("val_disc_ce", math.nan)
             if epoch >= max(kl_warm, cfg.adv_start_epoch + ramp) and math.isfinite(val):
-                if val < best - 1e-4 * abs(best):
-                    best, stale = val, 0
-                else:
-                    stale += 1
-                    if cfg.patience and stale >= cfg.patience:
-                        return
+                stale += 1
+                if val < best_elbo - 1e-4 * abs(best_elbo):
+                    best_elbo, stale = val, 0
+                if math.isfinite(ce) and ce > best_ce + SETTLED_CE:
+                    best_ce, stale = ce, 0
+                mixing = record.get("val_mixing", math.nan)
+                if math.isfinite(mixing) and mixing > best_mixing + SETTLED_MIXING:
+                    best_mixing, stale = mixing, 0
+                if record.get("val_disc_acc", 0.0) >= SEPARATED_ACC:
+                    stale = 0  # the domains are still apart: the adversary has work to do
+                if cfg.patience and stale >= cfg.patience:
+                    return
 
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
-        """The validation cells' negative ELBO (full KL weight)."""
+        """The validation cells' negative ELBO (full KL weight), the discriminator's
+        cross-entropy and accuracy on their posterior means (domains weighted equally) and how
+        mixed their neighbourhoods are (``val_mixing``: kNN domain entropy, 0 to 1)."""
         if len(self._val_idx) == 0:
-            return {"val_elbo": math.nan}
+            return {"val_elbo": math.nan, "val_disc_ce": math.nan, "val_disc_acc": math.nan,
+                    "val_mixing": math.nan}
         self.module.eval()
-        total = 0.0
+        total, ce, hit, means = 0.0, [], [], []
         for idx in self._val_idx.split(2048):
-            total += self.module.elbo_terms(self.batch(idx), 1.0)["elbo"].item() * len(idx)
-        return {"val_elbo": total / len(self._val_idx)}
+            batch = self.batch(idx)
+            terms = self.module.elbo_terms(batch, 1.0)
+            total += terms["elbo"].item() * len(idx)
+            logits = self.module.discriminator(terms["mean"])
+            ce.append(torch.nn.functional.cross_entropy(logits, batch["domain"], reduction="none"))
+            hit.append((logits.argmax(dim=1) == batch["domain"]).float())
+            means.append(terms["mean"])
+        domain = self._domain[self._val_idx]
+        ce, hit = torch.cat(ce), torch.cat(hit)
+        present = [k for k in range(len(self.domains_)) if (domain == k).any()]
+        return {"val_elbo": total / len(self._val_idx),
+                "val_disc_ce": float(np.mean([ce[domain == k].mean().item() for k in present])),
+                "val_disc_acc": float(np.mean([hit[domain == k].mean().item() for k in present])),
+                "val_mixing": neighbourhood_mixing(torch.cat(means), domain, len(self.domains_))}
 
     def _summarise(self, wall: float, cpu: float) -> dict[str, Any]:
         records = self.train_state_.records
@@ -260,22 +331,25 @@ class IntegrationModel(BaseModel):
             "epochs": self.epochs_, "train_seconds": wall, "train_cpu_seconds": cpu,
             "cells_x_epochs_per_second": cells_seen / max(wall, 1e-9),
             "final_losses": {k: records[-1].get(k, math.nan)
-                             for k in ("elbo", "recon", "kl", "disc_ce", "disc_acc", "val_elbo")},
+                             for k in ("elbo", "recon", "kl", "disc_ce", "disc_acc", "val_elbo",
+                                       "val_disc_ce", "val_disc_acc")},
             "adversary": self.config.adversary, "likelihood": self.config.likelihood,
             "design": self.config.design, "latent_dim": self.config.latent_dim,
             **self._stopping(records),
             "warnings": []}
         mixing = self.mixing_ilisi()
         summary["mixing_ilisi"] = mixing
+        held_out = records[-1].get("val_disc_acc", math.nan)
         from ..metrics import UNMIXED_ILISI
 
-        if mixing < UNMIXED_ILISI:
+        if mixing < UNMIXED_ILISI or held_out >= SEPARATED_ACC:
             summary["warnings"].append(
                 f"The domains are not mixed: the embedding's iLISI is {mixing:.2f} (0 = each "
                 f"cell's neighbours all from its own domain, 1 = as mixed as the domains' sizes "
-                f"allow). The adversary lost. Try --patience 0 (train all epochs), a higher "
-                f"--adv-weight, or --adversary alternate, and check the result with `advcli "
-                f"diagnose`.")
+                f"allow) and the discriminator tells the domain of {held_out:.0%} of held-out "
+                f"cells (chance {1 / len(self.domains_):.0%}). The adversary lost. Try a higher "
+                f"--adv-weight or --adversary alternate, or --n-top-genes 2000 on data with many "
+                f"genes, and check the result with `advcli diagnose`.")
         return summary
 
     def _stopping(self, records: list[dict]) -> dict[str, Any]:

@@ -83,8 +83,8 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         notes.append("No --model given: loss_curves.png needs the model file's history.")
     if metrics.get("ilisi", 1.0) < UNMIXED_ILISI:
         notes.append(f"The domains are not mixed (iLISI {metrics['ilisi']:.2f}): each cell's "
-                     "neighbours come from its own domain. Refit with --patience 0, a higher "
-                     "--adv-weight or --adversary alternate.")
+                     "neighbours come from its own domain. Refit with a higher --adv-weight or "
+                     "--adversary alternate, or --n-top-genes 2000 on data with many genes.")
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
                                         "overall_score") if k in metrics}
     if baseline is not None:

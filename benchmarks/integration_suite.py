@@ -1,0 +1,364 @@
+"""Integrate mode's defaults on a development suite: one table, advcli against the references.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/integration_suite.py
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/integration_suite.py --only strength-2,zi-5dom \\
+        --methods advcli --seeds 3
+
+Datasets (`--list` prints them): `simulate integrate` across batch strengths, sizes and gene
+counts; a second simulator with another batch-effect model (per-domain gene capture tied to a gene
+covariate, per-domain dispersion, Splatter-style logistic dropout, lineages of close subtypes)
+across 2, 3 and 5 domains and unbalanced compositions (types missing from domains, 10:1 sizes);
+the log-normal-factor simulation a user first reported unmixed; and, when ../shared/data is
+there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
+`condition` as the domain.
+
+Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
+components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
+classifier (n_latent 10, 100 epochs). Reference results are cached in --workdir, so a rerun
+trains only advcli. Each row checks the acceptance rule: overall above adversarial scVI's, ARI at
+least scVI's, label ASW and cLISI not below the unintegrated PCA's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from advcli import IntegrationModel
+from advcli.metrics import integration_metrics
+from advcli.simulate import IntegrationSimulation, simulate_integration
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SCVI_EPOCHS = 100
+
+
+# ---------------------------------------------------------------- a second simulator
+
+def lineage_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0,
+                    lineages: int = 3, subtypes: int = 2,
+                    missing: dict[int, list[int]] | None = None) -> ad.AnnData:
+    """Counts of lineages x subtypes cell types over len(sizes) domains, with a batch-effect
+    model unlike `simulate integrate`'s: a per-domain capture efficiency that depends on a gene
+    covariate (think GC content or length) plus gene noise, per-domain dispersions, a per-domain
+    log-normal library size, and logistic dropout of low means whose midpoint moves per domain.
+    ``missing[d]``: cell types absent from domain d."""
+    rng = np.random.default_rng(seed)
+    K, G, D = lineages * subtypes, genes, len(sizes)
+    base = rng.normal(0.0, 1.3, G)
+    profiles = np.repeat(base[None], K, axis=0)
+    for lin in range(lineages):
+        genes_l = rng.choice(G, max(1, G // 10), replace=False)
+        shift = rng.normal(0.0, 1.2, len(genes_l))
+        for sub in range(subtypes):
+            t = lin * subtypes + sub
+            profiles[t, genes_l] += shift
+            genes_s = rng.choice(G, max(1, G // 40), replace=False)
+            profiles[t, genes_s] += rng.normal(0.0, 1.0, len(genes_s))
+    profiles = np.exp(profiles)
+    profiles /= profiles.sum(axis=1, keepdims=True)
+    covariate = rng.normal(0.0, 1.0, G)
+    capture = np.zeros((D, G))
+    theta = np.exp(rng.normal(np.log(3.0), 0.5, G))
+    thetas = np.repeat(theta[None], D, axis=0)
+    midpoint = np.full(D, -3.0)
+    for d in range(1, D):
+        capture[d] = strength * (rng.normal(0.0, 0.5) * covariate + rng.normal(0.0, 0.35, G))
+        thetas[d] = theta * np.exp(rng.normal(0.0, 0.4 * strength, G))
+        midpoint[d] = -3.0 + strength * rng.uniform(0.5, 1.5)
+    library = np.log(2500.0) + np.r_[0.0, rng.normal(0.0, 0.4 * strength, D - 1)]
+    blocks, domains, types = [], [], []
+    for d, n in enumerate(sizes):
+        props = rng.dirichlet(np.full(K, 4.0))
+        for t in (missing or {}).get(d, []):
+            props[t] = 0.0
+        props /= props.sum()
+        t = rng.choice(K, n, p=props)
+        lib = np.exp(rng.normal(library[d], 0.35, n))
+        mu = lib[:, None] * profiles[t] * np.exp(capture[d])
+        y = rng.poisson(rng.gamma(thetas[d], mu / thetas[d]))
+        drop = rng.random(y.shape) < 1.0 / (1.0 + np.exp(1.5 * (np.log(mu) - midpoint[d])))
+        y[drop] = 0
+        blocks.append(sp.csr_matrix(y.astype(np.float32)))
+        domains += [f"D{d}"] * n
+        types += [f"L{ti // subtypes}.{ti % subtypes}" for ti in t]
+    return _anndata(sp.vstack(blocks).tocsr(), domains, types)
+
+
+def lognormal_factor_pair(seed: int) -> ad.AnnData:
+    """Two domains, a per-gene log-normal factor (sd 0.7), domain B's library about 0.6x and 20 %
+    extra dropout, one of six types in B only (the report that started this suite)."""
+    rng = np.random.default_rng(seed)
+    n_a, n_b, G, K = 3000, 3500, 1000, 6
+    types_a, types_b = rng.choice(K - 1, n_a), rng.choice(K, n_b)
+    profile = rng.normal(0, 1, (K, G)) * 0.8 + rng.normal(-1, 1, G)
+    factor = rng.normal(0, 0.7, G)
+
+    def draw(types, factor, lib, drop):
+        mu = np.exp(profile[types] + factor) * lib * rng.lognormal(0, 0.3, len(types))[:, None]
+        y = rng.poisson(rng.gamma(2.0, mu / 2.0))
+        y[rng.random(y.shape) < drop] = 0
+        return y
+
+    y = np.vstack([draw(types_a, 0, 1.0, 0.0), draw(types_b, factor, 0.6, 0.2)])
+    return _anndata(sp.csr_matrix(y.astype(np.float32)), ["A"] * n_a + ["B"] * n_b,
+                    [f"t{t}" for t in np.r_[types_a, types_b]])
+
+
+def _anndata(X: sp.csr_matrix, domains: list[str], types: list[str]) -> ad.AnnData:
+    obs = pd.DataFrame({"batch": pd.Categorical(domains), "cell_type": pd.Categorical(types)},
+                       index=[f"c{i}" for i in range(X.shape[0])])
+    a = ad.AnnData(X, obs=obs)
+    a.var_names = [f"g{j}" for j in range(X.shape[1])]
+    keep = np.asarray(X.sum(axis=1)).ravel() > 0
+    return a[keep].copy()
+
+
+def simulated(tmp: Path, **kwargs) -> ad.AnnData:
+    path = tmp / "simulate_integrate.h5ad"
+    simulate_integration(IntegrationSimulation(**kwargs), path)
+    a = ad.read_h5ad(path)
+    return a
+
+
+def real(name: str) -> ad.AnnData:
+    if name == "pbmc":
+        return ad.read_h5ad(SHARED / "pbmc_3chem_symphony_small.h5ad")
+    if name == "cellbench":
+        a = ad.read_h5ad(SHARED / "cellbench_3cl_celseq2_dropseq.h5ad")
+        return a[a.obs["demuxlet_cls"] != "DBL"].copy()
+    a = ad.read_h5ad(SHARED / "kang2018_muscat_subset.h5ad")
+    a.obs["batch"] = a.obs["condition"].astype(str)
+    return a
+
+
+@dataclass
+class Dataset:
+    name: str
+    what: str
+    make: Callable[[Path], ad.AnnData]
+    real: bool = False
+
+
+def sim(name, what, **kw):
+    return Dataset(name, what, lambda tmp: simulated(tmp, **kw))
+
+
+DATASETS = [
+    sim("strength-0.5", "simulate integrate, batch strength 0.5", n_a=3000, n_b=3500,
+        batch_strength=0.5),
+    sim("strength-1", "simulate integrate, batch strength 1", n_a=3000, n_b=3500),
+    sim("strength-2", "simulate integrate, batch strength 2", n_a=3000, n_b=3500,
+        batch_strength=2.0),
+    sim("strength-3", "simulate integrate, batch strength 3", n_a=3000, n_b=3500,
+        batch_strength=3.0),
+    sim("cells-1k", "simulate integrate, 1,000 cells x 1,000 genes", n_a=450, n_b=550,
+        genes=1000, seed=1),
+    sim("cells-40k", "simulate integrate, 40,000 cells x 1,000 genes", n_a=18000, n_b=22000,
+        genes=1000, seed=2),
+    sim("genes-500", "simulate integrate, 500 genes", n_a=3000, n_b=3500, genes=500, seed=3),
+    sim("genes-5k", "simulate integrate, 5,000 genes, 8 types", n_a=2000, n_b=2500,
+        genes=5000, cell_types=8, seed=4),
+    Dataset("lognormal-pair", "log-normal gene factor sd 0.7, 0.6x library, dropout, a B-only "
+            "type", lambda tmp: lognormal_factor_pair(0)),
+    Dataset("zi-2dom", "second simulator, 2 domains", lambda tmp: lineage_domains(
+        [3000, 3000], 1500, seed=10)),
+    Dataset("zi-3dom", "second simulator, 3 domains", lambda tmp: lineage_domains(
+        [2000, 2500, 1500], 1500, seed=11)),
+    Dataset("zi-5dom", "second simulator, 5 domains", lambda tmp: lineage_domains(
+        [1500, 1200, 1000, 1800, 900], 1500, seed=12)),
+    Dataset("zi-unbalanced", "second simulator, 3 domains 10:3:1, lineage 0 missing from D1, "
+            "lineage 2 from D2", lambda tmp: lineage_domains(
+                [6000, 1800, 600], 1500, seed=13, missing={1: [0, 1], 2: [4, 5]})),
+    Dataset("zi-strong", "second simulator, 2 domains, strength 2", lambda tmp: lineage_domains(
+        [2500, 3500], 1500, seed=14, strength=2.0)),
+    Dataset("pbmc", "PBMC, 3 chemistries (real)", lambda tmp: real("pbmc"), True),
+    Dataset("cellbench", "CellBench CEL-seq2 vs Drop-seq, all genes (real)",
+            lambda tmp: real("cellbench"), True),
+    Dataset("kang", "Kang 2018, ctrl vs IFN-beta as the domain (real)", lambda tmp: real("kang"),
+            True),
+]
+
+
+# ---------------------------------------------------------------- methods
+
+def pca(a: ad.AnnData, n: int = 30) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+    x = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-8)
+    return PCA(min(n, x.shape[1] - 1), random_state=0).fit_transform(np.clip(x, -10, 10))
+
+
+def run_advcli(a: ad.AnnData, seed: int, **options) -> tuple[np.ndarray, dict]:
+    model = IntegrationModel(a, seed=seed, **options).train(progress=False)
+    s = model.fit_summary()
+    return model.get_latent_representation(), {
+        "train_s": s["train_seconds"], "train_cpu_s": s["train_cpu_seconds"],
+        "epochs": s["epochs"], "warnings": len(s["warnings"]),
+        "disc_acc": s["final_losses"].get("disc_acc", np.nan)}
+
+
+def run_harmony(a: ad.AnnData, seed: int) -> tuple[np.ndarray, dict]:
+    import harmonypy
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    emb = np.asarray(harmonypy.run_harmony(pca(a), a.obs, "batch", random_state=seed,
+                                              verbose=False).Z_corr)
+    emb = emb if emb.shape[0] == a.n_obs else emb.T
+    return emb, {"train_s": time.perf_counter() - wall, "train_cpu_s": time.process_time() - cpu}
+
+
+def run_scvi(a: ad.AnnData, seed: int) -> tuple[np.ndarray, dict]:
+    import scvi
+    from scvi.train import AdversarialTrainingPlan
+
+    scvi.settings.verbosity = logging.ERROR
+    scvi.settings.seed = seed
+
+    class AdversarialSCVI(scvi.model.SCVI):
+        _training_plan_cls = AdversarialTrainingPlan
+
+    b = ad.AnnData(a.X.copy(), obs=a.obs[["batch"]].copy())
+    AdversarialSCVI.setup_anndata(b, batch_key="batch")
+    model = AdversarialSCVI(b, n_latent=10)
+    wall, cpu = time.perf_counter(), time.process_time()
+    model.train(max_epochs=SCVI_EPOCHS, plan_kwargs={"adversarial_classifier": True},
+                enable_progress_bar=False)
+    return model.get_latent_representation(), {"train_s": time.perf_counter() - wall,
+                                               "train_cpu_s": time.process_time() - cpu}
+
+
+METHODS = {
+    "advcli": lambda a, seed: run_advcli(a, seed),
+    "advcli paired": lambda a, seed: run_advcli(a, seed, design="paired"),
+    "PCA": lambda a, seed: (pca(a), {"train_s": 0.0}),
+    "Harmony": run_harmony,
+    "scVI adversarial": run_scvi,
+}
+CACHED = ("PCA", "Harmony", "scVI adversarial")  # not advcli: it is what changes
+
+
+def score(a: ad.AnnData, emb: np.ndarray) -> dict:
+    return integration_metrics(emb, a.obs["batch"].astype(str).to_numpy(),
+                               a.obs["cell_type"].astype(str).to_numpy())
+
+
+def run(dataset: Dataset, methods: list[str], seeds: int, workdir: Path) -> list[dict]:
+    a = dataset.make(workdir)
+    a.obs["batch"] = a.obs["batch"].astype(str)
+    shape = f"{a.n_obs} x {a.n_vars}, {a.obs['batch'].nunique()} domains"
+    rows = []
+    for method in methods:
+        for seed in range(seeds if method.startswith("advcli") else 1):
+            cache = workdir / f"{dataset.name}__{method.replace(' ', '_')}__{seed}.json"
+            if method in CACHED and cache.exists():
+                row = json.loads(cache.read_text())
+            else:
+                try:
+                    emb, info = METHODS[method](a, seed)
+                except ImportError as err:
+                    print(f"{method} skipped ({err}); install the bench extra", file=sys.stderr)
+                    break
+                row = {"dataset": dataset.name, "shape": shape, "method": method, "seed": seed,
+                       **score(a, emb), **info}
+                if method in CACHED:
+                    cache.write_text(json.dumps(row))
+            rows.append(row)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                              for k, v in row.items()}), file=sys.stderr, flush=True)
+    return rows
+
+
+SHOWN = ["overall_score", "ilisi", "clisi", "batch_asw", "label_asw", "ari", "nmi", "train_s",
+         "train_cpu_s"]
+
+
+def verdicts(frame: pd.DataFrame, method: str = "advcli") -> pd.DataFrame:
+    """Per dataset: the method's mean over seeds against adversarial scVI and the PCA."""
+    mean = frame.groupby(["dataset", "method"], sort=False)[SHOWN].mean()
+    out = []
+    for name in frame["dataset"].unique():
+        m = mean.loc[name]
+        if method not in m.index:
+            continue
+        row = {"dataset": name, "overall": m.loc[method, "overall_score"]}
+        if "scVI adversarial" in m.index:
+            ref = m.loc["scVI adversarial"]
+            row.update(scvi=ref["overall_score"],
+                       beats_scvi=m.loc[method, "overall_score"] > ref["overall_score"],
+                       ari_ok=m.loc[method, "ari"] >= ref["ari"] - 1e-3)
+        if "PCA" in m.index:
+            ref = m.loc["PCA"]
+            row.update(bio_kept=(m.loc[method, "label_asw"] >= ref["label_asw"] - 0.01)
+                       and (m.loc[method, "clisi"] >= ref["clisi"] - 0.01))
+        out.append(row)
+    return pd.DataFrame(out).set_index("dataset")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated dataset names")
+    parser.add_argument("--skip", default="", help="comma-separated dataset names")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", type=int, default=1, help="advcli seeds 0..N-1 per dataset")
+    parser.add_argument("--workdir", default="/tmp/advcli_integration_suite")
+    parser.add_argument("--csv", default=None, help="also write every row here")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--tables", nargs="*", default=None,
+                        help="print the table and verdicts from earlier --csv files; train nothing")
+    args = parser.parse_args(argv)
+    if args.list:
+        for d in DATASETS:
+            print(f"{d.name:16s} {d.what}")
+        return 0
+    if args.tables:
+        frame = pd.concat([pd.read_csv(path) for path in args.tables], ignore_index=True)
+        show(frame, list(frame["method"].unique()))
+        return 0
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    only = [s for s in args.only.split(",") if s]
+    skip = [s for s in args.skip.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    rows = []
+    for dataset in DATASETS:
+        if (only and dataset.name not in only) or dataset.name in skip:
+            continue
+        if dataset.real and not SHARED.is_dir():
+            print(f"{SHARED} not found: {dataset.name} skipped", file=sys.stderr)
+            continue
+        rows += run(dataset, methods, args.seeds, workdir)
+    frame = pd.DataFrame(rows)
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+    show(frame, methods)
+    return 0
+
+
+def show(frame: pd.DataFrame, methods: list[str]) -> None:
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_columns", 30)
+    pd.set_option("display.max_rows", 500)
+    table = frame.groupby(["dataset", "method"], sort=False)[SHOWN].mean()
+    print(table.round(3).to_string())
+    for method in ("advcli", "advcli paired"):
+        if method in methods:
+            print(f"\n{method}: overall above adversarial scVI, ARI at least scVI's, label ASW "
+                  "and cLISI not below the unintegrated PCA's")
+            print(verdicts(frame, method).round(3).to_string())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
