@@ -160,7 +160,7 @@ class PairedVAE(torch.nn.Module):
             recon = losses.mse_per_cell(out, batch["x_norm"])
         kl = losses.gaussian_kl(mean, logvar)
         return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * kl,
-                "mean": mean, "z": z}
+                "mean": mean}
 
     def objective(self, batch: dict, players, ctx: dict) -> tuple[dict, dict]:
         """vae: -ELBO (KL weighted) + adv_weight * adversarial loss of the discriminator held
@@ -169,8 +169,7 @@ class PairedVAE(torch.nn.Module):
         out, logs = {}, {}
         if "vae" in players:
             terms = self.elbo_terms(batch, ctx["kl_weight"])
-            import os
-            mean = terms["z"] if os.environ.get("ADV_ON_SAMPLE") else terms["mean"]
+            mean = terms["mean"]
             logits = constant_call(self.discriminator, mean)
             out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adv_loss(logits, domain)
             logs.update(elbo=terms["elbo"].detach(), recon=terms["recon"].detach(),
