@@ -1,0 +1,124 @@
+"""Integrate mode's mechanisms: when training may stop, the discriminator's extra steps, the
+paired design's tie, the neighbourhood mixing signal and the unmixed warning."""
+
+import copy
+import math
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from advcli import IntegrationModel
+from advcli.models.integrate import PairedVAE, neighbourhood_mixing
+from advcli.strategies import Simultaneous
+from conftest import SAMPLE
+
+
+@pytest.fixture(scope="module")
+def integrate():
+    a = ad.read_h5ad(SAMPLE / "integrate.h5ad")
+    return a[np.r_[0:300, a.n_obs - 300:a.n_obs]].copy()
+
+
+def test_neighbourhood_mixing_is_zero_apart_and_near_one_interleaved():
+    g = torch.Generator().manual_seed(0)
+    domain = torch.arange(400) % 2
+    apart = torch.randn(400, 5, generator=g) + 20.0 * domain[:, None]
+    mixed = torch.randn(400, 5, generator=g)
+    assert neighbourhood_mixing(apart, domain, 2) < 0.01
+    assert neighbourhood_mixing(mixed, domain, 2) > 0.9
+    assert math.isnan(neighbourhood_mixing(mixed[:2], domain[:2], 2))
+
+
+def _drive(model, records):
+    """Feed ``records`` to the schedule; return how many epochs it ran."""
+    schedule = model.schedule()
+    next(schedule)
+    for epoch, record in enumerate(records, start=1):
+        try:
+            schedule.send(record)
+        except StopIteration:
+            return epoch
+    return len(records) + 1
+
+
+FLAT = {"val_elbo": 100.0, "val_disc_ce": 0.6, "val_disc_acc": 0.6, "val_mixing": 0.5}
+
+
+def test_training_stops_when_nothing_improves(integrate):
+    model = IntegrationModel(integrate, max_epochs=200, patience=5, kl_warmup_epochs=1,
+                             adv_warmup_epochs=1)
+    assert _drive(model, [dict(FLAT)] * 100) == 6  # the first epoch sets the bests
+
+
+@pytest.mark.parametrize("rising", ["val_disc_ce", "val_mixing"])
+def test_training_goes_on_while_the_adversary_gains(integrate, rising):
+    """A flat ELBO does not end training while the discriminator's validation loss or the
+    validation neighbourhoods' mixing is still rising."""
+    model = IntegrationModel(integrate, max_epochs=200, patience=5, kl_warmup_epochs=1,
+                             adv_warmup_epochs=1)
+    top = FLAT[rising] + 0.02 * 29
+    records = [{**FLAT, rising: min(FLAT[rising] + 0.02 * i, top)} for i in range(100)]
+    assert _drive(model, records) == 30 + 5
+
+
+def test_training_goes_on_while_the_domains_are_told_apart(integrate):
+    model = IntegrationModel(integrate, max_epochs=60, patience=5, kl_warmup_epochs=1,
+                             adv_warmup_epochs=1)
+    assert _drive(model, [{**FLAT, "val_disc_acc": 0.97}] * 80) == 60  # ran to max_epochs
+
+
+def _batch(n=48, genes=10, domains=3):
+    torch.manual_seed(0)
+    counts = torch.poisson(torch.full((n, genes), 4.0))
+    library = counts.sum(1)
+    return {"counts": counts, "library": library,
+            "x_norm": torch.log1p(counts / library[:, None] * 1e4),
+            "domain": torch.arange(n) % domains}
+
+
+def _lrs(module):
+    return {name: 1e-2 for name in module.players()}
+
+
+def test_under_gradient_reversal_the_discriminator_takes_its_extra_steps():
+    module = PairedVAE(10, 4, 16, 3, "nb")
+    module.d_steps = 3
+    strategy = Simultaneous(module, _lrs(module))
+    strategy.step(_batch(), ("vae", "discriminator"), {"kl_weight": 1.0, "adv_weight": 1.0})
+    steps = lambda name: max(int(s["step"]) for s in strategy.optimizers[name].state.values())
+    assert steps("discriminator") == 3 and steps("vae") == 1
+
+
+@pytest.mark.parametrize("tie", [0.0, 0.5, 1.0])
+def test_the_paired_design_is_tied_towards_the_domains_average(tie):
+    module = PairedVAE(10, 4, 16, 3, "nb", paired=True, tie=tie)
+    first = [p.detach().clone() for p in module.encoders.parameters()]
+    strategy = Simultaneous(module, _lrs(module))
+    for _ in range(3):
+        strategy.step(_batch(), ("vae", "discriminator"), {"kl_weight": 1.0, "adv_weight": 1.0})
+    gaps = [max((a - b).abs().max().item() for a, b in zip(module.encoders[0].parameters(),
+                                                           other.parameters()))
+            for other in module.encoders[1:]]
+    moved = any(not torch.equal(a, b) for a, b in zip(first, module.encoders.parameters()))
+    assert moved
+    if tie == 1.0:
+        assert max(gaps) < 1e-6  # identical encoders
+    elif tie == 0.0:
+        assert max(gaps) > 1e-4  # each domain's VAE learns on its own
+
+
+def test_a_shared_design_has_nothing_to_tie():
+    module = PairedVAE(10, 4, 16, 2, "nb", tie=0.5)
+    snap = copy.deepcopy(module.state_dict())
+    module.after_step(["vae"])
+    assert all(torch.equal(snap[k], v) for k, v in module.state_dict().items())
+
+
+def test_the_summary_warns_when_the_held_out_domains_are_told_apart(integrate):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2).train()
+    model.train_state_.records[-1]["val_disc_acc"] = 0.99
+    summary = model._summarise(1.0, 1.0)
+    assert any("not mixed" in w and "99%" in w for w in summary["warnings"])
+    assert "val_disc_acc" in model.fit_summary()["final_losses"]
