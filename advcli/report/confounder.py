@@ -261,7 +261,7 @@ def _z_plot(plt, z_true, z_hat, path, ols_line):
     slope, icpt, r = ols_line(z_true, z_hat)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(x, z_hat, s=10, alpha=0.5)
-    line = np.linspace(-0.3, 1.3, 50)
+    line = np.linspace(z_true.min(), z_true.max(), 50)  # the fit only where there are data
     ax.plot(line, icpt + slope * line, ls=":", color="orange", lw=2, label="OLS fit")
     ax.set_xticks([0, 1], ["Z = 0", "Z = 1"])
     ax.set_xlim(-0.4, 1.4)
@@ -275,11 +275,14 @@ def _z_plot(plt, z_true, z_hat, path, ols_line):
 
 
 def _hist_plot(plt, r, path):
+    from matplotlib.ticker import MaxNLocator
+
     r = r[np.isfinite(r)]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(r, bins=30, color="tab:blue", alpha=0.85)
     ax.set_xlabel("per-gene Pearson r, predicted vs true log mean")
     ax.set_ylabel("genes")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Per-gene correlations: mean {np.mean(r):.3f}, median {np.median(r):.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -294,7 +297,7 @@ def _d_logit_plot(plt, true, pred, path, line):
     if hi - lo < 1e-6:
         lo, hi = lo - 1, hi + 1
     ax.plot([lo, hi], [lo, hi], ls="--", color="k", lw=1, label="y = x")
-    grid = np.linspace(lo, hi, 50)
+    grid = np.linspace(float(true.min()), float(true.max()), 50)
     ax.plot(grid, icpt + slope * grid, ls=":", color="orange", lw=2, label="OLS fit")
     ax.set_xlabel("true logit of D")
     ax.set_ylabel("predicted logit of D")
