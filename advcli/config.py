@@ -217,7 +217,8 @@ class IntegrationConfig(LatentModelConfig):
                           "come before the joint one).",
                           INTEGRATE)
     e_steps: int = option(1, "Encoder steps per minibatch (--adversary alternate).", INTEGRATE)
-    beta_kl: float = option(1.0, "Weight of the KL term.", INTEGRATE)
+    beta_kl: float = option(0.25, "Weight of the KL term (reached after the warm-up).",
+                            INTEGRATE)
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",
                                           INTEGRATE, shown="a quarter of the epochs")
     val_fraction: float = option(0.1, "Held-out cells for early stopping on the validation "
