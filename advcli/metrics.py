@@ -65,6 +65,8 @@ def ols_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 # Below this median iLISI the domains are called unmixed: failed integrations measured 0.00-0.04,
 # working ones 0.2-0.8, and an unadversarial shared VAE 0.27 (docs/integrate.md).
 UNMIXED_ILISI = 0.1
+UNMIXED_ADVICE = ("Refit with a higher --adv-weight or --adversary alternate, or --n-top-genes "
+                  "2000 on data with many genes, and check the result with `advcli diagnose`.")
 
 
 def knn(embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +76,17 @@ def knn(embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, embedding.shape[0] - 1)
     dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
     return dist[:, 1:], idx[:, 1:]
+
+
+def knn_domain_entropy(idx: np.ndarray, codes: np.ndarray, n_domains: int) -> float:
+    """Mean entropy of the domains among each cell's neighbours (``idx``), over log(n_domains):
+    0 when every neighbourhood is from one domain, 1 when each holds the domains equally."""
+    if n_domains < 2:
+        return float("nan")
+    shares = np.stack([(codes[idx] == b).mean(axis=1) for b in range(n_domains)], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1)
+    return float(ent.mean() / np.log(n_domains))
 
 
 def lisi(dist: np.ndarray, idx: np.ndarray, labels: np.ndarray, perplexity: float = 30.0,
@@ -137,12 +150,8 @@ def integration_metrics(embedding: np.ndarray, batch: np.ndarray, labels: np.nda
     out: dict[str, float] = {}
     ilisi = np.median(lisi(dist, idx, batch))
     out["ilisi"] = float((ilisi - 1.0) / (n_batches - 1.0)) if n_batches > 1 else float("nan")
-    k50 = idx[:, :50]
     batch_codes = np.unique(batch, return_inverse=True)[1]
-    shares = np.stack([(batch_codes[k50] == b).mean(axis=1) for b in range(n_batches)], axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ent = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1)
-    out["knn_batch_entropy"] = float(ent.mean() / np.log(n_batches)) if n_batches > 1 else float("nan")
+    out["knn_batch_entropy"] = knn_domain_entropy(idx[:, :50], batch_codes, n_batches)
     if labels is not None:
         labels = np.asarray(labels).astype(str)
         n_labels = len(np.unique(labels))

@@ -38,6 +38,7 @@ import scipy.sparse as sp
 from advcli import IntegrationModel
 from advcli.metrics import integration_metrics
 from advcli.simulate import IntegrationSimulation, simulate_integration
+from integration_vs_scvi import pca  # the same unintegrated PCA-30 as the other benchmark
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SCVI_EPOCHS = 100
@@ -127,8 +128,7 @@ def _anndata(X: sp.csr_matrix, domains: list[str], types: list[str]) -> ad.AnnDa
 def simulated(tmp: Path, **kwargs) -> ad.AnnData:
     path = tmp / "simulate_integrate.h5ad"
     simulate_integration(IntegrationSimulation(**kwargs), path)
-    a = ad.read_h5ad(path)
-    return a
+    return ad.read_h5ad(path)
 
 
 def real(name: str) -> ad.AnnData:
@@ -191,15 +191,6 @@ DATASETS = [
 
 
 # ---------------------------------------------------------------- methods
-
-def pca(a: ad.AnnData, n: int = 30) -> np.ndarray:
-    from sklearn.decomposition import PCA
-
-    x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
-    x = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
-    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-8)
-    return PCA(min(n, x.shape[1] - 1), random_state=0).fit_transform(np.clip(x, -10, 10))
-
 
 def run_advcli(a: ad.AnnData, seed: int, **options) -> tuple[np.ndarray, dict]:
     model = IntegrationModel(a, seed=seed, **options).train(progress=False)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from advcli import IntegrationModel
 from advcli.metrics import integration_metrics, knn
+from advcli.report.integrate import unintegrated_pca
 from advcli.simulate import IntegrationSimulation, simulate_integration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +43,8 @@ def scib(embedding: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> dict[s
 
 
 def embeddings(a: ad.AnnData) -> dict[str, np.ndarray]:
-    from sklearn.decomposition import PCA
-
-    x = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
-    x = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
-    pca = PCA(10, random_state=0).fit_transform(x - x.mean(0))
     latent = IntegrationModel(a, seed=0).train(progress=False).get_latent_representation()
-    return {"unintegrated PCA": pca, "advcli": latent}
+    return {"unintegrated PCA": unintegrated_pca(a, latent.shape[1]), "advcli": latent}
 
 
 def main() -> int:

@@ -122,3 +122,18 @@ def test_the_summary_warns_when_the_held_out_domains_are_told_apart(integrate):
     summary = model._summarise(1.0, 1.0)
     assert any("not mixed" in w and "99%" in w for w in summary["warnings"])
     assert "val_disc_acc" in model.fit_summary()["final_losses"]
+
+
+@pytest.mark.parametrize("tie", [-0.1, 1.5, float("nan")])
+def test_a_tie_outside_zero_to_one_is_refused(integrate, tie):
+    from advcli.errors import InputError
+
+    with pytest.raises(InputError, match="--tie"):
+        IntegrationModel(integrate, design="paired", tie=tie)
+
+
+def test_the_warning_leaves_out_the_discriminator_without_held_out_cells(integrate):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2, val_fraction=0.0).train()
+    model.mixing_ilisi = lambda: 0.0  # an unmixed embedding
+    warning = " ".join(model._summarise(1.0, 1.0)["warnings"])
+    assert "not mixed" in warning and "nan" not in warning

@@ -36,22 +36,18 @@ MIXING_NEIGHBOURS, MIXING_VAL_CELLS = 15, 1500
 
 
 def neighbourhood_mixing(latent: torch.Tensor, domain: torch.Tensor, n_domains: int) -> float:
-    """Mean entropy of the domains among each cell's nearest neighbours, over log(n_domains),
-    on up to MIXING_VAL_CELLS cells (seeded): 0 when every neighbourhood is from one domain.
-    Local mixing is what integration is for; a discriminator can be fooled globally (accuracy
-    near chance) while each domain still sits in its own patch of every cluster."""
+    """kNN domain entropy (0: every neighbourhood from one domain, 1: evenly mixed) of up to
+    MIXING_VAL_CELLS cells (seeded). Local mixing is what integration is for; a discriminator
+    can be fooled globally (accuracy near chance) while each domain still sits in its own
+    patch of every cluster."""
+    from ..metrics import knn, knn_domain_entropy
+
     n = latent.shape[0]
     if n < 3 or n_domains < 2:
         return math.nan
-    keep = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:MIXING_VAL_CELLS]
-    z, d = latent[keep.to(latent.device)].float(), domain[keep.to(domain.device)]
-    k = min(MIXING_NEIGHBOURS, z.shape[0] - 1)
-    dist = torch.cdist(z, z)
-    dist.fill_diagonal_(math.inf)
-    neighbours = d[dist.topk(k, largest=False).indices]
-    shares = torch.stack([(neighbours == j).float().mean(dim=1) for j in range(n_domains)], 1)
-    entropy = -(shares * torch.log(shares.clamp_min(1e-12))).sum(dim=1)
-    return float(entropy.mean() / math.log(n_domains))
+    keep = np.sort(np.random.default_rng(0).choice(n, min(n, MIXING_VAL_CELLS), replace=False))
+    _, idx = knn(latent.cpu().double().numpy()[keep], MIXING_NEIGHBOURS)
+    return knn_domain_entropy(idx, domain.cpu().numpy()[keep], n_domains)
 
 
 class PairedVAE(torch.nn.Module):
@@ -339,16 +335,16 @@ class IntegrationModel(BaseModel):
         mixing = self.mixing_ilisi()
         summary["mixing_ilisi"] = mixing
         held_out = records[-1].get("val_disc_acc", math.nan)
-        from ..metrics import UNMIXED_ILISI
+        from ..metrics import UNMIXED_ADVICE, UNMIXED_ILISI
 
         if mixing < UNMIXED_ILISI or held_out >= SEPARATED_ACC:
+            told = (f" and the discriminator tells the domain of {held_out:.0%} of held-out "
+                    f"cells (chance {1 / len(self.domains_):.0%})"
+                    if math.isfinite(held_out) else "")
             summary["warnings"].append(
                 f"The domains are not mixed: the embedding's iLISI is {mixing:.2f} (0 = each "
                 f"cell's neighbours all from its own domain, 1 = as mixed as the domains' sizes "
-                f"allow) and the discriminator tells the domain of {held_out:.0%} of held-out "
-                f"cells (chance {1 / len(self.domains_):.0%}). The adversary lost. Try a higher "
-                f"--adv-weight or --adversary alternate, or --n-top-genes 2000 on data with many "
-                f"genes, and check the result with `advcli diagnose`.")
+                f"allow){told}. The adversary lost. {UNMIXED_ADVICE}")
         return summary
 
     def _stopping(self, records: list[dict]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import numpy as np
 from .. import keys
 from ..data import check_finite_obsm, encode_domains
 from ..errors import InputError
-from ..metrics import UNMIXED_ILISI, integration_metrics
+from ..metrics import UNMIXED_ADVICE, UNMIXED_ILISI, integration_metrics
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -83,8 +83,7 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         notes.append("No --model given: loss_curves.png needs the model file's history.")
     if metrics.get("ilisi", 1.0) < UNMIXED_ILISI:
         notes.append(f"The domains are not mixed (iLISI {metrics['ilisi']:.2f}): each cell's "
-                     "neighbours come from its own domain. Refit with a higher --adv-weight or "
-                     "--adversary alternate, or --n-top-genes 2000 on data with many genes.")
+                     f"neighbours come from its own domain. {UNMIXED_ADVICE}")
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
                                         "overall_score") if k in metrics}
     if baseline is not None:
