@@ -651,18 +651,23 @@ def diagnose(
     batch_key: Optional[str] = typer.Option(None, "--batch-key",
                                             help="[integrate] obs column with the domains "
                                                  "(default: the model's)."),
+    map_method: str = typer.Option("tsne", "--map",
+                                   help="[integrate] 2-D map drawn in embedding.png: tsne, or "
+                                        "umap (needs umap-learn: pip install 'advcli[umap]')."),
     as_json: bool = JSON_OPTION,
     threads: Optional[int] = THREADS_OPTION,
 ) -> None:
     """Write metrics, tables and plots about a prediction to a report folder."""
     from .report import diagnose as run
+    from .report.integrate import check_map_method
 
+    check_map_method(map_method)
     _check_output(out, [predicted] + ([model_path] if model_path else []), folder=True)
     _set_threads(threads)
     start = time.perf_counter()
     with _about(predicted):
         summary = run(predicted, out, model_path=model_path, label_key=label_key,
-                      batch_key=batch_key)
+                      batch_key=batch_key, map_method=map_method)
     seconds = time.perf_counter() - start
     rows = {"folder": str(out), "files": ", ".join(summary["files"]), "time": f"{seconds:.1f} s"}
     rows.update({k: _fmt(v) for k, v in summary["headline"].items()})

@@ -36,7 +36,9 @@ def option(default: Any, help: str, group: str, *, shown: str | None = None,
 class TrainConfig:
     """Options every mode shares; each mode's class may give them other defaults."""
 
-    layer: str | None = option(None, "Counts layer to use instead of X.", TRAINING, shown="X")
+    layer: str | None = option(None, "Counts layer to use instead of X; 'raw' reads adata.raw "
+                               "(and its genes) when there is no layer of that name.",
+                               TRAINING, shown="X")
     n_top_genes: int | None = option(None, "Train on the N most variable genes (the Seurat v3 "
                                      "rule on counts, ranked within each batch or condition); "
                                      "predict then reads those genes from any file.", TRAINING,

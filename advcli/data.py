@@ -47,6 +47,23 @@ def _missing_key(what: str, key: str, existing: Sequence[str], hint: str = "") -
     return InputError(f"{what} '{key}' not found. The file has: {shown}{more}.{hint}")
 
 
+RAW = "raw"
+
+
+def counts_anndata(adata, layer: str | None):
+    """The AnnData whose genes and counts advcli reads. ``--layer raw`` means ``adata.raw`` (its
+    own genes, often more than X's) unless the file has a layer named 'raw'; the result then
+    holds those counts as layers['raw'] beside the same obs."""
+    if layer != RAW or RAW in adata.layers:
+        return adata
+    if adata.raw is None:
+        raise InputError("--layer raw: the file has neither adata.raw nor layers['raw']. "
+                         f"Its layers: {', '.join(map(repr, adata.layers.keys())) or 'none'}.")
+    import anndata as ad
+
+    return ad.AnnData(obs=adata.obs, var=adata.raw.var.copy(), layers={RAW: adata.raw.X})
+
+
 def count_source(adata, layer: str | None):
     """The matrix holding raw counts: X, or layers[layer]."""
     if layer is None:
@@ -531,10 +548,17 @@ def stratified_split(domain: np.ndarray, names: Sequence[str], val_fraction: flo
 
 
 def in_file_order(adata, genes: Sequence[str], values: np.ndarray) -> np.ndarray:
-    """Per-gene outputs in the model's gene order, placed at the file's columns; genes the
-    model does not know are NaN."""
+    """Per-gene outputs in the model's gene order, placed at the file's columns: genes the
+    model does not know are NaN, and model genes the file's X lacks (read from .raw) are left
+    out."""
+    index = pd.Index(adata.var_names)
+    if not index.is_unique:
+        raise InputError("Gene names (var_names) of X are not unique, so per-gene outputs "
+                         "cannot be placed; make them unique (AnnData.var_names_make_unique()).")
     full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-    full[:, gene_order(adata, genes)] = values
+    where = index.get_indexer(list(genes))
+    present = where >= 0
+    full[:, where[present]] = values[:, present]
     return full
 
 

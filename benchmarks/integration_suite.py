@@ -306,6 +306,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="advcli seeds 0..N-1 per dataset")
     parser.add_argument("--workdir", default="/tmp/advcli_integration_suite")
     parser.add_argument("--csv", default=None, help="also write every row here")
+    parser.add_argument("--options", default="",
+                        help='JSON of IntegrationModel options for a variant, e.g. '
+                             '\'{"d_steps": 1}\': run as method "advcli <options>"')
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--tables", nargs="*", default=None,
                         help="print the table and verdicts from earlier --csv files; train nothing")
@@ -323,6 +326,11 @@ def main(argv=None) -> int:
     only = [s for s in args.only.split(",") if s]
     skip = [s for s in args.skip.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
+    if args.options:
+        options = json.loads(args.options)
+        variant = f"advcli {args.options}"
+        METHODS[variant] = lambda a, seed: run_advcli(a, seed, **options)
+        methods = [variant if m == "advcli" else m for m in methods]
     rows = []
     for dataset in DATASETS:
         if (only and dataset.name not in only) or dataset.name in skip:

@@ -436,3 +436,24 @@ def test_z_hat_associations_name_what_z_hat_follows():
     assert (best["strength"] > 0.99).all()
     assert "D_logit" not in set(table["obs_column"])  # advcli's own outputs are not obs facts
     assert "log library size" in set(table["obs_column"])
+
+
+def test_layer_raw_through_fit_predict_effects_and_diagnose(tmp_path, invoke, write):
+    """Counts in .raw (all genes), X normalised on a subset: every step reads .raw's genes."""
+    counts = make_adata(n=120, genes=15)
+    a = counts[:, counts.var_names[:10]].copy()
+    a.X = np.log1p(a.X.toarray() if hasattr(a.X, "toarray") else a.X).astype(np.float32)
+    a.raw = counts
+    data = write(a)
+    model, pred, effects = tmp_path / "m.pt", tmp_path / "p.h5ad", tmp_path / "e.csv"
+    r = invoke("fit", data, "--mode", "confounder", "--layer", "raw", "-o", model,
+               "--covariate-keys", "group", "--outer-iterations", "2")
+    assert r.exit_code == 0, r.output
+    assert len(torch.load(model, weights_only=True)["genes"]) == 15
+    r = invoke("predict", model, data, "-o", pred, "--effects", effects)
+    assert r.exit_code == 0, r.output
+    assert len(pd.read_csv(effects)) == 15
+    assert ad.read_h5ad(pred).layers["nb_mean"].shape == (120, 10)
+    r = invoke("diagnose", pred, "-o", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    assert len(pd.read_csv(tmp_path / "rep" / "treatment_effects.csv")) == 15

@@ -50,7 +50,7 @@ def test_end_to_end(which, adversary, tmp_path, invoke, integrate_file, three_do
     header = open(tmp_path / "p.csv").readline().strip().split(",")
     assert header[:2] == ["cell", "X_advcli_0"] and header[-1] == "domain_prob"
     r = invoke("diagnose", tmp_path / "p.h5ad", "-o", tmp_path / "rep", "--model",
-               tmp_path / "m.pt", "--json")
+               tmp_path / "m.pt", "--json", "--map", "umap" if which == "three" else "tsne")
     assert r.exit_code == 0, r.output
     for name in ("integration_metrics.json", "embedding.png", "loss_curves.png", "summary.json"):
         assert (tmp_path / "rep" / name).stat().st_size > 100, name
@@ -203,3 +203,106 @@ def test_n_top_genes_trains_on_the_variable_genes_and_predict_reads_them(integra
         assert np.isnan(out.layers["nb_mean"][:, ~used]).all()
     r = invoke("fit", integrate_file, "--mode", "integrate", "--n-top-genes", "0", "-o", model)
     assert r.exit_code == 2 and "--n-top-genes" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def scanpy_style_file(tmp_path_factory, integrate_file):
+    """What scanpy users hand over: X log-normalised on a gene subset, the counts in .raw."""
+    counts = ad.read_h5ad(integrate_file)
+    keep = counts.var_names[::2]
+    a = counts[:, keep].copy()
+    x = np.asarray(a.X.todense() if hasattr(a.X, "todense") else a.X, dtype=np.float64)
+    a.X = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4).astype(np.float32)
+    a.raw = counts
+    path = tmp_path_factory.mktemp("raw") / "scanpy.h5ad"
+    a.write_h5ad(path)
+    return path, list(counts.var_names)
+
+
+def test_layer_raw_reads_the_counts_and_genes_of_adata_raw(scanpy_style_file, tmp_path, invoke):
+    path, raw_genes = scanpy_style_file
+    model, pred, report = tmp_path / "m.pt", tmp_path / "p.h5ad", tmp_path / "rep"
+    r = invoke("fit", path, "--mode", "integrate", *FAST, "-o", model)
+    assert r.exit_code == 2 and "non-integer" in r.stderr and not model.exists()
+    r = invoke("fit", path, "--mode", "integrate", "--layer", "raw", *FAST, "-o", model)
+    assert r.exit_code == 0, r.stderr
+    assert torch.load(model, weights_only=True)["genes"] == raw_genes
+    r = invoke("predict", model, path, "-o", pred)
+    assert r.exit_code == 0, r.stderr
+    out = ad.read_h5ad(pred)
+    assert out.obsm["X_advcli"].shape == (out.n_obs, 8)
+    assert out.layers["nb_mean"].shape == out.shape and np.isfinite(out.layers["nb_mean"]).all()
+    r = invoke("diagnose", pred, "-o", report, "--json")
+    assert r.exit_code == 0, r.stderr
+    metrics = json.loads((report / "integration_metrics.json").read_text())
+    assert np.isfinite(metrics["unintegrated_pca"]["ilisi"])  # the baseline read .raw
+
+
+def test_layer_raw_without_raw_is_refused(integrate_file, tmp_path, invoke):
+    model = tmp_path / "m.pt"
+    r = invoke("fit", integrate_file, "--mode", "integrate", "--layer", "raw", "-o", model)
+    assert r.exit_code == 2 and "adata.raw" in r.stderr and not model.exists()
+
+
+def test_a_layer_named_raw_comes_before_adata_raw(scanpy_style_file, tmp_path, invoke):
+    path, raw_genes = scanpy_style_file
+    a = ad.read_h5ad(path)
+    a.layers["raw"] = np.round(np.expm1(a.X)).astype(np.float32)  # integer, X's genes
+    both = tmp_path / "both.h5ad"
+    a.write_h5ad(both)
+    model = tmp_path / "m.pt"
+    r = invoke("fit", both, "--mode", "integrate", "--layer", "raw", *FAST, "-o", model)
+    assert r.exit_code == 0, r.stderr
+    assert torch.load(model, weights_only=True)["genes"] == list(a.var_names)
+
+
+def test_layer_raw_with_non_integer_raw_is_refused(scanpy_style_file, tmp_path, invoke):
+    path, _ = scanpy_style_file
+    a = ad.read_h5ad(path)
+    raw = a.raw.to_adata()
+    raw.X = raw.X.astype(np.float32) * 0.5
+    a.raw = raw
+    bad = tmp_path / "bad.h5ad"
+    a.write_h5ad(bad)
+    r = invoke("fit", bad, "--mode", "integrate", "--layer", "raw", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "non-integer" in r.stderr and not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_the_map_keeps_apart_what_is_apart(method):
+    from advcli.report.integrate import two_d
+
+    rng = np.random.default_rng(0)
+    points = np.vstack([rng.normal(0, 1, (60, 8)), rng.normal(12, 1, (60, 8))])
+    xy = two_d(points, method)
+    first, second = xy[:60], xy[60:]
+    gap = np.linalg.norm(first.mean(0) - second.mean(0))
+    assert gap > 3 * max(first.std(0).max(), second.std(0).max())
+    np.testing.assert_array_equal(xy, two_d(points, method))  # seeded
+
+
+def test_map_choice_is_checked_before_any_work(tmp_path, invoke, integrate_file, monkeypatch):
+    import sys
+
+    r = invoke("diagnose", integrate_file, "-o", tmp_path / "rep", "--map", "pca")
+    assert r.exit_code == 2 and "tsne, umap" in r.stderr and not (tmp_path / "rep").exists()
+    monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
+    r = invoke("diagnose", integrate_file, "-o", tmp_path / "rep", "--map", "umap")
+    assert r.exit_code == 2 and "umap-learn" in r.stderr and not (tmp_path / "rep").exists()
+
+
+def test_predict_with_a_raw_model_checks_the_raw_genes(scanpy_style_file, integrate_file,
+                                                       tmp_path, invoke):
+    path, raw_genes = scanpy_style_file
+    model = tmp_path / "m.pt"
+    r = invoke("fit", path, "--mode", "integrate", "--layer", "raw", *FAST, "-o", model)
+    assert r.exit_code == 0, r.stderr
+    a = ad.read_h5ad(path)
+    a.raw = a.raw.to_adata()[:, raw_genes[5:]]  # .raw lost five of the model's genes
+    fewer = tmp_path / "fewer.h5ad"
+    a.write_h5ad(fewer)
+    r = invoke("predict", model, fewer, "-o", tmp_path / "p.h5ad")
+    assert r.exit_code == 2 and "lack 5 of the 120 genes" in r.stderr
+    assert not (tmp_path / "p.h5ad").exists()
+    r = invoke("predict", model, integrate_file, "-o", tmp_path / "p.h5ad")  # no .raw at all
+    assert r.exit_code == 2 and "adata.raw" in r.stderr and not (tmp_path / "p.h5ad").exists()

@@ -77,15 +77,23 @@ def _check(result, out: Path) -> None:
 
 
 @FUZZ
-@given(spec=anndata_files(), mode=st.sampled_from(["integrate", "confounder"]))
-def test_fit_on_generated_files(spec, mode):
+@given(spec=anndata_files(), mode=st.sampled_from(["integrate", "confounder"]),
+       store=st.sampled_from(["X", "raw"]))
+def test_fit_on_generated_files(spec, mode, store):
     runner = CliRunner()
     with tempfile.TemporaryDirectory() as tmp:
         path, out = Path(tmp) / "data.h5ad", Path(tmp) / "model.pt"
         adata = ad.AnnData(X=spec["X"], obs=spec["obs"], var=spec["var"])
+        extra = []
+        if store == "raw":  # scanpy's layout: counts in .raw, X normalised on fewer genes
+            counts = adata.copy()
+            adata = counts[:, : counts.n_vars // 2].copy()
+            adata.X = np.full(adata.shape, 0.5, dtype=np.float32)
+            adata.raw = counts
+            extra = ["--layer", "raw"]
         adata.write_h5ad(path)
         result = runner.invoke(app, ["fit", str(path), "--mode", mode, "-o", str(out),
-                                     "--max-epochs", "1", "--hidden", "8"])
+                                     "--max-epochs", "1", "--hidden", "8", *extra])
         _check(result, out)
 
 

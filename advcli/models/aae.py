@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from .. import keys, losses
-from ..data import (CountRows, count_batch, encode_domains, gene_order, in_file_order,
+from ..data import (CountRows, count_batch, counts_anndata, encode_domains, gene_order, in_file_order,
                     load_counts, minibatches, obs_column, set_uns, validate_counts)
 from ..errors import InputError
 from ..nn import Decoder, Encoder, PriorDiscriminator
@@ -262,6 +262,7 @@ class AAEModel(BaseModel):
     # ------------------------------------------------------------------ prediction
 
     def _inputs(self, adata):
+        adata = counts_anndata(adata, self.config.layer)
         validate_counts(adata, self.config.layer)
         order = gene_order(adata, self.genes_)
         if self.conditions_:

@@ -27,6 +27,7 @@ import torch
 from .. import __version__, distributed, keys
 from ..config import CONFIGS, TrainConfig, config_from_dict, config_to_dict, make_config
 from ..errors import InputError
+from ..data import counts_anndata
 from ..io import load_model, plain, save_model
 from ..strategies import STRATEGIES, Strategy
 from ..train import EpochCallback, TrainState, history_table, run
@@ -84,7 +85,7 @@ class BaseModel:
         self.train_state_: TrainState | None = None
         self.is_trained_ = False
         self.has_data_ = True
-        self._setup(self._gene_selection(adata))
+        self._setup(self._gene_selection(counts_anndata(adata, cfg.layer)))
         self.fingerprint_ = self._fingerprint()
 
     def _gene_selection(self, adata):

@@ -27,7 +27,7 @@ from scipy.special import expit
 
 from .. import keys, losses
 from ..config import ConfounderConfig
-from ..data import (CountRows, CovariateEncoding, default_covariate_keys, encode_treatment,
+from ..data import (CountRows, CovariateEncoding, counts_anndata, default_covariate_keys, encode_treatment,
                     gene_moments, gene_order, in_file_order, load_counts, minibatches, residual_factors,
                     sample_labels, set_uns, size_factors, validate_counts)
 from ..effects import treatment_effects
@@ -441,6 +441,7 @@ class ConfounderModel(BaseModel):
     def _inputs(self, adata):
         """X, D, offsets and count rows of ``adata`` in the model's gene order and encoding."""
         cfg = self.config
+        adata = counts_anndata(adata, cfg.layer)
         validate_counts(adata, cfg.layer)
         order = gene_order(adata, self.genes_)
         d, _ = encode_treatment(adata, cfg.treatment_key, self.treatment_levels_[1])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import keys, losses
-from ..data import (CountRows, count_batch, encode_domains, gene_order, load_counts,
+from ..data import (CountRows, count_batch, counts_anndata, encode_domains, gene_order, load_counts,
                     minibatches, set_uns, validate_counts)
 from ..nn import Decoder, DomainDiscriminator, Encoder, mlp
 from ..strategies import constant_call
@@ -234,6 +234,7 @@ class DisentangleModel(BaseModel):
     # ------------------------------------------------------------------ prediction
 
     def _inputs(self, adata) -> CountRows:
+        adata = counts_anndata(adata, self.config.layer)
         validate_counts(adata, self.config.layer)
         counts = load_counts(adata, self.config.layer)[:, gene_order(adata, self.genes_)]
         return CountRows(counts, self.device)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import keys, losses
-from ..data import (CountRows, balanced_minibatches, count_batch, encode_domains, gene_order,
+from ..data import (CountRows, balanced_minibatches, count_batch, counts_anndata, encode_domains, gene_order,
                     in_file_order, load_counts, set_uns, stratified_split, validate_counts)
 from ..errors import InputError
 from ..nn import Decoder, DomainDiscriminator, Encoder
@@ -376,6 +376,7 @@ class IntegrationModel(BaseModel):
     # ------------------------------------------------------------------ prediction
 
     def _inputs(self, adata):
+        adata = counts_anndata(adata, self.config.layer)
         validate_counts(adata, self.config.layer)
         order = gene_order(adata, self.genes_)
         domain, _ = encode_domains(adata, self.config.batch_key, self.domains_)
@@ -443,7 +444,8 @@ class IntegrationModel(BaseModel):
             adata.layers[name] = in_file_order(adata, self.genes_, out["decoded"])
             written.append(f"layers['{name}']")
         set_uns(adata, keys.INTEGRATE_INPUTS, {"batch_key": self.config.batch_key,
-                                               "domains": list(self.domains_)})
+                                               "domains": list(self.domains_),
+                                               "layer": self.config.layer or ""})
         return written
 
     # ------------------------------------------------------------------ files

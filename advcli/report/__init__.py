@@ -20,14 +20,17 @@ from ..io import load_model, plain
 from .aae import aae_report
 from .confounder import confounder_report
 from .disentangle import disentangle_report
-from .integrate import integration_report
+from .integrate import check_map_method, integration_report
 
 REPORTS = {"aae": aae_report, "disentangle": disentangle_report}  # modes whose report needs only the file and the model
 
 
 def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
-             label_key: str | None = None, batch_key: str | None = None) -> dict[str, Any]:
-    """Write the report for ``predicted`` into ``out_dir``; return the summary (also summary.json)."""
+             label_key: str | None = None, batch_key: str | None = None,
+             map_method: str = "tsne") -> dict[str, Any]:
+    """Write the report for ``predicted`` into ``out_dir``; return the summary (also summary.json).
+    ``map_method``: tsne or umap for the integrate map."""
+    check_map_method(map_method)
     adata = read_h5ad(predicted)
     meta = adata.uns.get(keys.UNS, {})
     info = meta.get(keys.PREDICT) if isinstance(meta, dict) else None
@@ -49,7 +52,8 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
         if mode == "confounder":
             summary = confounder_report(adata, staging, payload)
         elif mode == "integrate":
-            summary = integration_report(adata, staging, payload, label_key, batch_key)
+            summary = integration_report(adata, staging, payload, label_key, batch_key,
+                                         map_method)
         else:
             summary = REPORTS[mode](adata, staging, payload)
         summary = {"mode": mode, "input": str(predicted), **summary}

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import keys
-from ..data import check_finite_obsm, gene_order, load_counts, validate_counts
+from ..data import check_finite_obsm, counts_anndata, gene_order, load_counts, validate_counts
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -81,6 +81,7 @@ def _realism(adata, model, inputs: dict) -> float:
     from sklearn.model_selection import cross_val_score
 
     layer = model.config.layer
+    adata = counts_anndata(adata, layer)
     validate_counts(adata, layer)
     rng = np.random.default_rng(0)
     real_rows = rng.choice(adata.n_obs, min(adata.n_obs, REALISM_CELLS), replace=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import keys
-from ..data import (CovariateEncoding, check_finite_obsm, encode_treatment, load_counts,
+from ..data import (CovariateEncoding, check_finite_obsm, counts_anndata, encode_treatment, load_counts,
                     sample_labels, size_factors, validate_counts)
 from ..errors import InputError
 from .plots import loss_curves, pyplot
@@ -184,7 +184,8 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
         notes.append("No record of the treatment and covariates: treatment effects skipped.")
         return None
     layer = str(inputs.get("layer", "")) or None
-    validate_counts(adata, layer)
+    source = counts_anndata(adata, layer)
+    validate_counts(source, layer)
     d, _ = encode_treatment(adata, str(inputs["treatment_key"]), str(inputs["treated_level"]))
     if "covariates_json" in inputs:
         encoding = CovariateEncoding.from_dict(json.loads(str(inputs["covariates_json"])))
@@ -193,12 +194,12 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
         encoding = CovariateEncoding.from_dict({k: _as_list(cov[k])
                                                 for k in ("keys", "kinds", "levels")})
     x = encoding.transform(adata)
-    counts = load_counts(adata, layer)
+    counts = load_counts(source, layer)
     sf = size_factors(adata, counts, str(inputs.get("size_factors", "none")))
     sample_key = str(inputs.get("sample_key", "")) or None
     sample = None if sample_key is None else sample_labels(adata.obs, sample_key)
     controls = json.loads(str(inputs.get("control_genes_json", "[]"))) or None
-    frame = treatment_effects(counts, d, x, z_hat, adata.var_names, sf, sample,
+    frame = treatment_effects(counts, d, x, z_hat, source.var_names, sf, sample,
                               control_genes=controls)
     sim = adata.uns.get(keys.UNS, {}).get(keys.SIMULATION)
     if isinstance(sim, dict) and "beta_2" in sim:
@@ -215,7 +216,7 @@ def _effects(adata, z_hat, metrics, notes, headline) -> pd.DataFrame | None:
             f"{metrics['effect_rmse_naive']:.3f} / {metrics['effect_rmse_adjusted']:.3f}")
     k = z_hat.shape[1]
     if k >= 2:  # sensitivity to k: the same table with the first half of Z-hat's columns
-        half = treatment_effects(counts, d, x, z_hat[:, :k // 2], adata.var_names, sf, sample,
+        half = treatment_effects(counts, d, x, z_hat[:, :k // 2], source.var_names, sf, sample,
                                  control_genes=controls)
         both = frame["converged"].to_numpy() & half["converged"].to_numpy()
         from scipy.stats import spearmanr

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import keys
-from ..data import check_finite_obsm, encode_domains
+from ..data import check_finite_obsm, count_source, counts_anndata, encode_domains
 from ..errors import InputError
 from ..metrics import UNMIXED_ADVICE, UNMIXED_ILISI, integration_metrics
 from ..io import plain
@@ -21,11 +21,43 @@ LOSS_PANELS = [
     {"title": "Adversary (mixing: CE up, accuracy toward chance)", "ylabel": "",
      "series": [("disc_ce", "discriminator CE"), ("disc_acc", "discriminator accuracy")]},
 ]
-MAP_CELLS = 5000  # t-SNE is drawn on a seeded subsample above this many cells
+MAP_CELLS = 5000  # the map is drawn on a seeded subsample above this many cells
+MAP_METHODS = ("tsne", "umap")
+MAP_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
+
+
+def check_map_method(method: str) -> None:
+    """Refuse an unknown map method, or UMAP without umap-learn, before any work is done."""
+    if method not in MAP_METHODS:
+        raise InputError(f"--map '{method}' is not one of {', '.join(MAP_METHODS)}.")
+    if method == "umap":
+        try:
+            import umap  # noqa: F401
+        except ImportError:
+            raise InputError("--map umap needs umap-learn: pip install 'advcli[umap]' (or "
+                             "umap-learn), or use --map tsne.") from None
+
+
+def two_d(embedding: np.ndarray, method: str) -> np.ndarray:
+    """A seeded 2-D map of the embedding's rows (the same file gives the same picture)."""
+    n = len(embedding)
+    if method == "umap":
+        import warnings
+
+        import umap
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "n_jobs overridden by random_state": wanted
+            return umap.UMAP(n_neighbors=int(min(15, n - 1)), random_state=0,
+                             init="spectral" if n > 50 else "random").fit_transform(embedding)
+    from sklearn.manifold import TSNE
+
+    return TSNE(n_components=2, perplexity=float(min(30, max(2, (n - 1) / 3))), init="pca",
+                random_state=0).fit_transform(embedding)
 
 
 def integration_report(adata, folder: Path, payload: dict | None, label_key: str,
-                       batch_key: str | None) -> dict[str, Any]:
+                       batch_key: str | None, map_method: str = "tsne") -> dict[str, Any]:
     if keys.X_LATENT not in adata.obsm:
         raise InputError(f"obsm['{keys.X_LATENT}'] is missing: the file was not written by "
                          "`advcli predict` with an integrate model.")
@@ -50,11 +82,11 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                      "overall scores) are skipped.")
     embedding = check_finite_obsm(adata, keys.X_LATENT, "the embedding")
     metrics = integration_metrics(embedding, batch, labels)
-    before = unintegrated_pca(adata, embedding.shape[1])
+    before = unintegrated_pca(adata, embedding.shape[1], str(inputs.get("layer", "")) or None)
     baseline = integration_metrics(before, batch, labels) if before is not None else None
     if before is None:
-        notes.append("X does not hold counts, so there is no unintegrated baseline to compare "
-                     "with.")
+        notes.append("The file does not hold the counts the model read, so there is no "
+                     "unintegrated baseline to compare with.")
     elif "overall_score" in metrics and metrics["overall_score"] < baseline["overall_score"]:
         notes.append(f"The integrated embedding scores below the unintegrated PCA (overall "
                      f"{metrics['overall_score']:.3f} against {baseline['overall_score']:.3f}): "
@@ -72,7 +104,7 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         if before is not None:
             maps.insert(0, ("unintegrated PCA", before, baseline))
         notes += _embedding_plot(plt, maps, batch, labels, batch_key, label_key,
-                                 folder / "embedding.png")
+                                 folder / "embedding.png", map_method)
     if payload is not None:
         k = max(len(payload.get("encoding", {}).get("domains", [])), 2)
         panels = [LOSS_PANELS[0], {**LOSS_PANELS[1], "reference": [
@@ -93,13 +125,17 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
             "notes": notes}
 
 
-def unintegrated_pca(adata, n_components: int) -> np.ndarray | None:
-    """What integration is judged against: PCA of log1p-normalised counts (None when X does
-    not hold finite, non-negative counts)."""
+def unintegrated_pca(adata, n_components: int, layer: str | None = None) -> np.ndarray | None:
+    """What integration is judged against: PCA of log1p-normalised counts, from the counts
+    the model read (None when they are missing, not finite or negative)."""
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
 
-    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    try:
+        source = counts_anndata(adata, layer)
+        x = sp.csr_matrix(count_source(source, layer), dtype=np.float64)
+    except InputError:
+        return None
     if x.shape[1] < 2 or not np.isfinite(x.data).all() or (x.data < 0).any():
         return None
     library = np.asarray(x.sum(axis=1)).ravel()
@@ -140,11 +176,10 @@ def _distinct_rows(embedding: np.ndarray) -> int:
     return len(np.unique(np.round(embedding / (spread * 1e-6)), axis=0))
 
 
-def _embedding_plot(plt, maps, batch, labels, batch_key, label_key, path) -> list[str]:
+def _embedding_plot(plt, maps, batch, labels, batch_key, label_key, path,
+                    method: str) -> list[str]:
     """One row per embedding (unintegrated PCA above X_advcli), coloured by domain and by
     label, each with its metrics in the title; returns notes (subsampling)."""
-    from sklearn.manifold import TSNE
-
     rng = np.random.default_rng(0)
     n = len(batch)
     keep = np.arange(n)
@@ -153,7 +188,6 @@ def _embedding_plot(plt, maps, batch, labels, batch_key, label_key, path) -> lis
         keep = np.sort(rng.choice(n, MAP_CELLS, replace=False))
         notes.append(f"embedding.png shows a random {MAP_CELLS:,} of the {n:,} cells; the "
                      "metrics use every cell.")
-    perplexity = float(min(30, max(2, (len(keep) - 1) / 3)))
     colourings = [(batch[keep], batch_key)]
     if labels is not None:
         colourings.append((labels[keep], label_key))
@@ -162,8 +196,7 @@ def _embedding_plot(plt, maps, batch, labels, batch_key, label_key, path) -> lis
     order = rng.permutation(len(keep))  # draw in random order so no group hides another
     size = float(np.clip(20000 / len(keep), 3, 30))
     for row, (name, embedding, scores) in enumerate(maps):
-        xy = TSNE(n_components=2, perplexity=perplexity, init="pca",
-                  random_state=0).fit_transform(embedding[keep])
+        xy = two_d(embedding[keep], method)
         score = ", ".join(f"{k} {scores[k]:.2f}" for k in ("ilisi", "ari", "overall_score")
                           if k in scores)
         for ax, (values, key) in zip(axes[row], colourings):
@@ -177,7 +210,7 @@ def _embedding_plot(plt, maps, batch, labels, batch_key, label_key, path) -> lis
             handles = [plt.Line2D([], [], marker="o", ls="", color=colour[c],
                                   label=f"{c} ({k:,})") for c, k in zip(cats[:20], counts[:20])]
             ax.legend(handles=handles, fontsize=7, markerscale=1.2, loc="best", frameon=False)
-            ax.set_title(f"t-SNE of {name}, by {key}\n{score}", fontsize=10)
+            ax.set_title(f"{MAP_NAMES[method]} of {name}, by {key}\n{score}", fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
