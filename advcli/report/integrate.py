@@ -31,8 +31,10 @@ def check_map_method(method: str) -> None:
     if method not in MAP_METHODS:
         raise InputError(f"--map '{method}' is not one of {', '.join(MAP_METHODS)}.")
     if method == "umap":
+        import importlib
+
         try:
-            import umap  # noqa: F401
+            importlib.import_module("umap")
         except ImportError:
             raise InputError("--map umap needs umap-learn: pip install 'advcli[umap]' (or "
                              "umap-learn), or use --map tsne.") from None
