@@ -246,13 +246,14 @@ def score(a: ad.AnnData, emb: np.ndarray) -> dict:
                                a.obs["cell_type"].astype(str).to_numpy())
 
 
-def run(dataset: Dataset, methods: list[str], seeds: int, workdir: Path) -> list[dict]:
+def run(dataset: Dataset, methods: list[str], seeds: int, workdir: Path,
+        reference_seeds: int = 1) -> list[dict]:
     a = dataset.make(workdir)
     a.obs["batch"] = a.obs["batch"].astype(str)
     shape = f"{a.n_obs} x {a.n_vars}, {a.obs['batch'].nunique()} domains"
     rows = []
     for method in methods:
-        for seed in range(seeds if method.startswith("advcli") else 1):
+        for seed in range(seeds if method.startswith("advcli") else reference_seeds):
             cache = workdir / f"{dataset.name}__{method.replace(' ', '_')}__{seed}.json"
             if method in CACHED and cache.exists():
                 row = json.loads(cache.read_text())
@@ -304,6 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated dataset names")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", type=int, default=1, help="advcli seeds 0..N-1 per dataset")
+    parser.add_argument("--reference-seeds", type=int, default=1,
+                        help="seeds 0..N-1 for Harmony and scVI (cached per seed)")
     parser.add_argument("--workdir", default="/tmp/advcli_integration_suite")
     parser.add_argument("--csv", default=None, help="also write every row here")
     parser.add_argument("--options", default="",
@@ -338,7 +341,7 @@ def main(argv=None) -> int:
         if dataset.real and not SHARED.is_dir():
             print(f"{SHARED} not found: {dataset.name} skipped", file=sys.stderr)
             continue
-        rows += run(dataset, methods, args.seeds, workdir)
+        rows += run(dataset, methods, args.seeds, workdir, args.reference_seeds)
     frame = pd.DataFrame(rows)
     if args.csv:
         frame.to_csv(args.csv, index=False)
