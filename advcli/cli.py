@@ -661,7 +661,7 @@ def diagnose(
     from .report import diagnose as run
     from .report.integrate import check_map_method
 
-    check_map_method(map_method)
+    check_map_method(map_method)  # here too, so the message is not put on the input file
     _check_output(out, [predicted] + ([model_path] if model_path else []), folder=True)
     _set_threads(threads)
     start = time.perf_counter()

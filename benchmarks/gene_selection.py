@@ -23,20 +23,16 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 
-from advcli.metrics import integration_metrics
 from advcli.simulate import IntegrationSimulation, simulate_integration
-
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+from integration_suite import SHARED, real, score  # the same real sets and metrics
 
 
 def datasets(tmp: Path) -> dict[str, Path]:
     out = {}
-    if (SHARED / "cellbench_3cl_celseq2_dropseq.h5ad").exists():  # doublets left out
-        a = ad.read_h5ad(SHARED / "cellbench_3cl_celseq2_dropseq.h5ad")
-        a[a.obs["demuxlet_cls"] != "DBL"].copy().write_h5ad(tmp / "cellbench.h5ad")
-        out["cellbench"] = tmp / "cellbench.h5ad"
-    if (SHARED / "pbmc_3chem_symphony_small.h5ad").exists():
-        out["pbmc"] = SHARED / "pbmc_3chem_symphony_small.h5ad"
+    if SHARED.is_dir():
+        for name in ("cellbench", "pbmc"):
+            real(name).write_h5ad(tmp / f"{name}.h5ad")
+            out[name] = tmp / f"{name}.h5ad"
     sim = tmp / "sim.h5ad"
     simulate_integration(IntegrationSimulation(n_a=1400, n_b=1600, genes=8000, cell_types=6,
                                                batch_strength=1.0, seed=5), sim)
@@ -76,9 +72,7 @@ def main() -> None:
                     summary = json.loads(out)
                     size_mb = model.stat().st_size / 1e6
                     advcli("predict", str(model), str(path), "-o", str(pred))
-                    emb = ad.read_h5ad(pred).obsm["X_advcli"]
-                    m = integration_metrics(emb, a.obs["batch"].astype(str).to_numpy(),
-                                            a.obs["cell_type"].astype(str).to_numpy())
+                    m = score(a, ad.read_h5ad(pred).obsm["X_advcli"])
                     rows.append({"dataset": f"{name} ({a.n_obs} x {a.n_vars})", "genes": genes,
                                  "seed": seed, "fit_wall_s": wall, "fit_cpu_s": cpu,
                                  "model_MB": size_mb, "epochs": summary.get("epochs"),

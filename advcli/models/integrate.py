@@ -260,7 +260,8 @@ class IntegrationModel(BaseModel):
         discriminator that first meets an already-separated latent space is certain of every
         cell and the negative cross-entropy gives the encoders no gradient. Training stops when,
         for --patience epochs after both warm-ups, neither has the validation ELBO improved nor
-        the discriminator's validation cross-entropy risen: mixing the domains costs ELBO, so
+        the discriminator's validation cross-entropy or the validation cells' neighbourhood
+        mixing risen: mixing the domains costs ELBO, so
         stopping on the ELBO alone ends training while the adversary is still winning. Nor does
         it stop while the discriminator still tells the domains of held-out cells apart: with a
         strong batch effect the domains start apart and mix late."""
