@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -57,6 +58,10 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 THREADS_OPTION = typer.Option(None, "--threads", help="CPU threads for torch and its BLAS "
                               "(default: torch's choice, usually one per core).",
                               rich_help_panel="Scaling")
+BACKED_MODES = ("integrate",)
+BACKED_OPTION = typer.Option(False, "--backed", help="Leave the counts on disk and read them in "
+                             "row blocks (integrate mode), for files larger than memory.",
+                             rich_help_panel="Scaling")
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EISDIR,
                 errno.ENOTDIR, errno.EFBIG}
@@ -331,9 +336,13 @@ def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoin
     if mode not in keys.MODES:
         raise InputError(f"--mode must be one of {', '.join(keys.MODES)} (got '{mode}').")
     options = _options_for(mode, {k: v for k, v in given.items() if v is not None})
-    if backed:
-        raise InputError("--backed (reading cells from disk in blocks) is not available yet; "
-                         "drop it to load the cells into memory.")
+    if backed and mode not in BACKED_MODES:
+        raise InputError(f"--backed (cells read from disk in blocks) is available for --mode "
+                         f"{' and '.join(BACKED_MODES)}; drop it to load the cells into memory.")
+    if backed and options.get("n_top_genes") is not None:
+        raise InputError("--n-top-genes with --backed is not available: select the genes first "
+                         "(e.g. scanpy's highly_variable_genes on a subsample) and write a file "
+                         "with those genes, or drop --backed.")
     if checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be zero or more (got {checkpoint_every}).")
     _check_output(out, [data] + ([resume] if resume else []))
@@ -352,7 +361,7 @@ def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoin
         cfg = replace(cfg, device=distributed.init_from_env(cfg.device))
         console.quiet = not distributed.is_main()
     try:
-        _fit_in_process(data, mode, out, as_json, checkpoint_every, resume, cfg, start)
+        _fit_in_process(data, mode, out, as_json, checkpoint_every, resume, cfg, start, backed)
     finally:
         distributed.shutdown()
 
@@ -381,10 +390,10 @@ def _set_threads(threads: Optional[int]) -> None:
 
 
 def _fit_in_process(data: Path, mode: str, out: Path, as_json: bool, checkpoint_every: int,
-                    resume: Optional[Path], cfg, start: float) -> None:
+                    resume: Optional[Path], cfg, start: float, backed: bool = False) -> None:
     from . import distributed
 
-    adata = _read(data)
+    adata = _read(data, backed)
     from .io import load_model
     from .models import MODELS
 
@@ -438,8 +447,7 @@ def _register_fit() -> None:
         ("mode", str, typer.Option(..., "--mode",
                                    help="confounder, integrate, aae or disentangle.")),
         ("out", Path, typer.Option(..., "-o", "--out", help="Model file to write (.pt).")),
-        ("backed", bool, typer.Option(False, "--backed", help="Read cells from disk in blocks "
-                                      "(not available yet).")),
+        ("backed", bool, BACKED_OPTION),
         ("as_json", bool, JSON_OPTION),
         ("checkpoint_every", int, typer.Option(0, "--checkpoint-every", help="Write a "
                                                "resumable MODEL.ckpt.pt every N epochs (0: "
@@ -498,10 +506,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _read(path: Path):
+def _read(path: Path, backed: bool | str = False):
     from .data import read_h5ad
 
-    return read_h5ad(path)
+    return read_h5ad(path, backed)
 
 
 def _check_output(out: Path, inputs: list[Path], folder: bool = False) -> None:
@@ -542,12 +550,16 @@ def predict(
     effects: Optional[Path] = typer.Option(None, "--effects",
                                            help="[confounder] Also write the per-gene treatment "
                                                 "effects (naive and adjusted for Z-hat) as CSV."),
+    nb_mean: bool = typer.Option(True, "--nb-mean/--no-nb-mean",
+                                 help="Write layers['nb_mean'] (cells x genes; the largest "
+                                      "output)."),
+    backed: bool = BACKED_OPTION,
     as_json: bool = JSON_OPTION,
     threads: Optional[int] = THREADS_OPTION,
 ) -> None:
     """Add the model's per-cell outputs to a copy of DATA and write it to OUT."""
-    from .data import per_cell_frame, set_uns
-    from .io import file_sha256, load_model
+    from .data import per_cell_frame
+    from .io import load_model
     from .models import load
 
     _check_output(out, [data, model_path])
@@ -563,23 +575,44 @@ def predict(
         raise InputError("--decode-as applies to models of mode integrate only.")
     if effects is not None and payload["mode"] != "confounder":
         raise InputError("--effects applies to models of mode confounder only.")
-    adata = _read(data)
-    with _about(data):
-        written = model.predict_into(adata, batch_size=batch_size, device=device,
-                                     **({"decode_as": decode_as} if decode_as is not None else {}))
-    set_uns(adata, keys.PREDICT, {"model_sha256": file_sha256(model_path),
-                                  "mode": payload["mode"], "version": __version__,
-                                  "model_version": payload["version"]})
+    if backed and payload["mode"] not in BACKED_MODES:
+        raise InputError(f"--backed applies to models of mode {' and '.join(BACKED_MODES)}; this "
+                         f"one is {payload['mode']}. Drop --backed.")
+    options = {"decode_as": decode_as} if decode_as is not None else {}
+    if not nb_mean:
+        options["nb_mean"] = False
     from .io import atomic_files
 
-    with _about(data):
-        table = model.treatment_effects(adata) if effects is not None else None
-    with atomic_files([out] + [p for p in (csv, effects) if p is not None]) as tmps:
-        if csv is not None:
-            per_cell_frame(adata, written).to_csv(tmps[csv], index_label="cell")
-        if table is not None:
-            table.to_csv(tmps[effects], index=False)
-        adata.write_h5ad(tmps[out])
+    outputs = [out] + [p for p in (csv, effects) if p is not None]
+    if backed:  # the copy of DATA is the output: written in place, renamed when complete
+        _read(data, backed=True).close()
+        with atomic_files(outputs) as tmps:
+            shutil.copyfile(data, tmps[out])
+            adata = _read(tmps[out], backed="r+")
+            try:
+                with _about(data):
+                    written = model.predict_into(adata, batch_size=batch_size, device=device,
+                                                 **options)
+                _record_predict(adata, payload, model_path)
+                adata.save()
+            finally:
+                adata.close()
+            if csv is not None:
+                per_cell_frame(adata, written).to_csv(tmps[csv], index_label="cell")
+        table = None
+    else:
+        adata = _read(data)
+        with _about(data):
+            written = model.predict_into(adata, batch_size=batch_size, device=device, **options)
+        _record_predict(adata, payload, model_path)
+        with _about(data):
+            table = model.treatment_effects(adata) if effects is not None else None
+        with atomic_files(outputs) as tmps:
+            if csv is not None:
+                per_cell_frame(adata, written).to_csv(tmps[csv], index_label="cell")
+            if table is not None:
+                table.to_csv(tmps[effects], index=False)
+            adata.write_h5ad(tmps[out])
     seconds = time.perf_counter() - start
     rows = _written_rows(out, seconds, adata.shape, written)
     if csv is not None:
@@ -601,6 +634,15 @@ def predict(
              "csv": str(csv) if csv else None, "effects": str(effects) if effects else None,
              "keys": written, "n_cells": adata.n_obs, **extra,
              "n_genes": adata.n_vars, "seconds": seconds})
+
+
+def _record_predict(adata, payload: dict, model_path: Path) -> None:
+    from .data import set_uns
+    from .io import file_sha256
+
+    set_uns(adata, keys.PREDICT, {"model_sha256": file_sha256(model_path),
+                                  "mode": payload["mode"], "version": __version__,
+                                  "model_version": payload["version"]})
 
 
 @app.command("sample")
@@ -654,6 +696,7 @@ def diagnose(
     map_method: str = typer.Option("tsne", "--map",
                                    help="[integrate] 2-D map drawn in embedding.png: tsne, or "
                                         "umap (needs umap-learn: pip install 'advcli[umap]')."),
+    backed: bool = BACKED_OPTION,
     as_json: bool = JSON_OPTION,
     threads: Optional[int] = THREADS_OPTION,
 ) -> None:
@@ -667,7 +710,7 @@ def diagnose(
     start = time.perf_counter()
     with _about(predicted):
         summary = run(predicted, out, model_path=model_path, label_key=label_key,
-                      batch_key=batch_key, map_method=map_method)
+                      batch_key=batch_key, map_method=map_method, backed=backed)
     seconds = time.perf_counter() - start
     rows = {"folder": str(out), "files": ", ".join(summary["files"]), "time": f"{seconds:.1f} s"}
     rows.update({k: _fmt(v) for k, v in summary["headline"].items()})

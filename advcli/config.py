@@ -224,7 +224,7 @@ class IntegrationConfig(LatentModelConfig):
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",
                                           INTEGRATE, shown="a quarter of the epochs")
     val_fraction: float = option(0.1, "Held-out cells for early stopping on the validation "
-                                 "ELBO.", INTEGRATE)
+                                 "ELBO (at most 10,000).", INTEGRATE)
 
     def check(self) -> None:
         super().check()

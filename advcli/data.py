@@ -11,20 +11,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
+from .backed import (BLOCK_ROWS, BackedAnnData, BackedCountRows, check_count_block,
+                     iter_row_blocks)
 from .errors import InputError
 
-BLOCK_ROWS = 16384
-
-
-def read_h5ad(path: str | Path, backed: bool = False):
-    """Open an .h5ad file, turning every way of failing into an InputError that names the file."""
+def read_h5ad(path: str | Path, backed: bool | str = False):
+    """Open an .h5ad file, turning every way of failing into an InputError that names the file.
+    ``backed``: a BackedAnnData, X and the layers left on disk (True or "r": read-only, "r+":
+    writable)."""
     import anndata as ad
 
     path = Path(path)
@@ -33,7 +34,9 @@ def read_h5ad(path: str | Path, backed: bool = False):
     if path.is_dir():
         raise InputError(f"Input '{path}' is a folder; an .h5ad file was expected.")
     try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        if backed:
+            return BackedAnnData(path, "r" if backed is True else backed)
+        return ad.read_h5ad(path)
     except Exception as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise InputError(
@@ -56,6 +59,9 @@ def counts_anndata(adata, layer: str | None):
     holds those counts as layers['raw'] beside the same obs."""
     if layer != RAW or RAW in adata.layers:
         return adata
+    if getattr(adata, "isbacked", False):
+        raise InputError("--layer raw with --backed: anndata cannot leave adata.raw on disk. "
+                         "Store the counts as a layer (layers['raw'] or X) or drop --backed.")
     if adata.raw is None:
         raise InputError("--layer raw: the file has neither adata.raw nor layers['raw']. "
                          f"Its layers: {', '.join(map(repr, adata.layers.keys())) or 'none'}.")
@@ -75,18 +81,6 @@ def count_source(adata, layer: str | None):
     return adata.layers[layer]
 
 
-def iter_row_blocks(matrix, block: int = BLOCK_ROWS) -> Iterator[tuple[int, Any]]:
-    """Yield (start, block) row slices as dense ndarray or CSR, for in-memory or backed matrices."""
-    n = matrix.shape[0]
-    for start in range(0, n, block):
-        part = matrix[start:min(start + block, n)]
-        if sp.issparse(part):
-            part = sp.csr_matrix(part)
-        else:
-            part = np.asarray(part)
-        yield start, part
-
-
 def check_finite_obsm(adata, key: str, what: str) -> np.ndarray:
     """``obsm[key]`` as float64, refusing NaN or infinite entries (a diverged fit's output)."""
     values = np.asarray(adata.obsm[key], dtype=np.float64)
@@ -100,6 +94,16 @@ def check_finite_obsm(adata, key: str, what: str) -> np.ndarray:
 
 def validate_counts(adata, layer: str | None = None, name: str = "input") -> None:
     """Raise InputError unless the counts are a non-empty matrix of finite non-negative integers."""
+    matrix = checked_count_source(adata, layer, name)
+    where = f"layers['{layer}']" if layer else "X"
+    for start, part in iter_row_blocks(matrix):
+        check_count_block(part, start, where)
+    check_gene_names(adata)
+
+
+def checked_count_source(adata, layer: str | None, name: str = "input"):
+    """The counts matrix, refused when it is empty or not numeric (its values are checked per
+    row block by ``check_count_block``)."""
     matrix = count_source(adata, layer)
     where = f"layers['{layer}']" if layer else "X"
     n_cells, n_genes = matrix.shape
@@ -109,36 +113,15 @@ def validate_counts(adata, layer: str | None = None, name: str = "input") -> Non
     dtype = np.dtype(matrix.dtype)
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise InputError(f"{where} has dtype {dtype}; raw counts must be numbers.")
-    for start, part in iter_row_blocks(matrix):
-        values = part.data if sp.issparse(part) else part
-        values = np.asarray(values)
-        if values.size == 0:
-            continue
-        if np.issubdtype(values.dtype, np.floating):
-            bad = ~np.isfinite(values)
-            if bad.any():
-                raise InputError(f"{where} contains NaN or infinite values (first in row "
-                                 f"{start + _first_row(part, bad)}); raw counts must be finite.")
-            if (values != np.round(values)).any():
-                raise InputError(
-                    f"{where} contains non-integer values (e.g. {values[values != np.round(values)][0]:g}); "
-                    "advcli models raw counts. If X holds normalised data, point --layer at the "
-                    "raw counts.")
-        if (values < 0).any():
-            raise InputError(f"{where} contains negative values (e.g. {values[values < 0][0]:g}); "
-                             "raw counts are non-negative.")
+    return matrix
+
+
+def check_gene_names(adata) -> None:
     names = pd.Index(adata.var_names)
     if not names.is_unique:
         dup = names[names.duplicated()].unique()[:5].tolist()
         raise InputError(f"Gene names (var_names) are not unique, e.g. {dup}; make them unique "
                          "(AnnData.var_names_make_unique()).")
-
-
-def _first_row(part, bad_mask) -> int:
-    if sp.issparse(part):
-        pos = int(np.flatnonzero(bad_mask)[0])
-        return int(np.searchsorted(part.indptr, pos, side="right") - 1)
-    return int(np.argwhere(bad_mask)[0][0])
 
 
 def load_counts(adata, layer: str | None = None) -> sp.csr_matrix:
@@ -459,6 +442,7 @@ class CountRows:
     per batch (so 10^6 cells never need a dense copy)."""
 
     DENSE_LIMIT = 200_000_000  # entries (800 MB as float32)
+    backed = False
 
     def __init__(self, counts: sp.csr_matrix, device):
         import torch
@@ -483,6 +467,25 @@ class CountRows:
         if self.dense is not None:
             return self.dense[idx.to(self.dense.device)]
         return torch.from_numpy(self.csr[idx.cpu().numpy()].toarray()).to(self.device)
+
+
+def count_rows(adata, layer: str | None, device, columns: np.ndarray | None = None,
+               name: str = "input"):
+    """Validated counts for minibatches, genes ``columns`` (all when None): in memory
+    (CountRows), or left on disk when ``adata`` is backed (``--backed``: BackedCountRows, read
+    in row blocks). Both carry ``col_sums``, the counts per gene."""
+    matrix = checked_count_source(adata, layer, name)
+    check_gene_names(adata)
+    if getattr(adata, "isbacked", False):
+        return BackedCountRows(matrix, device, columns,
+                               f"layers['{layer}']" if layer else "X")
+    validate_counts(adata, layer, name)
+    counts = load_counts(adata, layer)
+    if columns is not None:
+        counts = counts[:, columns]
+    rows = CountRows(counts, device)
+    rows.col_sums = np.asarray(counts.sum(axis=0), dtype=np.float64).ravel()
+    return rows
 
 
 def minibatches(n: int, batch_size: int, generator, shuffle: bool = True) -> list:
@@ -523,19 +526,24 @@ def balanced_minibatches(train_idx: list, per_domain: int, steps: int, generator
     return [torch.cat([p[s] for p in parts]) for s in range(steps)]
 
 
+MAX_VAL_CELLS = 10_000  # held-out cells estimate the validation loss well long before 10%
+                        # of an atlas; more would only slow every epoch
+
+
 def stratified_split(domain: np.ndarray, names: Sequence[str], val_fraction: float,
                      batch_size: int, seed: int, key: str):
     """Seeded, domain-stratified train / validation split: (training cells per domain,
-    validation cells, cells per domain in a minibatch). Every domain must fill its share of a
-    minibatch."""
+    validation cells, cells per domain in a minibatch). ``val_fraction`` of the cells are held
+    out, at most MAX_VAL_CELLS. Every domain must fill its share of a minibatch."""
     import torch
 
     rng = np.random.default_rng(seed)
     per_domain = max(1, batch_size // len(names))
+    share = val_fraction * min(1.0, MAX_VAL_CELLS / max(val_fraction * len(domain), 1.0))
     train, val = [], []
     for k, name in enumerate(names):
         cells = rng.permutation(np.flatnonzero(domain == k))
-        n_val = int(round(val_fraction * len(cells)))
+        n_val = int(round(share * len(cells)))
         if len(cells) - n_val < per_domain:
             raise InputError(
                 f"Domain '{name}' of obs['{key}'] has {len(cells)} cells, fewer than one "
@@ -555,7 +563,7 @@ def in_file_order(adata, genes: Sequence[str], values: np.ndarray) -> np.ndarray
     if not index.is_unique:
         raise InputError("Gene names (var_names) of X are not unique, so per-gene outputs "
                          "cannot be placed; make them unique (AnnData.var_names_make_unique()).")
-    full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    full = np.full((values.shape[0], adata.n_vars), np.nan, dtype=np.float32)
     where = index.get_indexer(list(genes))
     present = where >= 0
     full[:, where[present]] = values[:, present]

@@ -301,11 +301,12 @@ class AAEModel(BaseModel):
                 parts["nb_mean"].append((torch.exp(out) * batch["library"][:, None]).cpu())
         return {k: torch.cat(v).numpy() for k, v in parts.items() if v}
 
-    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto") -> list[str]:
+    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto",
+                     nb_mean: bool = True) -> list[str]:
         out = self.predict(adata, batch_size=batch_size, device=device)
         adata.obsm[keys.X_LATENT] = out["latent"].astype(np.float32)
         written = [f"obsm['{keys.X_LATENT}']"]
-        if "nb_mean" in out:
+        if "nb_mean" in out and nb_mean:
             adata.layers[keys.NB_MEAN] = in_file_order(adata, self.genes_, out["nb_mean"])
             written.append(f"layers['{keys.NB_MEAN}']")
         cfg = self.config

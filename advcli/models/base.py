@@ -44,12 +44,19 @@ def default_batch_size(n_cells: int) -> int:
     return int(min(256, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
 
 
+CELL_PASSES = 8_000_000  # on large data, epochs stop at about this many cells seen (scVI's
+                         # rule, 400 epochs at 20,000 cells): an atlas needs steps, not passes
+
+
 def default_epochs(max_epochs: int | None, steps_per_epoch: int, min_steps: int = MIN_STEPS,
-                   most: int = 400) -> int:
-    """--max-epochs, else DEFAULT_EPOCHS or as many as ``min_steps`` needs (at most ``most``)."""
+                   most: int = 400, n_cells: int = 0) -> int:
+    """--max-epochs, else DEFAULT_EPOCHS (fewer above 80,000 ``n_cells``: CELL_PASSES cells
+    seen) or as many as ``min_steps`` needs (at most ``most``)."""
     if max_epochs is not None:
         return max_epochs
-    return int(min(most, max(DEFAULT_EPOCHS, math.ceil(min_steps / steps_per_epoch))))
+    epochs = DEFAULT_EPOCHS if n_cells <= 0 else min(DEFAULT_EPOCHS,
+                                                     math.ceil(CELL_PASSES / n_cells))
+    return int(min(most, max(epochs, math.ceil(min_steps / steps_per_epoch))))
 
 
 def resolve_device(device: str) -> torch.device:

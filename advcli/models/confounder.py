@@ -471,19 +471,22 @@ class ConfounderModel(BaseModel):
             n = counts.shape[0]
         return self._forward_all(x, d, off, rows, n, batch_size, keep_means)
 
-    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto") -> list[str]:
+    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto",
+                     nb_mean: bool = True) -> list[str]:
         """Add the predictions to ``adata`` (obsm, obs, layers); return the keys written.
-        Genes the model does not know get a NaN NB mean."""
+        Genes the model does not know get a NaN NB mean (``nb_mean=False``: no NB means)."""
         out = self.predict(adata, batch_size=batch_size, device=device)
         adata.obsm[keys.Z_HAT] = out[keys.Z_HAT].astype(np.float32)
         adata.obsm[keys.Z_PROB] = out[keys.Z_PROB].astype(np.float32)
         adata.obs[keys.D_LOGIT] = out[keys.D_LOGIT].astype(np.float32)
         adata.obs[keys.D_PROB] = out[keys.D_PROB].astype(np.float32)
         adata.obs[keys.LOG_LIK_Y] = out[keys.LOG_LIK_Y].astype(np.float64)
-        adata.layers[keys.NB_MEAN] = in_file_order(adata, self.genes_, out[keys.NB_MEAN])
+        if nb_mean:
+            adata.layers[keys.NB_MEAN] = in_file_order(adata, self.genes_, out[keys.NB_MEAN])
         set_uns(adata, keys.CONFOUNDER_INPUTS, self.input_description())
         return [f"obsm['{keys.Z_HAT}']", f"obsm['{keys.Z_PROB}']", f"obs['{keys.D_LOGIT}']",
-                f"obs['{keys.D_PROB}']", f"obs['{keys.LOG_LIK_Y}']", f"layers['{keys.NB_MEAN}']"]
+                f"obs['{keys.D_PROB}']", f"obs['{keys.LOG_LIK_Y}']"] + (
+                    [f"layers['{keys.NB_MEAN}']"] if nb_mean else [])
 
     def input_description(self) -> dict:
         """What diagnose needs to refit the treatment-effect GLM without the model file. The

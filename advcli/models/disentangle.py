@@ -263,7 +263,8 @@ class DisentangleModel(BaseModel):
             parts["z"].append(mean.cpu())
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
-    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto") -> list[str]:
+    def predict_into(self, adata, batch_size: int = 1024, device: str = "auto",
+                     nb_mean: bool = True) -> list[str]:
         out = self.predict(adata, batch_size=batch_size, device=device)
         adata.obsm[keys.X_LATENT_S] = out["s"].astype(np.float32)
         adata.obsm[keys.X_LATENT_Z] = out["z"].astype(np.float32)

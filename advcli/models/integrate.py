@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .. import keys, losses
-from ..data import (CountRows, balanced_minibatches, count_batch, counts_anndata, encode_domains, gene_order,
-                    in_file_order, load_counts, set_uns, stratified_split, validate_counts)
+from ..data import (CountRows, balanced_minibatches, count_batch, count_rows, counts_anndata,
+                    encode_domains, gene_order, in_file_order, set_uns, stratified_split)
 from ..errors import InputError
 from ..nn import Decoder, DomainDiscriminator, Encoder
 from ..strategies import constant_call
@@ -191,10 +191,9 @@ class IntegrationModel(BaseModel):
 
     def _setup(self, adata) -> None:
         cfg = self.config
-        validate_counts(adata, cfg.layer)
+        rows = count_rows(adata, cfg.layer, self.device)
         self.genes_ = [str(g) for g in adata.var_names]
         domain, self.domains_ = encode_domains(adata, cfg.batch_key)
-        counts = load_counts(adata, cfg.layer)
         if cfg.batch_size is None:
             n_train = int(round(len(domain) * (1 - cfg.val_fraction)))
             self.config = cfg = replace(cfg, batch_size=default_batch_size(n_train))
@@ -202,9 +201,13 @@ class IntegrationModel(BaseModel):
             domain, self.domains_, cfg.val_fraction, cfg.batch_size, cfg.seed, cfg.batch_key)
         torch.manual_seed(cfg.seed)
         self.module = self._build(len(self.genes_)).to(self.device)
-        self._rows = CountRows(counts, self.device)
+        self._rows = rows
         self._domain = torch.from_numpy(domain).to(self.device)
-        self._col_sums = np.asarray(counts.sum(axis=0), dtype=np.float64)
+        self._col_sums = rows.col_sums
+        if rows.backed:
+            rows.hold(self._val_idx.numpy())
+            self._training = np.zeros(len(domain), dtype=bool)
+            self._training[torch.cat(self._train_idx).numpy()] = True
 
     def _data_summary(self) -> bytes:
         return self._col_sums.tobytes() + self._domain.cpu().numpy().tobytes()
@@ -233,7 +236,8 @@ class IntegrationModel(BaseModel):
 
     @property
     def max_epochs(self) -> int:
-        return default_epochs(self.config.max_epochs, self.steps_per_epoch)
+        return default_epochs(self.config.max_epochs, self.steps_per_epoch,
+                              n_cells=int(self._domain.shape[0]))
 
     @property
     def hvg_batch_key(self) -> str | None:
@@ -244,8 +248,19 @@ class IntegrationModel(BaseModel):
         return self.max_epochs
 
     def batches(self, sampler: torch.Generator) -> list[torch.Tensor]:
-        return balanced_minibatches(self._train_idx, self._per_domain, self.steps_per_epoch,
-                                    sampler)
+        """Domain-balanced minibatches; on a backed file, balanced within each buffer of rows
+        read from disk (a domain a buffer lacks sits out that buffer's steps)."""
+        if not self._rows.backed:
+            return balanced_minibatches(self._train_idx, self._per_domain,
+                                        self.steps_per_epoch, sampler)
+        domain = self._domain.cpu().numpy()
+        out = []
+        for rows in self._rows.shuffled_buffers(sampler, self._training):
+            parts = [torch.from_numpy(rows[domain[rows] == k]) for k in range(len(self.domains_))]
+            parts = [p for p in parts if len(p)]
+            steps = max(math.ceil(len(p) / self._per_domain) for p in parts)
+            out += balanced_minibatches(parts, self._per_domain, steps, sampler)
+        return out
 
     def batch(self, idx: torch.Tensor, rows: CountRows | None = None,
               domain: torch.Tensor | None = None) -> dict:
@@ -366,7 +381,7 @@ class IntegrationModel(BaseModel):
         n = int(self._domain.shape[0])
         keep = np.sort(np.random.default_rng(self.config.seed).choice(n, min(n, max_cells),
                                                                        replace=False))
-        latent = self.predict()["latent"][keep]
+        latent = self._posterior_means(torch.from_numpy(keep))
         domain = self._domain.cpu().numpy()[keep]
         if len(np.unique(domain)) < 2 or len(keep) < 10:
             return float("nan")
@@ -376,24 +391,40 @@ class IntegrationModel(BaseModel):
 
     # ------------------------------------------------------------------ prediction
 
+    @torch.inference_mode()
+    def _posterior_means(self, idx: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+        """Posterior means of the training data's cells ``idx``."""
+        self.module.eval()
+        return torch.cat([self.module.encode(b["x_norm"], b["domain"])[0].cpu()
+                          for b in (self.batch(part) for part in idx.split(batch_size))]).numpy()
+
     def _inputs(self, adata):
         adata = counts_anndata(adata, self.config.layer)
-        validate_counts(adata, self.config.layer)
         order = gene_order(adata, self.genes_)
         domain, _ = encode_domains(adata, self.config.batch_key, self.domains_)
-        counts = load_counts(adata, self.config.layer)[:, order]
-        return CountRows(counts, self.device), torch.from_numpy(domain).to(self.device)
+        rows = count_rows(adata, self.config.layer, self.device, order)
+        return rows, torch.from_numpy(domain).to(self.device)
 
-    @torch.inference_mode()
     def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
-                decode_as: str | None = None, inplace: bool = False
+                decode_as: str | None = None, inplace: bool = False, nb_mean: bool = True
                 ) -> dict[str, np.ndarray] | list[str]:
         """Posterior means, the discriminator's probability of each cell's own domain and, with
-        the NB likelihood, the NB means; ``decode_as`` decodes every cell with that domain's
-        decoder; ``inplace``: written into ``adata`` (obsm['X_advcli'] for scanpy)."""
+        the NB likelihood, the NB means (unless ``nb_mean=False``); ``decode_as`` decodes every
+        cell with that domain's decoder; ``inplace``: written into ``adata`` (obsm['X_advcli']
+        for scanpy)."""
         if inplace:
             return self._predict_inplace(adata, batch_size=batch_size, device=device,
-                                         decode_as=decode_as)
+                                         decode_as=decode_as, nb_mean=nb_mean)
+        parts: dict[str, list] = {}
+        for _, block in self._predict_blocks(adata, batch_size, device, decode_as, nb_mean):
+            for k, v in block.items():
+                parts.setdefault(k, []).append(v)
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _predict_blocks(self, adata, batch_size: int, device: str | None,
+                        decode_as: str | None, nb_mean: bool):
+        """(first cell, outputs) for one block of cells after another, so that a backed file is
+        predicted in bounded memory."""
         self._require_trained()
         if device is not None:
             self.device = resolve_device(device)
@@ -406,44 +437,57 @@ class IntegrationModel(BaseModel):
         if decode_as is not None and decode_as not in self.domains_:
             raise InputError(f"--decode-as '{decode_as}' is not a domain of the model "
                              f"({', '.join(self.domains_)}).")
+        if rows.backed:
+            rows.sequential_plan()
         module = self.module.eval()
-        parts: dict[str, list] = {"latent": [], "domain_prob": [], "nb_mean": [], "decoded": []}
+        nb = self.config.likelihood == "nb"
         n = rows.shape[0]
         for start in range(0, n, batch_size):
-            batch = self.batch(torch.arange(start, min(start + batch_size, n)), rows, domain)
-            mean, _ = module.encode(batch["x_norm"], batch["domain"])
-            probs = torch.softmax(module.discriminator(mean), dim=1)
-            parts["latent"].append(mean.cpu())
-            parts["domain_prob"].append(probs.gather(1, batch["domain"][:, None])[:, 0].cpu())
-            if self.config.likelihood == "nb":
-                out = module.decode(mean, batch["domain"])
-                parts["nb_mean"].append((torch.exp(out) * batch["library"][:, None]).cpu())
-            if decode_as is not None:
-                target = torch.full_like(batch["domain"], self.domains_.index(decode_as))
-                out = module.decode(mean, target)
-                if self.config.likelihood == "nb":
-                    out = torch.exp(out) * batch["library"][:, None]
-                parts["decoded"].append(out.cpu())
-        return {k: torch.cat(v).numpy() for k, v in parts.items() if v}
+            with torch.inference_mode():
+                batch = self.batch(torch.arange(start, min(start + batch_size, n)), rows, domain)
+                mean, _ = module.encode(batch["x_norm"], batch["domain"])
+                probs = torch.softmax(module.discriminator(mean), dim=1)
+                block = {"latent": mean.cpu().numpy(),
+                         "domain_prob": probs.gather(1, batch["domain"][:, None])[:, 0].cpu().numpy()}
+                if nb and nb_mean:
+                    out = module.decode(mean, batch["domain"])
+                    block["nb_mean"] = (torch.exp(out) * batch["library"][:, None]).cpu().numpy()
+                if decode_as is not None:
+                    target = torch.full_like(batch["domain"], self.domains_.index(decode_as))
+                    out = module.decode(mean, target)
+                    if nb:
+                        out = torch.exp(out) * batch["library"][:, None]
+                    block["decoded"] = out.cpu().numpy()
+            yield start, block
 
     def get_latent_representation(self, adata=None, batch_size: int = 1024) -> np.ndarray:
-        return self.predict(adata, batch_size=batch_size)["latent"]
+        return self.predict(adata, batch_size=batch_size, nb_mean=False)["latent"]
 
     def predict_into(self, adata, batch_size: int = 1024, device: str = "auto",
-                     decode_as: str | None = None) -> list[str]:
+                     decode_as: str | None = None, nb_mean: bool = True) -> list[str]:
         """Add the predictions to ``adata``; return the keys written. Genes the model does not
-        know get NaN in the per-gene layers."""
-        out = self.predict(adata, batch_size=batch_size, device=device, decode_as=decode_as)
-        adata.obsm[keys.X_LATENT] = out["latent"].astype(np.float32)
-        adata.obs[keys.DOMAIN_PROB] = out["domain_prob"].astype(np.float32)
-        written = [f"obsm['{keys.X_LATENT}']", f"obs['{keys.DOMAIN_PROB}']"]
-        if "nb_mean" in out:
-            adata.layers[keys.NB_MEAN] = in_file_order(adata, self.genes_, out["nb_mean"])
-            written.append(f"layers['{keys.NB_MEAN}']")
+        know get NaN in the per-gene layers. On a backed AnnData (opened with backed="r+")
+        the per-gene layers go to its file block by block; ``save_backed(adata)`` then writes
+        the rest."""
+        from ..backed import LayerSink
+
+        layers = {}
+        if nb_mean and self.config.likelihood == "nb":
+            layers["nb_mean"] = keys.NB_MEAN
         if decode_as is not None:
-            name = f"{keys.DECODED_AS}{decode_as}"
-            adata.layers[name] = in_file_order(adata, self.genes_, out["decoded"])
-            written.append(f"layers['{name}']")
+            layers["decoded"] = f"{keys.DECODED_AS}{decode_as}"
+        sink = LayerSink(adata, list(layers.values()))
+        latent, prob = [], []
+        for start, block in self._predict_blocks(adata, batch_size, device, decode_as, nb_mean):
+            latent.append(block["latent"])
+            prob.append(block["domain_prob"])
+            for part, name in layers.items():
+                sink.write(name, start, in_file_order(adata, self.genes_, block[part]))
+        sink.finish()
+        adata.obsm[keys.X_LATENT] = np.concatenate(latent).astype(np.float32)
+        adata.obs[keys.DOMAIN_PROB] = np.concatenate(prob).astype(np.float32)
+        written = [f"obsm['{keys.X_LATENT}']", f"obs['{keys.DOMAIN_PROB}']"]
+        written += [f"layers['{name}']" for name in layers.values()]
         set_uns(adata, keys.INTEGRATE_INPUTS, {"batch_key": self.config.batch_key,
                                                "domains": list(self.domains_),
                                                "layer": self.config.layer or ""})

@@ -22,16 +22,18 @@ from .confounder import confounder_report
 from .disentangle import disentangle_report
 from .integrate import check_map_method, integration_report
 
+BACKED_REPORTS = ("integrate",)
 REPORTS = {"aae": aae_report, "disentangle": disentangle_report}  # modes whose report needs only the file and the model
 
 
 def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path | None = None,
              label_key: str | None = None, batch_key: str | None = None,
-             map_method: str = "tsne") -> dict[str, Any]:
+             map_method: str = "tsne", backed: bool = False) -> dict[str, Any]:
     """Write the report for ``predicted`` into ``out_dir``; return the summary (also summary.json).
-    ``map_method``: tsne or umap for the integrate map."""
+    ``map_method``: tsne or umap for the integrate map; ``backed``: leave the counts and layers
+    on disk (integrate reports, which read a subsample of cells)."""
     check_map_method(map_method)
-    adata = read_h5ad(predicted)
+    adata = read_h5ad(predicted, backed)
     meta = adata.uns.get(keys.UNS, {})
     info = meta.get(keys.PREDICT) if isinstance(meta, dict) else None
     if not isinstance(info, dict) or "mode" not in info:
@@ -41,6 +43,10 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
     if mode not in keys.MODES:
         raise InputError(f"'{predicted}' records an unknown mode '{mode}' in uns['{keys.UNS}']"
                          f"['{keys.PREDICT}'].")
+    if backed and mode not in BACKED_REPORTS:
+        raise InputError(f"--backed applies to predictions of mode "
+                         f"{' and '.join(BACKED_REPORTS)}; '{predicted}' is of mode {mode}. "
+                         "Drop --backed.")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"'{predicted}' has {adata.n_obs} cells and {adata.n_vars} genes: "
                          "nothing to diagnose.")

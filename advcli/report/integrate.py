@@ -22,6 +22,7 @@ LOSS_PANELS = [
      "series": [("disc_ce", "discriminator CE"), ("disc_acc", "discriminator accuracy")]},
 ]
 MAP_CELLS = 5000  # the map is drawn on a seeded subsample above this many cells
+METRIC_CELLS = 20000  # above this many cells, a seeded subsample is scored
 MAP_METHODS = ("tsne", "umap")
 MAP_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 
@@ -83,8 +84,16 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         notes.append(f"No obs['{label_key}']: label metrics (cLISI, label ASW, ARI, NMI, bio and "
                      "overall scores) are skipped.")
     embedding = check_finite_obsm(adata, keys.X_LATENT, "the embedding")
+    cells = np.arange(adata.n_obs)
+    if adata.n_obs > METRIC_CELLS:  # silhouettes are quadratic, and a backed file stays on disk
+        cells = np.sort(np.random.default_rng(0).choice(adata.n_obs, METRIC_CELLS, replace=False))
+        embedding, batch = embedding[cells], batch[cells]
+        labels = None if labels is None else labels[cells]
+        notes.append(f"Metrics, the baseline and the map use a random {METRIC_CELLS:,} of the "
+                     f"{adata.n_obs:,} cells.")
     metrics = integration_metrics(embedding, batch, labels)
-    before = unintegrated_pca(adata, embedding.shape[1], str(inputs.get("layer", "")) or None)
+    before = unintegrated_pca(adata, embedding.shape[1], str(inputs.get("layer", "")) or None,
+                              cells)
     baseline = integration_metrics(before, batch, labels) if before is not None else None
     if before is None:
         notes.append("The file does not hold the counts the model read, so there is no "
@@ -127,15 +136,20 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
             "notes": notes}
 
 
-def unintegrated_pca(adata, n_components: int, layer: str | None = None) -> np.ndarray | None:
+def unintegrated_pca(adata, n_components: int, layer: str | None = None,
+                     cells: np.ndarray | None = None) -> np.ndarray | None:
     """What integration is judged against: PCA of log1p-normalised counts, from the counts
-    the model read (None when they are missing, not finite or negative)."""
+    the model read (None when they are missing, not finite or negative); ``cells``: of those
+    rows only (sorted), read alone from a backed file."""
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
 
     try:
         source = counts_anndata(adata, layer)
-        x = sp.csr_matrix(count_source(source, layer), dtype=np.float64)
+        matrix = count_source(source, layer)
+        if cells is not None and len(cells) < matrix.shape[0]:
+            matrix = matrix[cells]
+        x = sp.csr_matrix(matrix[:] if not sp.issparse(matrix) else matrix, dtype=np.float64)
     except InputError:
         return None
     if x.shape[1] < 2 or not np.isfinite(x.data).all() or (x.data < 0).any():
@@ -188,8 +202,8 @@ def _embedding_plot(plt, maps, batch, labels, batch_key, label_key, path,
     notes = []
     if n > MAP_CELLS:
         keep = np.sort(rng.choice(n, MAP_CELLS, replace=False))
-        notes.append(f"embedding.png shows a random {MAP_CELLS:,} of the {n:,} cells; the "
-                     "metrics use every cell.")
+        notes.append(f"embedding.png shows a random {MAP_CELLS:,} of the {n:,} cells the "
+                     "metrics use.")
     colourings = [(batch[keep], batch_key)]
     if labels is not None:
         colourings.append((labels[keep], label_key))

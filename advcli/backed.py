@@ -1,0 +1,362 @@
+"""Counts read in row blocks: the checks of every input, and ``--backed``, where the counts stay
+on disk.
+
+A file cannot serve scattered cells quickly, so an epoch is planned in buffers: the rows are cut
+into chunks of CHUNK_ROWS, the chunks are shuffled and dealt into buffers of BUFFER_ROWS rows,
+and the model draws its minibatches inside each buffer (block-level shuffling plus a shuffle
+buffer). While one buffer trains, a background thread reads the next. Held-out cells are read
+once and kept in memory. Per-gene and per-cell statistics come from one streaming pass, so
+memory is bounded by a few buffers, not by the number of cells.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import InputError
+
+BLOCK_ROWS = 16384  # rows per block of a streaming pass
+CHUNK_ROWS = 512
+BUFFER_ROWS = 32_768
+
+
+def iter_row_blocks(matrix, block: int = BLOCK_ROWS) -> Iterator[tuple[int, Any]]:
+    """Yield (start, block) row slices as dense ndarray or CSR, for in-memory or backed matrices."""
+    n = matrix.shape[0]
+    for start in range(0, n, block):
+        part = matrix[start:min(start + block, n)]
+        if sp.issparse(part):
+            part = sp.csr_matrix(part)
+        else:
+            part = np.asarray(part)
+        yield start, part
+
+
+def check_count_block(part, start: int, where: str) -> None:
+    """Refuse NaN, infinite, non-integer or negative values in one row block of counts."""
+    values = np.asarray(part.data if sp.issparse(part) else part)
+    if values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.floating):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise InputError(f"{where} contains NaN or infinite values (first in row "
+                             f"{start + _first_row(part, bad)}); raw counts must be finite.")
+        if (values != np.round(values)).any():
+            raise InputError(
+                f"{where} contains non-integer values (e.g. {values[values != np.round(values)][0]:g}); "
+                "advcli models raw counts. If X holds normalised data, point --layer at the "
+                "raw counts.")
+    if (values < 0).any():
+        raise InputError(f"{where} contains negative values (e.g. {values[values < 0][0]:g}); "
+                         "raw counts are non-negative.")
+
+
+def _first_row(part, bad_mask) -> int:
+    if sp.issparse(part):
+        pos = int(np.flatnonzero(bad_mask)[0])
+        return int(np.searchsorted(part.indptr, pos, side="right") - 1)
+    return int(np.argwhere(bad_mask)[0][0])
+
+
+def check_backed_matrix(matrix, where: str) -> None:
+    """Row blocks of a CSC matrix cost a pass over the whole file each: refuse it up front."""
+    if getattr(matrix, "format", None) == "csc":
+        raise InputError(f"{where} is stored as CSC (column-compressed), which cannot be read by "
+                         "rows from disk. Rewrite it as CSR (e.g. adata.X = adata.X.tocsr(); "
+                         "adata.write_h5ad(...)) or drop --backed.")
+
+
+def _as_csr(part) -> sp.csr_matrix:
+    return sp.csr_matrix(part) if sp.issparse(part) else sp.csr_matrix(np.asarray(part))
+
+
+class _Buffer:
+    """Some rows of the matrix (sorted) and their counts, in that order."""
+
+    def __init__(self, rows: np.ndarray, csr: sp.csr_matrix):
+        self.rows, self.csr = rows, csr
+
+    def take(self, idx: np.ndarray) -> sp.csr_matrix | None:
+        """The counts of ``idx`` when every one of them is here, else None."""
+        if len(self.rows) == 0:
+            return None
+        pos = np.searchsorted(self.rows, idx)
+        if (pos >= len(self.rows)).any():
+            return None
+        if (self.rows[pos] != idx).any():
+            return None
+        return self.csr[pos]
+
+
+class BackedCountRows:
+    """The CountRows interface (``shape``, ``log_factorial``, ``rows(idx)``) over a matrix on
+    disk, with ``columns`` selecting and ordering genes."""
+
+    backed = True
+
+    def __init__(self, matrix, device, columns: np.ndarray | None = None, where: str = "X"):
+        import torch
+        from scipy.special import gammaln
+
+        check_backed_matrix(matrix, where)
+        self.matrix, self.columns, self.device = matrix, columns, device
+        n = matrix.shape[0]
+        g = matrix.shape[1] if columns is None else len(columns)
+        self.shape = (n, g)
+        log_factorial = np.zeros(n, dtype=np.float64)
+        self.library = np.zeros(n, dtype=np.float64)
+        self.col_sums = np.zeros(g, dtype=np.float64)
+        for start, part in iter_row_blocks(matrix):
+            check_count_block(part, start, where)
+            csr = self._select(_as_csr(part)).astype(np.float64)
+            stop = start + csr.shape[0]
+            per_entry = sp.csr_matrix((gammaln(csr.data + 1.0), csr.indices, csr.indptr),
+                                      shape=csr.shape)
+            log_factorial[start:stop] = np.asarray(per_entry.sum(axis=1)).ravel()
+            self.library[start:stop] = np.asarray(csr.sum(axis=1)).ravel()
+            self.col_sums += np.asarray(csr.sum(axis=0)).ravel()
+        self.log_factorial = torch.from_numpy(log_factorial.astype(np.float32)).to(device)
+        self._resident = _Buffer(np.zeros(0, dtype=np.int64), sp.csr_matrix((0, g)))
+        self._current = self._resident
+        self._plan: list[np.ndarray] = []
+        self._at = -1
+        self._pending: dict[int, Future] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advcli-read")
+
+    def _select(self, csr: sp.csr_matrix) -> sp.csr_matrix:
+        return csr if self.columns is None else csr[:, self.columns]
+
+    def read(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of the sorted ``rows`` (float32 CSR), read as runs of whole chunks."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        chunks = np.unique(rows // CHUNK_ROWS)
+        breaks = np.flatnonzero(np.diff(chunks) > 1) + 1
+        parts, first = [], []
+        for run in np.split(chunks, breaks):
+            start = int(run[0]) * CHUNK_ROWS
+            stop = min((int(run[-1]) + 1) * CHUNK_ROWS, self.shape[0])
+            parts.append(_as_csr(self.matrix[start:stop]))
+            first.append(np.arange(start, stop))
+        block = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        pos = np.searchsorted(np.concatenate(first), rows)
+        return self._select(block[pos]).astype(np.float32)
+
+    def hold(self, rows: np.ndarray) -> None:
+        """Keep ``rows`` (e.g. the validation cells) in memory for good."""
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        self._resident = _Buffer(rows, self.read(rows))
+
+    def plan(self, buffers: Sequence[np.ndarray]) -> None:
+        """The order in which minibatches will visit groups of rows: each buffer is read (ahead,
+        on a background thread) just before its rows are needed."""
+        for future in self._pending.values():
+            future.cancel()
+        self._plan = [np.asarray(b, dtype=np.int64) for b in buffers]
+        self._pending, self._at = {}, -1
+        self._current = _Buffer(np.zeros(0, dtype=np.int64), sp.csr_matrix((0, self.shape[1])))
+        self._prefetch(0)
+
+    def shuffled_buffers(self, generator, keep: np.ndarray) -> list[np.ndarray]:
+        """One epoch's buffers: whole chunks in a seeded random order, dealt into buffers of
+        about BUFFER_ROWS rows; each buffer lists its rows where ``keep`` is true, sorted."""
+        import torch
+
+        n = self.shape[0]
+        n_chunks = math.ceil(n / CHUNK_ROWS)
+        order = torch.randperm(n_chunks, generator=generator).numpy()
+        per = max(1, BUFFER_ROWS // CHUNK_ROWS)
+        buffers = []
+        for i in range(0, n_chunks, per):
+            chunks = np.sort(order[i:i + per])
+            rows = (chunks[:, None] * CHUNK_ROWS + np.arange(CHUNK_ROWS)).ravel()
+            rows = rows[rows < n]
+            rows = rows[keep[rows]]
+            if len(rows):
+                buffers.append(rows)
+        self.plan(buffers)
+        return buffers
+
+    def sequential_plan(self) -> None:
+        """Plan a pass over every row in file order (predict)."""
+        n = self.shape[0]
+        self.plan([np.arange(s, min(s + BUFFER_ROWS, n)) for s in range(0, n, BUFFER_ROWS)])
+
+    def _prefetch(self, i: int) -> None:
+        if 0 <= i < len(self._plan) and i not in self._pending:
+            self._pending[i] = self._reader.submit(self.read, self._plan[i])
+
+    def _take(self, idx: np.ndarray) -> sp.csr_matrix:
+        for buffer in (self._resident, self._current):
+            found = buffer.take(idx)
+            if found is not None:
+                return found
+        for i in range(self._at + 1, len(self._plan)):  # the next planned buffer holding them
+            plan = self._plan[i]
+            pos = np.searchsorted(plan, idx[:1])
+            if pos[0] < len(plan) and plan[pos[0]] == idx[0]:
+                self._prefetch(i)
+                csr = self._pending.pop(i).result()
+                for j in [j for j in self._pending if j < i]:
+                    self._pending.pop(j).cancel()
+                self._current, self._at = _Buffer(plan, csr), i
+                self._prefetch(i + 1)
+                found = self._current.take(idx)
+                if found is not None:
+                    return found
+                break
+        order = np.argsort(idx)  # not planned: read these rows directly
+        csr = self.read(idx[order])
+        return csr[np.argsort(order)]
+
+    def rows(self, idx):
+        import torch
+
+        idx_np = idx.cpu().numpy().astype(np.int64)
+        return torch.from_numpy(self._take(idx_np).toarray()).to(self.device)
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
+
+
+class BackedAnnData:
+    """The parts of an .h5ad that advcli reads, with X and every layer left on disk.
+
+    anndata's own backed mode leaves X on disk but loads the layers, which in a prediction
+    file (``nb_mean``: cells x genes floats) are the largest part. Here obs, var, obsm and uns
+    are read; X and the layers are CSR datasets or HDF5 arrays read by rows on demand.
+    """
+
+    isbacked = True
+    raw = None
+
+    def __init__(self, path, mode: str = "r"):
+        import h5py
+        import pandas as pd
+        from anndata.io import read_elem
+
+        self.filename = str(path)
+        self.file = h5py.File(path, mode)
+        f = self.file
+        try:
+            self.obs = read_elem(f["obs"]) if "obs" in f else None
+            self.var = read_elem(f["var"]) if "var" in f else None
+            n_obs, n_vars = self._shape(f)
+            if self.obs is None:
+                self.obs = pd.DataFrame(index=pd.RangeIndex(n_obs).astype(str))
+            if self.var is None:
+                self.var = pd.DataFrame(index=pd.RangeIndex(n_vars).astype(str))
+            self.obsm = {k: read_elem(v) for k, v in f["obsm"].items()} if "obsm" in f else {}
+            self.uns = dict(read_elem(f["uns"])) if "uns" in f else {}
+            self.X = _lazy(f["X"]) if "X" in f else None
+            self.layers = {k: _lazy(v) for k, v in f["layers"].items()} if "layers" in f else {}
+        except BaseException:
+            f.close()
+            raise
+        if self.X is not None and tuple(self.X.shape) != (len(self.obs), len(self.var)):
+            f.close()
+            raise ValueError(f"X is {tuple(self.X.shape)} but obs and var describe "
+                             f"{len(self.obs)} x {len(self.var)}")
+
+    @staticmethod
+    def _shape(f) -> tuple[int, int]:
+        if "X" not in f:
+            return 0, 0
+        x = f["X"]
+        shape = x.attrs.get("shape") if hasattr(x, "attrs") and "shape" in x.attrs else x.shape
+        return int(shape[0]), int(shape[1])
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.var)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_obs, self.n_vars
+
+    @property
+    def obs_names(self):
+        return self.obs.index
+
+    @property
+    def var_names(self):
+        return self.var.index
+
+    def save(self) -> None:
+        """Write obs, obsm and uns (changed in memory) back to the file; X and the layers were
+        written in place."""
+        from anndata.io import write_elem
+
+        for key, value in (("obs", self.obs), ("obsm", dict(self.obsm)), ("uns", dict(self.uns))):
+            if key in self.file:
+                del self.file[key]
+            write_elem(self.file, key, value)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _lazy(elem):
+    """A CSR / CSC group as anndata's on-disk sparse dataset; a dense array as the HDF5 dataset."""
+    import h5py
+    from anndata.io import sparse_dataset
+
+    if isinstance(elem, h5py.Group):
+        return sparse_dataset(elem)
+    return elem
+
+
+class LayerSink:
+    """Per-gene layers of a prediction (cells x the file's genes): gathered in memory, or for a
+    BackedAnnData written into its file block by block."""
+
+    def __init__(self, adata, names: list[str]):
+        self.adata, self.names = adata, names
+        self.backed = isinstance(adata, BackedAnnData)
+        self.parts: dict[str, list] = {name: [] for name in names}
+        self.datasets = {}
+        if getattr(adata, "isbacked", False) and not self.backed and names:
+            raise InputError("Per-gene layers cannot be added to an AnnData opened with "
+                             "anndata's backed mode; open it with advcli.read_backed(path, "
+                             "'r+') or pass nb_mean=False.")
+        if self.backed and names:
+            if self.adata.file.mode != "r+":
+                raise InputError("The backed file is open read-only; open it with mode 'r+' to "
+                                 "write per-gene layers, or pass nb_mean=False.")
+            group = self.adata.file.require_group("layers")
+            group.attrs.setdefault("encoding-type", "dict")
+            group.attrs.setdefault("encoding-version", "0.1.0")
+            n, g = adata.n_obs, adata.n_vars
+            for name in names:
+                if name in group:
+                    del group[name]
+                ds = group.create_dataset(name, shape=(n, g), dtype="float32",
+                                          chunks=(max(1, min(n, 256)), g) if n * g else None)
+                ds.attrs["encoding-type"] = "array"
+                ds.attrs["encoding-version"] = "0.2.0"
+                self.datasets[name] = ds
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        if self.backed:
+            self.datasets[name][start:start + values.shape[0]] = values
+        else:
+            self.parts[name].append(values)
+
+    def finish(self) -> None:
+        for name in self.names:
+            if self.backed:
+                self.adata.layers[name] = self.datasets[name]
+            else:
+                self.adata.layers[name] = np.concatenate(self.parts[name])
