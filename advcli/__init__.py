@@ -5,11 +5,15 @@ The models are imported lazily so that `advcli --help` does not wait for torch.
 
 __version__ = "0.1.0"
 __all__ = ["AAEModel", "ConfounderModel", "DisentangleModel", "IntegrationModel",
-           "__version__"]
+           "read_backed", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in __all__[:-1]:
+    if name == "read_backed":
+        from .data import read_backed
+
+        return read_backed
+    if name in __all__[:-2]:
         from . import models
 
         return getattr(models, name)

@@ -133,21 +133,26 @@ class BackedCountRows:
         return csr if self.columns is None else csr[:, self.columns]
 
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
-        """Counts of the sorted ``rows`` (float32 CSR), read as runs of whole chunks."""
+        """Counts of the sorted ``rows`` (float32 CSR): runs of whole chunks when the rows fill
+        them (a buffer), else just those rows (held-out cells, a sample)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
         chunks = np.unique(rows // CHUNK_ROWS)
-        breaks = np.flatnonzero(np.diff(chunks) > 1) + 1
-        parts, first = [], []
-        for run in np.split(chunks, breaks):
-            start = int(run[0]) * CHUNK_ROWS
-            stop = min((int(run[-1]) + 1) * CHUNK_ROWS, self.shape[0])
-            parts.append(_as_csr(self.matrix[start:stop]))
-            first.append(np.arange(start, stop))
-        block = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
-        pos = np.searchsorted(np.concatenate(first), rows)
-        return self._select(block[pos]).astype(np.float32)
+        if 2 * len(rows) < len(chunks) * CHUNK_ROWS:  # scattered: whole chunks would be waste
+            have = np.unique(rows)
+            block = _as_csr(self.matrix[have])
+        else:
+            breaks = np.flatnonzero(np.diff(chunks) > 1) + 1
+            parts, first = [], []
+            for run in np.split(chunks, breaks):
+                start = int(run[0]) * CHUNK_ROWS
+                stop = min((int(run[-1]) + 1) * CHUNK_ROWS, self.shape[0])
+                parts.append(_as_csr(self.matrix[start:stop]))
+                first.append(np.arange(start, stop))
+            block = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+            have = np.concatenate(first)
+        return self._select(block[np.searchsorted(have, rows)]).astype(np.float32)
 
     def hold(self, rows: np.ndarray) -> None:
         """Keep ``rows`` (e.g. the validation cells) in memory for good."""

@@ -44,6 +44,12 @@ def read_h5ad(path: str | Path, backed: bool | str = False):
             "written by anndata or scanpy.") from None
 
 
+def read_backed(path, mode: str = "r") -> BackedAnnData:
+    """An .h5ad with its counts and layers left on disk, for ``IntegrationModel`` and
+    ``predict`` on files larger than memory (mode "r+" to write predictions into it)."""
+    return read_h5ad(path, mode)
+
+
 def _missing_key(what: str, key: str, existing: Sequence[str], hint: str = "") -> InputError:
     shown = ", ".join(repr(k) for k in list(existing)[:30]) or "none"
     more = f" (and {len(existing) - 30} more)" if len(existing) > 30 else ""

@@ -3,6 +3,7 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/throughput.py                  # all parts
     OMP_WAIT_POLICY=PASSIVE python benchmarks/throughput.py --parts seed,limit
     OMP_WAIT_POLICY=PASSIVE python benchmarks/throughput.py --parts scale --sizes 1000,10000,100000
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/throughput.py --parts backed --backed-sizes 10000,100000,1000000
 
 Parts:
 
@@ -18,6 +19,9 @@ Parts:
   size (fixed epochs), with wall and CPU seconds, peak RSS and the exponent of fit time in n.
 * ``limit``: the confounder model's multiply-adds per cell and epoch against torch.matmul's
   measured FLOP/s at the model's own shapes, as the fraction of that limit advcli reaches.
+* ``backed``: integrate in memory and with ``--backed`` (counts left on disk) at each size:
+  fit / predict / diagnose time, peak RSS and diagnose's scores side by side, and the exponent
+  of backed fit time in n (``--backed-sizes 10000,100000,1000000`` for the atlas case).
 * ``scvi``: integrate against scVI (``pip install -e '.[bench]'``) on ``simulate integrate`` data,
   the same epochs, CPU seconds per epoch.
 """
@@ -25,6 +29,7 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -189,12 +194,17 @@ def part_seed(tmp: Path, n: int, genes: int) -> None:
 # ----------------------------------------------------------------------------- scaling
 
 
-def _run(args: list[str]) -> tuple[float, float, float]:
+def _run(args: list[str], report: list | None = None) -> tuple[float, float, float]:
+    """Wall s, CPU s and peak MB of one advcli command in a fresh process; with ``report``,
+    its --json object is appended to it."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"advcli {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    peak_kb, cpu = done.stdout.split()[-2:]
+    lines = done.stdout.strip().splitlines()
+    peak_kb, cpu = lines[-1].split()
+    if report is not None:
+        report.append(json.loads("\n".join(lines[:-1])))
     return time.perf_counter() - start, float(cpu), float(peak_kb) / 1024.0
 
 
@@ -225,6 +235,48 @@ def part_scale(tmp: Path, sizes: list[int], genes: int, epochs: int) -> None:
             slope = np.polyfit(np.log(sizes), np.log(times), 1)[0]
             print(f"{mode:<12}fit time ~ n^{slope:.2f} over {sizes[0]:,}-{sizes[-1]:,} cells "
                   "(start-up included)")
+
+
+def part_backed(tmp: Path, sizes: list[int], genes: int, epochs: int, data_dir: Path | None
+                ) -> None:
+    """Integrate mode in memory and with --backed at each size: time, peak memory, and the
+    diagnose scores of both (equal epochs), plus the exponent of backed fit time in n."""
+    print(f"\n== in memory vs --backed (integrate, {genes:,} genes, --max-epochs {epochs}, "
+          "fresh processes; diagnose scores a seeded 20,000 cells)")
+    print(f"{'cells':>10}  {'how':<8}{'command':<10}{'wall s':>9}{'cpu s':>9}{'peak MB':>9}"
+          f"{'cells / wall s':>16}{'iLISI':>8}{'ARI':>7}{'overall':>9}")
+    times = []
+    for n in sizes:
+        folder = data_dir or tmp
+        data = folder / f"integrate_{n}_{genes}.h5ad"
+        if not data.exists():
+            _run(["simulate", "integrate", "-o", str(data), "--genes", str(genes),
+                  "--n-a", str(n // 2), "--n-b", str(n - n // 2)])
+        for how in ("memory", "backed"):
+            flag = ["--backed"] if how == "backed" else []
+            if how == "memory" and n * genes > 4e8:
+                print(f"{n:>10,}  {how:<8}skipped: {n:,} x {genes:,} counts do not fit here")
+                continue
+            model, pred, report = tmp / f"m_{how}_{n}.pt", tmp / f"p_{how}_{n}.h5ad", tmp / f"r_{how}_{n}"
+            out: list = []
+            for name, args in (("fit", ["fit", str(data), "--mode", "integrate", "-o", str(model),
+                                        "--max-epochs", str(epochs), "--patience", "0"]),
+                               ("predict", ["predict", str(model), str(data), "-o", str(pred)]),
+                               ("diagnose", ["diagnose", str(pred), "-o", str(report)])):
+                wall, cpu, peak = _run(args + flag + ["--json"], out)
+                if name == "fit" and how == "backed":
+                    times.append(wall)
+                scores = ""
+                if name == "diagnose":
+                    m = out[-1]["metrics"]
+                    scores = f"{m['ilisi']:>8.3f}{m['ari']:>7.3f}{m['overall_score']:>9.3f}"
+                print(f"{n:>10,}  {how:<8}{name:<10}{wall:>9.1f}{cpu:>9.1f}{peak:>9.0f}"
+                      f"{n / wall:>16,.0f}{scores}", flush=True)
+            pred.unlink(missing_ok=True)
+    if len(times) > 1:
+        slope = np.polyfit(np.log(sizes), np.log(times), 1)[0]
+        print(f"--backed fit time ~ n^{slope:.2f} over {sizes[0]:,}-{sizes[-1]:,} cells "
+              "(start-up included)")
 
 
 # ----------------------------------------------------------------------------- matmul limit
@@ -287,6 +339,11 @@ def main(argv=None) -> int:
     parser.add_argument("--genes", type=int, default=1_000)
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--backed-sizes", default="10000,100000",
+                        help="sizes of the 'backed' part (add 1000000 for the atlas case)")
+    parser.add_argument("--backed-genes", type=int, default=2_000)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="keep the backed part's simulated files here (reused if present)")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -299,6 +356,9 @@ def main(argv=None) -> int:
             part_scale(tmp, [int(s) for s in args.sizes.split(",")], args.genes, args.epochs)
         if "scvi" in parts:
             part_scvi(tmp, args.epochs)
+        if "backed" in parts:
+            part_backed(tmp, [int(s) for s in args.backed_sizes.split(",")], args.backed_genes,
+                        args.epochs, args.data_dir)
     return 0
 
 

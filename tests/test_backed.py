@@ -123,15 +123,22 @@ def test_fit_predict_diagnose_backed(tmp_path, invoke, integrate_file, small_chu
 def test_backed_training_mixes_like_in_memory(tmp_path, integrate_file, small_chunks):
     """Block-shuffled minibatches are still minibatches: the held-out ELBO after a few epochs is
     close to the in-memory run's."""
-    from advcli import IntegrationModel
+    import advcli
 
     results = {}
     for name, adata in (("memory", ad.read_h5ad(integrate_file)),
-                        ("disk", read_h5ad(integrate_file, backed=True))):
-        model = IntegrationModel(adata, max_epochs=15, seed=0).train()
+                        ("disk", advcli.read_backed(integrate_file))):
+        model = advcli.IntegrationModel(adata, max_epochs=15, seed=0).train()
         results[name] = model.train_state_.records[-1]
         assert model.train_state_.records[-1]["val_elbo"] < model.train_state_.records[0]["val_elbo"]
     assert results["disk"]["val_elbo"] == pytest.approx(results["memory"]["val_elbo"], rel=0.05)
+    # predicting into a read-only backed file: latent yes, per-gene layers refused
+    assert model.get_latent_representation(adata).shape[0] == 660
+    with pytest.raises(InputError, match="read-only"):
+        model.predict(adata, inplace=True)
+    assert "X_advcli" not in adata.obsm
+    model.predict(adata, inplace=True, nb_mean=False)
+    assert adata.obsm["X_advcli"].shape[0] == 660
 
 
 def test_no_nb_mean_skips_the_layer(tmp_path, invoke, integrate_file):
