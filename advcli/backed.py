@@ -152,7 +152,9 @@ class BackedCountRows:
                 first.append(np.arange(start, stop))
             block = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
             have = np.concatenate(first)
-        return self._select(block[np.searchsorted(have, rows)]).astype(np.float32)
+        if len(have) != len(rows) or (have != rows).any():
+            block = block[np.searchsorted(have, rows)]
+        return self._select(block).astype(np.float32, copy=False)
 
     def hold(self, rows: np.ndarray) -> None:
         """Keep ``rows`` (e.g. the validation cells) in memory for good."""
@@ -298,6 +300,16 @@ class BackedAnnData:
     def var_names(self):
         return self.var.index
 
+    def select_genes(self, columns: np.ndarray) -> "BackedAnnData":
+        """The same file seen through the genes ``columns`` (X and layers still on disk)."""
+        import copy
+
+        view = copy.copy(self)
+        view.var = self.var.iloc[columns]
+        view.X = None if self.X is None else _Columns(self.X, columns)
+        view.layers = {k: _Columns(v, columns) for k, v in self.layers.items()}
+        return view
+
     def save(self) -> None:
         """Write obs, obsm and uns (changed in memory) back to the file; X and the layers were
         written in place."""
@@ -311,6 +323,19 @@ class BackedAnnData:
 
     def close(self) -> None:
         self.file.close()
+
+
+class _Columns:
+    """A matrix on disk seen through some of its columns: rows are read, then cut."""
+
+    def __init__(self, matrix, columns: np.ndarray):
+        self.matrix, self.columns = matrix, np.asarray(columns)
+        self.shape = (matrix.shape[0], len(self.columns))
+        self.dtype = matrix.dtype
+        self.format = getattr(matrix, "format", None)
+
+    def __getitem__(self, rows):
+        return self.matrix[rows][:, self.columns]
 
 
 def _lazy(elem):

@@ -339,10 +339,6 @@ def fit(data: Path, mode: str, out: Path, backed: bool, as_json: bool, checkpoin
     if backed and mode not in BACKED_MODES:
         raise InputError(f"--backed (cells read from disk in blocks) is available for --mode "
                          f"{' and '.join(BACKED_MODES)}; drop it to load the cells into memory.")
-    if backed and options.get("n_top_genes") is not None:
-        raise InputError("--n-top-genes with --backed is not available: select the genes first "
-                         "(e.g. scanpy's highly_variable_genes on a subsample) and write a file "
-                         "with those genes, or drop --backed.")
     if checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be zero or more (got {checkpoint_every}).")
     _check_output(out, [data] + ([resume] if resume else []))

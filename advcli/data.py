@@ -612,38 +612,53 @@ def _local_quadratic(x: np.ndarray, y: np.ndarray, span: float = 0.3, grid: int 
     return np.interp(x, at, fitted[first])
 
 
-def highly_variable_genes(counts: sp.csr_matrix, n_top: int,
-                          batches: np.ndarray | None = None) -> np.ndarray:
+def highly_variable_genes(matrix, n_top: int, batches: np.ndarray | None = None) -> np.ndarray:
     """Column indices of the ``n_top`` most variable genes, in file order: the Seurat v3 rule on
     raw counts (each gene's variance after standardising by the loess trend of variance on mean,
     values clipped at mean + sqrt(cells) trend-SDs), ranked within each batch; genes variable in
-    more batches first, then by median rank."""
-    counts = sp.csr_matrix(counts, dtype=np.float64)
-    n_genes = counts.shape[1]
+    more batches first, then by median rank. Two passes over row blocks, so ``matrix`` may be
+    a backed file's."""
+    n_genes = matrix.shape[1]
     if n_top >= n_genes:
         return np.arange(n_genes)
-    groups = np.zeros(counts.shape[0], dtype=int) if batches is None else \
+    groups = np.zeros(matrix.shape[0], dtype=int) if batches is None else \
         np.unique(np.asarray(batches).astype(str), return_inverse=True)[1]
+    n_groups = int(groups.max()) + 1
+    size = np.bincount(groups, minlength=n_groups).astype(np.float64)
+
+    def per_group_sums(clip: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        sums, squares = np.zeros((n_groups, n_genes)), np.zeros((n_groups, n_genes))
+        for start, part in iter_row_blocks(matrix):
+            part = sp.csr_matrix(part, dtype=np.float64)
+            block_groups = groups[start:start + part.shape[0]]
+            for b in np.unique(block_groups):
+                sub = part[block_groups == b]
+                data = sub.data if clip is None else np.minimum(sub.data, clip[b][sub.indices])
+                sums[b] += np.bincount(sub.indices, weights=data, minlength=n_genes)
+                squares[b] += np.bincount(sub.indices, weights=data ** 2, minlength=n_genes)
+        return sums, squares
+
+    sums, squares = per_group_sums(None)
+    mean = sums / size[:, None]
+    var = (squares / size[:, None] - mean ** 2) * (size / np.maximum(size - 1, 1))[:, None]
+    sd, clip = np.zeros((n_groups, n_genes)), np.full((n_groups, n_genes), np.inf)
+    fitted = np.zeros(n_groups, dtype=bool)
+    for b in range(n_groups):
+        varying = var[b] > 0
+        if varying.sum() >= 3 and size[b] > 1:
+            trend = _local_quadratic(np.log10(mean[b, varying]), np.log10(var[b, varying]))
+            sd[b, varying] = np.sqrt(10 ** trend)
+            clip[b] = mean[b] + sd[b] * np.sqrt(size[b])
+            fitted[b] = True
+    sums, squares = per_group_sums(clip)
     ranks, in_top = [], np.zeros(n_genes)
-    for b in np.unique(groups):
-        part = counts[groups == b]
-        n = part.shape[0]
-        mean = np.asarray(part.mean(axis=0)).ravel()
-        var = np.asarray(part.multiply(part).mean(axis=0)).ravel() - mean ** 2
-        var *= n / max(n - 1, 1)
-        varying = var > 0
+    for b in range(n_groups):
         norm_var = np.zeros(n_genes)
-        if varying.sum() >= 3 and n > 1:
-            trend = _local_quadratic(np.log10(mean[varying]), np.log10(var[varying]))
-            sd = np.zeros(n_genes)
-            sd[varying] = np.sqrt(10 ** trend)
-            clip = mean + sd * np.sqrt(n)
-            data = np.minimum(part.data, clip[part.indices])
-            sums = np.bincount(part.indices, weights=data, minlength=n_genes)
-            squares = np.bincount(part.indices, weights=data ** 2, minlength=n_genes)
+        if fitted[b]:
+            n, m = size[b], mean[b]
             with np.errstate(divide="ignore", invalid="ignore"):
-                norm_var = np.where(varying, (n * mean ** 2 + squares - 2 * mean * sums)
-                                    / ((n - 1) * sd ** 2), 0.0)
+                norm_var = np.where(var[b] > 0, (n * m ** 2 + squares[b] - 2 * m * sums[b])
+                                    / ((n - 1) * sd[b] ** 2), 0.0)
         order = np.argsort(-norm_var, kind="stable")
         rank = np.empty(n_genes)
         rank[order] = np.arange(n_genes)

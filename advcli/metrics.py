@@ -78,15 +78,17 @@ def knn(embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return dist[:, 1:], idx[:, 1:]
 
 
-def knn_domain_entropy(idx: np.ndarray, codes: np.ndarray, n_domains: int) -> float:
+def knn_domain_entropy(idx: np.ndarray, codes: np.ndarray, n_domains: int,
+                       per_cell: bool = False):
     """Mean entropy of the domains among each cell's neighbours (``idx``), over log(n_domains):
-    0 when every neighbourhood is from one domain, 1 when each holds the domains equally."""
+    0 when every neighbourhood is from one domain, 1 when each holds the domains equally
+    (``per_cell``: each cell's value instead of the mean)."""
     if n_domains < 2:
-        return float("nan")
+        return np.full(len(idx), np.nan) if per_cell else float("nan")
     shares = np.stack([(codes[idx] == b).mean(axis=1) for b in range(n_domains)], axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ent = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1)
-    return float(ent.mean() / np.log(n_domains))
+        ent = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1) / np.log(n_domains)
+    return ent if per_cell else float(ent.mean())
 
 
 def lisi(dist: np.ndarray, idx: np.ndarray, labels: np.ndarray, perplexity: float = 30.0,

@@ -26,9 +26,10 @@ def test_neighbourhood_mixing_is_zero_apart_and_near_one_interleaved():
     domain = torch.arange(400) % 2
     apart = torch.randn(400, 5, generator=g) + 20.0 * domain[:, None]
     mixed = torch.randn(400, 5, generator=g)
-    assert neighbourhood_mixing(apart, domain, 2) < 0.01
-    assert neighbourhood_mixing(mixed, domain, 2) > 0.9
-    assert math.isnan(neighbourhood_mixing(mixed[:2], domain[:2], 2))
+    assert neighbourhood_mixing(apart, domain, 2)[0] < 0.01
+    value, se = neighbourhood_mixing(mixed, domain, 2)
+    assert value > 0.9 and 0 < se < 0.02
+    assert math.isnan(neighbourhood_mixing(mixed[:2], domain[:2], 2)[0])
 
 
 def _drive(model, records):
@@ -43,7 +44,7 @@ def _drive(model, records):
     return len(records) + 1
 
 
-FLAT = {"val_elbo": 100.0, "val_disc_ce": 0.6, "val_disc_acc": 0.6, "val_mixing": 0.5}
+FLAT = {"val_elbo": 100.0, "val_disc_ce": 0.1, "val_disc_acc": 0.6, "val_mixing": 0.5}
 
 
 def test_training_stops_when_nothing_improves(integrate):
@@ -61,6 +62,25 @@ def test_training_goes_on_while_the_adversary_gains(integrate, rising):
     top = FLAT[rising] + 0.02 * 29
     records = [{**FLAT, rising: min(FLAT[rising] + 0.02 * i, top)} for i in range(100)]
     assert _drive(model, records) == 30 + 5
+
+
+def test_a_discriminator_worse_than_chance_is_not_progress(integrate):
+    """Held-out CE rising above ln K means the encoders made the discriminator confidently
+    wrong (overshoot), not the domains more mixed."""
+    model = IntegrationModel(integrate, max_epochs=200, patience=5, kl_warmup_epochs=1,
+                             adv_warmup_epochs=1)
+    chance = math.log(2)
+    records = [{**FLAT, "val_disc_ce": chance + 0.02 * i} for i in range(100)]
+    assert _drive(model, records) == 6
+
+
+def test_a_mixing_rise_within_its_noise_is_not_progress(integrate):
+    model = IntegrationModel(integrate, max_epochs=200, patience=5, kl_warmup_epochs=1,
+                             adv_warmup_epochs=1)
+    records = [{**FLAT, "val_mixing": 0.5 + 0.02 * i, "val_mixing_se": 0.2} for i in range(100)]
+    assert _drive(model, records) == 6  # 0.02 a step against a noise of 0.4: stale
+    records = [{**r, "val_mixing_se": 0.005} for r in records]
+    assert _drive(model, records) == 101  # the same rise, measured precisely: progress
 
 
 def test_training_goes_on_while_the_domains_are_told_apart(integrate):

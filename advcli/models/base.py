@@ -100,13 +100,15 @@ class BaseModel:
         n_top = getattr(self.config, "n_top_genes", None)
         if n_top is None or n_top >= adata.n_vars:
             return adata
-        from ..data import highly_variable_genes, load_counts, obs_column, validate_counts
+        from ..data import count_source, highly_variable_genes, obs_column, validate_counts
 
         validate_counts(adata, self.config.layer)
         key = self.hvg_batch_key
         batches = None if key is None else obs_column(adata, key, "Batch").astype(str).to_numpy()
-        return adata[:, highly_variable_genes(load_counts(adata, self.config.layer), n_top,
-                                              batches)].copy()
+        chosen = highly_variable_genes(count_source(adata, self.config.layer), n_top, batches)
+        if getattr(adata, "isbacked", False):
+            return adata.select_genes(chosen)
+        return adata[:, chosen].copy()
 
     @property
     def hvg_batch_key(self) -> str | None:

@@ -32,22 +32,25 @@ MIXING_CELLS = 5000
 SEPARATED_ACC = 0.9  # held-out discriminator accuracy at which the domains are called apart
 SETTLED_CE = 0.01  # nats: a rise of the discriminator's validation loss smaller than this is noise
 SETTLED_MIXING = 0.01  # a rise of the validation cells' neighbourhood mixing smaller than this
+                       # (or than two of its standard errors over the validation cells) is noise
 MIXING_NEIGHBOURS, MIXING_VAL_CELLS = 15, 1500
 
 
-def neighbourhood_mixing(latent: torch.Tensor, domain: torch.Tensor, n_domains: int) -> float:
+def neighbourhood_mixing(latent: torch.Tensor, domain: torch.Tensor, n_domains: int
+                         ) -> tuple[float, float]:
     """kNN domain entropy (0: every neighbourhood from one domain, 1: evenly mixed) of up to
-    MIXING_VAL_CELLS cells (seeded). Local mixing is what integration is for; a discriminator
-    can be fooled globally (accuracy near chance) while each domain still sits in its own
-    patch of every cluster."""
+    MIXING_VAL_CELLS cells (seeded), and its standard error over those cells. Local mixing is
+    what integration is for; a discriminator can be fooled globally (accuracy near chance)
+    while each domain still sits in its own patch of every cluster."""
     from ..metrics import knn, knn_domain_entropy
 
     n = latent.shape[0]
     if n < 3 or n_domains < 2:
-        return math.nan
+        return math.nan, math.nan
     keep = np.sort(np.random.default_rng(0).choice(n, min(n, MIXING_VAL_CELLS), replace=False))
     _, idx = knn(latent.cpu().double().numpy()[keep], MIXING_NEIGHBOURS)
-    return knn_domain_entropy(idx, domain.cpu().numpy()[keep], n_domains)
+    per_cell = knn_domain_entropy(idx, domain.cpu().numpy()[keep], n_domains, per_cell=True)
+    return float(per_cell.mean()), float(per_cell.std(ddof=1) / math.sqrt(len(per_cell)))
 
 
 class PairedVAE(torch.nn.Module):
@@ -286,6 +289,7 @@ class IntegrationModel(BaseModel):
         ramp = max(1, n // 20) if cfg.adv_warmup_epochs is None else cfg.adv_warmup_epochs
         factor = cfg.grl_lambda if cfg.adversary == "grl" else 1.0
         best_elbo, best_ce, best_mixing, stale = math.inf, -math.inf, -math.inf, 0
+        chance_ce = math.log(len(self.domains_))
         for epoch in range(1, n + 1):
             kl = cfg.beta_kl * min(1.0, epoch / max(kl_warm, 1))
             adv = cfg.adv_weight * min(1.0, max(0.0, (epoch - cfg.adv_start_epoch) / max(ramp, 1)))
@@ -293,6 +297,7 @@ class IntegrationModel(BaseModel):
                                      {"kl_weight": kl, "adv_weight": adv * factor},
                                      log={"kl_weight": kl, "adv_weight": adv})
             val, ce = record.get("val_elbo", math.nan), record.get("val_disc_ce", math.nan)
+            ce = min(ce, chance_ce)  # above chance the discriminator is wrong, not fooled
             if epoch >= max(kl_warm, cfg.adv_start_epoch + ramp) and math.isfinite(val):
                 stale += 1
                 if val < best_elbo - 1e-4 * abs(best_elbo):
@@ -300,7 +305,8 @@ class IntegrationModel(BaseModel):
                 if math.isfinite(ce) and ce > best_ce + SETTLED_CE:
                     best_ce, stale = ce, 0
                 mixing = record.get("val_mixing", math.nan)
-                if math.isfinite(mixing) and mixing > best_mixing + SETTLED_MIXING:
+                noise = max(SETTLED_MIXING, 2.0 * record.get("val_mixing_se", 0.0))
+                if math.isfinite(mixing) and mixing > best_mixing + noise:
                     best_mixing, stale = mixing, 0
                 if record.get("val_disc_acc", 0.0) >= SEPARATED_ACC:
                     stale = 0  # the domains are still apart: the adversary has work to do
@@ -314,7 +320,7 @@ class IntegrationModel(BaseModel):
         mixed their neighbourhoods are (``val_mixing``: kNN domain entropy, 0 to 1)."""
         if len(self._val_idx) == 0:
             return {"val_elbo": math.nan, "val_disc_ce": math.nan, "val_disc_acc": math.nan,
-                    "val_mixing": math.nan}
+                    "val_mixing": math.nan, "val_mixing_se": math.nan}
         self.module.eval()
         total, ce, hit, means = 0.0, [], [], []
         for idx in self._val_idx.split(2048):
@@ -331,7 +337,8 @@ class IntegrationModel(BaseModel):
         return {"val_elbo": total / len(self._val_idx),
                 "val_disc_ce": float(np.mean([ce[domain == k].mean().item() for k in present])),
                 "val_disc_acc": float(np.mean([hit[domain == k].mean().item() for k in present])),
-                "val_mixing": neighbourhood_mixing(torch.cat(means), domain, len(self.domains_))}
+                **dict(zip(("val_mixing", "val_mixing_se"),
+                           neighbourhood_mixing(torch.cat(means), domain, len(self.domains_))))}
 
     def _summarise(self, wall: float, cpu: float) -> dict[str, Any]:
         records = self.train_state_.records
