@@ -129,6 +129,12 @@ class BackedCountRows:
         self._pending: dict[int, Future] = {}
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advcli-read")
 
+    def blocks(self) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """(first row, counts as float64 CSR) for one row block after another: a streaming
+        pass."""
+        for start, part in iter_row_blocks(self.matrix):
+            yield start, self._select(_as_csr(part)).astype(np.float64)
+
     def _select(self, csr: sp.csr_matrix) -> sp.csr_matrix:
         return csr if self.columns is None else csr[:, self.columns]
 
@@ -233,6 +239,41 @@ class BackedCountRows:
         self._reader.shutdown(wait=True, cancel_futures=True)
 
 
+class LogNormalisedRows:
+    """log1p(counts / size factor) of counts on disk, computed for the rows asked for (sorted):
+    what the SVA-like start of Z reads, without a second copy of the data."""
+
+    def __init__(self, rows: BackedCountRows, offset: np.ndarray):
+        self.rows, self.scale = rows, np.exp(-np.asarray(offset, dtype=np.float64))
+        self.shape = rows.shape
+
+    def __getitem__(self, idx) -> sp.csr_matrix:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = sp.csr_matrix(sp.diags(self.scale[idx]) @ self.rows.read(idx).astype(np.float64))
+        out.data = np.log1p(out.data)
+        return out
+
+
+def streamed_gene_statistics(rows: BackedCountRows, offset: np.ndarray):
+    """One pass: per gene, the mean and SD of log1p(counts / size factor), and the sums the NB
+    moment estimates need (sum y, sum y^2, sum y s), with s = exp(offset)."""
+    g = rows.shape[1]
+    log_sum, log_sq, y_sum, y_sq, y_s = (np.zeros(g) for _ in range(5))
+    for start, block in rows.blocks():
+        off = np.asarray(offset[start:start + block.shape[0]], dtype=np.float64)
+        log_y = sp.csr_matrix(sp.diags(np.exp(-off)) @ block)
+        log_y.data = np.log1p(log_y.data)
+        log_sum += np.asarray(log_y.sum(axis=0)).ravel()
+        log_sq += np.asarray(log_y.multiply(log_y).sum(axis=0)).ravel()
+        y_sum += np.asarray(block.sum(axis=0)).ravel()
+        y_sq += np.asarray(block.multiply(block).sum(axis=0)).ravel()
+        y_s += np.asarray(block.T @ np.exp(off)).ravel()
+    n = rows.shape[0]
+    mean = log_sum / n
+    sd = np.sqrt(np.maximum(log_sq / n - mean ** 2, 0.0))
+    return mean, sd, (y_sum, y_sq, y_s)
+
+
 class BackedAnnData:
     """The parts of an .h5ad that advcli reads, with X and every layer left on disk.
 
@@ -309,6 +350,21 @@ class BackedAnnData:
         view.X = None if self.X is None else _Columns(self.X, columns)
         view.layers = {k: _Columns(v, columns) for k, v in self.layers.items()}
         return view
+
+    def to_memory(self, cells: np.ndarray):
+        """An in-memory AnnData of the rows ``cells`` (sorted): every matrix read for those
+        cells only."""
+        import anndata as ad
+
+        def rows(matrix):
+            part = matrix[cells]
+            return sp.csr_matrix(part) if sp.issparse(part) else np.asarray(part)
+
+        return ad.AnnData(X=None if self.X is None else rows(self.X),
+                          obs=self.obs.iloc[cells].copy(), var=self.var.copy(),
+                          obsm={k: np.asarray(v)[cells] for k, v in self.obsm.items()},
+                          layers={k: rows(v) for k, v in self.layers.items()},
+                          uns=dict(self.uns))
 
     def save(self) -> None:
         """Write obs, obsm and uns (changed in memory) back to the file; X and the layers were

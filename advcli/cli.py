@@ -58,9 +58,9 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 THREADS_OPTION = typer.Option(None, "--threads", help="CPU threads for torch and its BLAS "
                               "(default: torch's choice, usually one per core).",
                               rich_help_panel="Scaling")
-BACKED_MODES = ("integrate",)
+BACKED_MODES = ("integrate", "confounder")
 BACKED_OPTION = typer.Option(False, "--backed", help="Leave the counts on disk and read them in "
-                             "row blocks (integrate mode), for files larger than memory.",
+                             "row blocks (integrate and confounder modes), for files larger than memory.",
                              rich_help_panel="Scaling")
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EISDIR,
@@ -574,6 +574,10 @@ def predict(
     if backed and payload["mode"] not in BACKED_MODES:
         raise InputError(f"--backed applies to models of mode {' and '.join(BACKED_MODES)}; this "
                          f"one is {payload['mode']}. Drop --backed.")
+    if backed and effects is not None:
+        raise InputError("--effects with --backed: the treatment-effect GLMs read every cell's "
+                         "counts in memory. Drop --backed, or get the effects on a subsample of "
+                         "cells from `advcli diagnose --backed`.")
     options = {"decode_as": decode_as} if decode_as is not None else {}
     if not nb_mean:
         options["nb_mean"] = False

@@ -138,7 +138,9 @@ def load_counts(adata, layer: str | None = None) -> sp.csr_matrix:
 
 
 def library_sizes(counts) -> np.ndarray:
-    """Total counts per cell (float64)."""
+    """Total counts per cell (float64); counts on disk (BackedCountRows) know theirs."""
+    if getattr(counts, "backed", False):
+        return counts.library
     return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
 
 
@@ -162,13 +164,18 @@ def size_factors(adata, counts, how: str) -> np.ndarray:
     return values
 
 
-def gene_moments(counts: sp.csr_matrix, sf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def gene_moments(counts: sp.csr_matrix, sf: np.ndarray, sums: tuple | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Per gene: log of the mean normalised count and a moment estimate of the NB dispersion,
-    sum((y - m s)^2 - m s) / sum((m s)^2) with m = sum(y) / sum(s), clipped to [1e-3, 20]."""
+    sum((y - m s)^2 - m s) / sum((m s)^2) with m = sum(y) / sum(s), clipped to [1e-3, 20].
+    ``sums``: (sum y, sum y^2, sum y s) per gene, accumulated elsewhere (a streaming pass)."""
     total_s = sf.sum()
-    m = np.asarray(counts.sum(axis=0)).ravel() / total_s
-    sq = np.asarray(counts.multiply(counts).sum(axis=0)).ravel()
-    ys = np.asarray(counts.T @ sf).ravel()
+    if sums is None:
+        sums = (np.asarray(counts.sum(axis=0)).ravel(),
+                np.asarray(counts.multiply(counts).sum(axis=0)).ravel(),
+                np.asarray(counts.T @ sf).ravel())
+    m = sums[0] / total_s
+    sq, ys = sums[1], sums[2]
     s2 = float((sf ** 2).sum())
     num = sq - 2.0 * m * ys + m ** 2 * s2 - m * total_s
     alpha = np.clip(num / np.maximum(m ** 2 * s2, 1e-12), 1e-3, 20.0)
@@ -195,7 +202,8 @@ def residual_factors(log_y: sp.csr_matrix, y_mean: np.ndarray, y_sd: np.ndarray,
     design = np.column_stack([np.ones(n), design]).astype(np.float64)
 
     def standardised(rows) -> np.ndarray:
-        block = log_y[rows].toarray() if sp.issparse(log_y) else np.asarray(log_y[rows])
+        block = log_y[rows]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
         return np.clip((block - y_mean) / y_sd, -10.0, 10.0)
 
     sub = np.sort(rng.choice(n, max_cells, replace=False)) if n > max_cells else np.arange(n)

@@ -212,9 +212,8 @@ def test_bad_backed_input_exits_2_and_writes_nothing(tmp_path, invoke, problem, 
 def test_backed_is_refused_where_it_does_not_apply(tmp_path, invoke, integrate_file,
                                                    confounder_file):
     before = set(p.name for p in tmp_path.iterdir())
-    res = invoke("fit", confounder_file, "--mode", "confounder", "-o", tmp_path / "m.pt",
-                 "--backed")
-    assert res.exit_code == 2 and "--mode integrate" in res.output
+    res = invoke("fit", integrate_file, "--mode", "aae", "-o", tmp_path / "m.pt", "--backed")
+    assert res.exit_code == 2 and "--mode integrate and confounder" in res.output
     res = invoke("fit", integrate_file, "--mode", "integrate", "-o", tmp_path / "m.pt",
                  "--backed", "--layer", "raw")
     assert res.exit_code == 2 and "adata.raw" in res.output
@@ -255,3 +254,48 @@ def test_large_data_trains_for_a_budget_of_cells():
     assert default_epochs(None, 300, n_cells=50_000) == 100
     assert default_epochs(None, 5, n_cells=600) == 300  # small data: enough steps
     assert default_epochs(12, 4000, n_cells=1_000_000) == 12
+
+
+def test_confounder_setup_from_disk_equals_memory(confounder_file, small_chunks):
+    """The streaming pass gives the in-memory statistics: gene means and SDs of the log counts,
+    the NB heads' start, the SVA-like start of Z and its number of factors."""
+    import advcli
+
+    memory = advcli.ConfounderModel(ad.read_h5ad(confounder_file), seed=0)
+    disk = advcli.ConfounderModel(advcli.read_backed(confounder_file), seed=0)
+    assert disk.config.z_dim == memory.config.z_dim
+    for a, b in zip(memory._init[1:], disk._init[1:]):
+        if a is not None:
+            assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(memory._start, disk._start, atol=1e-4)
+    assert torch.allclose(memory._off, disk._off, atol=1e-6)
+    assert memory.fingerprint_ == disk.fingerprint_
+
+
+def test_confounder_fit_predict_diagnose_backed(tmp_path, invoke, confounder_file,
+                                                small_chunks):
+    model = tmp_path / "c.pt"
+    assert invoke("fit", confounder_file, "--mode", "confounder", "-o", model, "--backed",
+                  "--max-epochs", "12").exit_code == 0
+    outputs = {}
+    for name, flag in (("disk", ["--backed"]), ("memory", [])):
+        out = tmp_path / f"{name}.h5ad"
+        res = invoke("predict", model, confounder_file, "-o", out, *flag)
+        assert res.exit_code == 0, res.output
+        outputs[name] = ad.read_h5ad(out)
+    disk, memory = outputs["disk"], outputs["memory"]
+    np.testing.assert_allclose(disk.obsm["Z_hat"], memory.obsm["Z_hat"], atol=1e-5)
+    np.testing.assert_allclose(disk.layers["nb_mean"], memory.layers["nb_mean"], rtol=1e-4)
+    np.testing.assert_allclose(disk.obs["log_lik_Y"], memory.obs["log_lik_Y"], rtol=1e-5)
+    reports = {}
+    for name, flag in (("disk", ["--backed"]), ("memory", [])):
+        rep = invoke("diagnose", tmp_path / "disk.h5ad", "-o", tmp_path / f"r_{name}",
+                     "--json", *flag)
+        assert rep.exit_code == 0, rep.output
+        reports[name] = json.loads(rep.stdout)["headline"]
+    assert reports["disk"] == reports["memory"]
+    before = set(p.name for p in tmp_path.iterdir())
+    res = invoke("predict", model, confounder_file, "-o", tmp_path / "e.h5ad", "--backed",
+                 "--effects", tmp_path / "e.csv")
+    assert res.exit_code == 2 and "--effects with --backed" in res.output
+    assert _nothing_written(tmp_path, before)

@@ -27,7 +27,8 @@ from scipy.special import expit
 
 from .. import keys, losses
 from ..config import ConfounderConfig
-from ..data import (CountRows, CovariateEncoding, counts_anndata, default_covariate_keys, encode_treatment,
+from ..backed import LogNormalisedRows, streamed_gene_statistics
+from ..data import (CountRows, CovariateEncoding, count_rows, counts_anndata, default_covariate_keys, encode_treatment,
                     gene_moments, gene_order, in_file_order, load_counts, minibatches, residual_factors,
                     sample_labels, set_uns, size_factors, validate_counts)
 from ..effects import treatment_effects
@@ -163,6 +164,11 @@ def temperature_at(cfg: ConfounderConfig, outer: int) -> float:
     return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** frac
 
 
+_EFFECTS_IN_MEMORY = ("The treatment-effect GLMs read every cell's counts in memory, so they "
+                      "are not computed on a backed file. Run them on the file in memory, or on "
+                      "a subsample of cells (`advcli diagnose --backed` does).")
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     from ..metrics import columnwise_pearson
 
@@ -178,7 +184,9 @@ class ConfounderModel(BaseModel):
 
     def _setup(self, adata) -> None:
         cfg = self.config
-        validate_counts(adata, cfg.layer)
+        backed = getattr(adata, "isbacked", False)
+        if not backed:
+            validate_counts(adata, cfg.layer)
         cov_keys = cfg.covariate_keys if cfg.covariate_keys is not None \
             else default_covariate_keys(adata)
         self.config = cfg = replace(cfg, covariate_keys=list(cov_keys))
@@ -186,16 +194,23 @@ class ConfounderModel(BaseModel):
         self.encoding_ = CovariateEncoding.fit(adata, cov_keys)
         d, self.treatment_levels_ = encode_treatment(adata, cfg.treatment_key, cfg.treated_level)
         x = self.encoding_.transform(adata)
-        counts = load_counts(adata, cfg.layer)
+        # in memory, the counts as CSR; on disk (--backed), rows read in blocks
+        counts = count_rows(adata, cfg.layer, self.device) if backed else \
+            load_counts(adata, cfg.layer)
         fixed_alpha = self._dispersion(adata)
         log_sf = np.log(size_factors(adata, counts, cfg.size_factors))
         self.log_sf_center_ = float(log_sf.mean())
         offset = log_sf - self.log_sf_center_
-        log_y = sp.csr_matrix(sp.diags(np.exp(-offset)) @ counts)  # a new matrix: counts kept
-        log_y.data = np.log1p(log_y.data)
-        y_mean = np.asarray(log_y.mean(axis=0)).ravel()
-        y_sd = np.sqrt(np.maximum(np.asarray(log_y.multiply(log_y).mean(axis=0)).ravel()
-                                  - y_mean ** 2, 0.0))
+        if backed:
+            y_mean, y_sd, moment_sums = streamed_gene_statistics(counts, offset)
+            log_y = LogNormalisedRows(counts, offset)
+        else:
+            log_y = sp.csr_matrix(sp.diags(np.exp(-offset)) @ counts)  # a new matrix: counts kept
+            log_y.data = np.log1p(log_y.data)
+            y_mean = np.asarray(log_y.mean(axis=0)).ravel()
+            y_sd = np.sqrt(np.maximum(np.asarray(log_y.multiply(log_y).mean(axis=0)).ravel()
+                                      - y_mean ** 2, 0.0))
+            moment_sums = None
         y_sd = np.maximum(y_sd, 0.1)  # sparse genes: no division by a near-zero sd
         start = None
         if cfg.warm_start or cfg.z_dim is None:  # the factors start Z and/or count its columns
@@ -205,7 +220,7 @@ class ConfounderModel(BaseModel):
         scale = 1.0 if cfg.z_type == "continuous" else WARM_START_SCALE
         self._start = (None if not cfg.warm_start
                        else torch.from_numpy(start * scale).float().to(self.device))
-        log_mean, alpha = gene_moments(counts, np.exp(offset))
+        log_mean, alpha = gene_moments(counts, np.exp(offset), moment_sums)
         self._init = (x.shape[1], torch.from_numpy(y_mean), torch.from_numpy(y_sd), fixed_alpha,
                       torch.from_numpy(log_mean).float(), torch.from_numpy(alpha).float())
         self.attempt_, self.restarts_ = 0, []
@@ -213,8 +228,11 @@ class ConfounderModel(BaseModel):
         self._x = torch.from_numpy(x).to(self.device)
         self._d = torch.from_numpy(d).to(self.device)
         self._off = torch.from_numpy(offset.astype(np.float32)).to(self.device)
-        self._y = CountRows(counts, self.device)
-        self._counts, self._obs = counts, adata.obs
+        self._y = counts if backed else CountRows(counts, self.device)
+        self._counts = None if backed else counts  # the effects GLMs read them in memory
+        self._col_sums = counts.col_sums if backed else \
+            np.asarray(counts.sum(axis=0), dtype=np.float64)
+        self._obs = adata.obs
         if cfg.sample_key is not None:
             sample_labels(adata.obs, cfg.sample_key)
         if cfg.control_genes:
@@ -227,8 +245,8 @@ class ConfounderModel(BaseModel):
                                  f"({cfg.z_dim}); {len(cfg.control_genes)} given.")
 
     def _data_summary(self) -> bytes:
-        return (np.asarray(self._counts.sum(axis=0), dtype=np.float64).tobytes()
-                + self._d.cpu().numpy().tobytes() + self._x.cpu().numpy().tobytes())
+        return (self._col_sums.tobytes() + self._d.cpu().numpy().tobytes()
+                + self._x.cpu().numpy().tobytes())
 
     def _dispersion(self, adata) -> torch.Tensor | None:
         key = self.config.dispersion_key
@@ -289,7 +307,16 @@ class ConfounderModel(BaseModel):
         return {"classifier": lr, "nb": lr, "generator": self._lr_generator(), "baseline": lr}
 
     def batches(self, sampler: torch.Generator) -> list[torch.Tensor]:
-        return minibatches(self._x.shape[0], self.config.batch_size, sampler)
+        """Seeded random minibatches; on a backed file, drawn within each buffer of rows read
+        from disk."""
+        n = self._x.shape[0]
+        if not self._y.backed:
+            return minibatches(n, self.config.batch_size, sampler)
+        out = []
+        for rows in self._y.shuffled_buffers(sampler, np.ones(n, dtype=bool)):
+            order = torch.from_numpy(rows)[torch.randperm(len(rows), generator=sampler)]
+            out += list(order.split(self.config.batch_size))
+        return out
 
     def batch(self, idx: torch.Tensor) -> dict:
         idx = idx.to(self._x.device)
@@ -401,8 +428,8 @@ class ConfounderModel(BaseModel):
 
     def predict_training_z(self) -> np.ndarray:
         """Z-hat of the training cells (no means): what the collapse check reads."""
-        return self._forward_all(self._x, self._d, self._off, self._y.rows, self._x.shape[0],
-                                 4096, keep_means=False)[keys.Z_HAT]
+        return self._forward_all(self._x, self._d, self._off, self._y, 4096,
+                                 keep_means=False)[keys.Z_HAT]
 
     def _collapsed(self, z: np.ndarray) -> list[int]:
         """Columns of Z-hat that are constant, or (for group-like Z) hold over 99% of cells in
@@ -415,22 +442,30 @@ class ConfounderModel(BaseModel):
     # ------------------------------------------------------------------ prediction
 
     @torch.inference_mode()
-    def _forward_all(self, x: torch.Tensor, d: torch.Tensor, off: torch.Tensor, rows, n: int,
-                     batch_size: int, keep_means: bool = True) -> dict[str, np.ndarray]:
+    def _forward_all(self, x: torch.Tensor, d: torch.Tensor, off: torch.Tensor, rows,
+                     batch_size: int, keep_means: bool = True, on_means=None
+                     ) -> dict[str, np.ndarray]:
+        """Every cell's outputs, in row order; ``on_means(start, block)`` takes the NB means
+        block by block instead of keeping them (a backed file's layer)."""
         module = self.module.eval()
         temperature = self.config.temperature_end
         parts: dict[str, list] = {k: [] for k in (keys.Z_HAT, keys.Z_PROB, keys.D_LOGIT,
                                                   keys.NB_MEAN, keys.LOG_LIK_Y)}
+        if rows.backed:
+            rows.sequential_plan()
+        n = rows.shape[0]
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(start + batch_size, n), device=x.device)
-            xb, db, yb, ob = x[idx], d[idx], rows(idx), off[idx]
+            xb, db, yb, ob = x[idx], d[idx], rows.rows(idx), off[idx]
             logits = module.generator(xb, db, yb, ob)
             z = represent_z(logits, module.z_type, temperature, training=False)
             d_logit, log_mu = module.heads(xb, db, z, ob)
             parts[keys.Z_HAT].append(z.cpu())
             parts[keys.Z_PROB].append(torch.sigmoid(logits).cpu())
             parts[keys.D_LOGIT].append(d_logit.cpu())
-            if keep_means:
+            if on_means is not None:
+                on_means(start, torch.exp(log_mu).float().cpu().numpy())
+            elif keep_means:
                 parts[keys.NB_MEAN].append(torch.exp(log_mu).float().cpu())
             parts[keys.LOG_LIK_Y].append(losses.nb_log_prob(yb, log_mu, module.nb.theta)
                                          .sum(1).cpu())
@@ -439,50 +474,64 @@ class ConfounderModel(BaseModel):
         return out
 
     def _inputs(self, adata):
-        """X, D, offsets and count rows of ``adata`` in the model's gene order and encoding."""
+        """X, D, offsets, the counts in memory (None for a backed file) and the count rows of
+        ``adata``, in the model's gene order and encoding."""
         cfg = self.config
         adata = counts_anndata(adata, cfg.layer)
-        validate_counts(adata, cfg.layer)
-        order = gene_order(adata, self.genes_)
+        if getattr(adata, "isbacked", False):
+            order = gene_order(adata, self.genes_)
+            counts, rows = None, count_rows(adata, cfg.layer, self.device, order)
+        else:
+            validate_counts(adata, cfg.layer)
+            order = gene_order(adata, self.genes_)
+            counts = load_counts(adata, cfg.layer)[:, order]
+            rows = CountRows(counts, self.device)
         d, _ = encode_treatment(adata, cfg.treatment_key, self.treatment_levels_[1])
         x = self.encoding_.transform(adata)
-        counts = load_counts(adata, cfg.layer)[:, order]
-        log_sf = np.log(size_factors(adata, counts, cfg.size_factors))
+        log_sf = np.log(size_factors(adata, rows if counts is None else counts,
+                                     cfg.size_factors))
         offset = (log_sf - self.log_sf_center_).astype(np.float32)  # the training data's scale
-        return torch.from_numpy(x), torch.from_numpy(d), torch.from_numpy(offset), counts
+        return torch.from_numpy(x), torch.from_numpy(d), torch.from_numpy(offset), counts, rows
 
     def predict(self, adata=None, batch_size: int = 1024, device: str | None = None,
-                keep_means: bool = True, inplace: bool = False
+                keep_means: bool = True, inplace: bool = False, on_means=None
                 ) -> dict[str, np.ndarray] | list[str]:
         """Per-cell outputs (keys in docs/data_format.md) for ``adata`` (default: the training
         data), in row order; ``inplace``: written into ``adata``, the keys returned."""
         if inplace:
-            return self._predict_inplace(adata, batch_size=batch_size, device=device)
+            return self._predict_inplace(adata, batch_size=batch_size, device=device,
+                                         nb_mean=keep_means)
         self._require_trained()
         if device is not None:
             self.to(resolve_device(device))
         if adata is None:
             self._require_data("predict()")
-            x, d, off, rows, n = self._x, self._d, self._off, self._y.rows, self._x.shape[0]
+            x, d, off, rows = self._x, self._d, self._off, self._y
         else:
-            x, d, off, counts = self._inputs(adata)
+            x, d, off, _, rows = self._inputs(adata)
             x, d, off = x.to(self.device), d.to(self.device), off.to(self.device)
-            rows = CountRows(counts, self.device).rows
-            n = counts.shape[0]
-        return self._forward_all(x, d, off, rows, n, batch_size, keep_means)
+        return self._forward_all(x, d, off, rows, batch_size, keep_means, on_means)
 
     def predict_into(self, adata, batch_size: int = 1024, device: str = "auto",
                      nb_mean: bool = True) -> list[str]:
         """Add the predictions to ``adata`` (obsm, obs, layers); return the keys written.
-        Genes the model does not know get a NaN NB mean (``nb_mean=False``: no NB means)."""
-        out = self.predict(adata, batch_size=batch_size, device=device)
+        Genes the model does not know get a NaN NB mean (``nb_mean=False``: no NB means). On
+        a backed file the NB means are written block by block."""
+        from ..backed import LayerSink
+
+        sink = LayerSink(adata, [keys.NB_MEAN] if nb_mean else [])
+
+        def on_means(start: int, block: np.ndarray) -> None:
+            sink.write(keys.NB_MEAN, start, in_file_order(adata, self.genes_, block))
+
+        out = self.predict(adata, batch_size=batch_size, device=device, keep_means=nb_mean,
+                           on_means=on_means if nb_mean else None)
+        sink.finish()
         adata.obsm[keys.Z_HAT] = out[keys.Z_HAT].astype(np.float32)
         adata.obsm[keys.Z_PROB] = out[keys.Z_PROB].astype(np.float32)
         adata.obs[keys.D_LOGIT] = out[keys.D_LOGIT].astype(np.float32)
         adata.obs[keys.D_PROB] = out[keys.D_PROB].astype(np.float32)
         adata.obs[keys.LOG_LIK_Y] = out[keys.LOG_LIK_Y].astype(np.float64)
-        if nb_mean:
-            adata.layers[keys.NB_MEAN] = in_file_order(adata, self.genes_, out[keys.NB_MEAN])
         set_uns(adata, keys.CONFOUNDER_INPUTS, self.input_description())
         return [f"obsm['{keys.Z_HAT}']", f"obsm['{keys.Z_PROB}']", f"obs['{keys.D_LOGIT}']",
                 f"obs['{keys.D_PROB}']", f"obs['{keys.LOG_LIK_Y}']"] + (
@@ -509,11 +558,15 @@ class ConfounderModel(BaseModel):
         self._require_trained()
         if adata is None:
             self._require_data("treatment_effects()")
+            if self._counts is None:
+                raise InputError(_EFFECTS_IN_MEMORY)
             x, d, off, counts = (self._x.cpu().numpy(), self._d.cpu().numpy(),
                                  self._off.cpu().numpy(), self._counts)
             z, obs = self.predict(keep_means=False)[keys.Z_HAT], self._obs
         else:
-            xt, dt, offt, counts = self._inputs(adata)
+            xt, dt, offt, counts, _ = self._inputs(adata)
+            if counts is None:
+                raise InputError(_EFFECTS_IN_MEMORY)
             x, d, off = xt.numpy(), dt.numpy(), offt.numpy()
             z, obs = self.predict(adata, keep_means=False)[keys.Z_HAT], adata.obs
         key = sample_key if sample_key is not None else self.config.sample_key

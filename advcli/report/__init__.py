@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import keys
 from ..data import read_h5ad
 from ..errors import InputError
@@ -22,7 +24,8 @@ from .confounder import confounder_report
 from .disentangle import disentangle_report
 from .integrate import check_map_method, integration_report
 
-BACKED_REPORTS = ("integrate",)
+BACKED_REPORTS = ("integrate", "confounder")
+BACKED_CELLS = 50_000  # a backed confounder report reads this many cells (seeded)
 REPORTS = {"aae": aae_report, "disentangle": disentangle_report}  # modes whose report needs only the file and the model
 
 
@@ -50,6 +53,15 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"'{predicted}' has {adata.n_obs} cells and {adata.n_vars} genes: "
                          "nothing to diagnose.")
+    notes: list[str] = []
+    if backed and mode == "confounder":  # its report reads per-gene matrices whole
+        cells = np.arange(adata.n_obs)
+        if adata.n_obs > BACKED_CELLS:
+            cells = np.sort(np.random.default_rng(0).choice(adata.n_obs, BACKED_CELLS,
+                                                            replace=False))
+            notes.append(f"--backed: the report (correlations, effects, plots) uses a random "
+                         f"{BACKED_CELLS:,} of the {adata.n_obs:,} cells.")
+        adata = adata.to_memory(cells)
     payload = load_model(model_path, mode=mode) if model_path is not None else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,6 +75,7 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
         else:
             summary = REPORTS[mode](adata, staging, payload)
         summary = {"mode": mode, "input": str(predicted), **summary}
+        summary["notes"] = notes + list(summary.get("notes", []))
         summary["files"] = sorted(p.name for p in staging.iterdir()) + ["summary.json"]
         (staging / "summary.json").write_text(json.dumps(plain(summary, json_safe=True), indent=2))
         stale = _previous_files(out_dir) - set(summary["files"])
