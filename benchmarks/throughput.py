@@ -19,7 +19,7 @@ Parts:
   size (fixed epochs), with wall and CPU seconds, peak RSS and the exponent of fit time in n.
 * ``limit``: the confounder model's multiply-adds per cell and epoch against torch.matmul's
   measured FLOP/s at the model's own shapes, as the fraction of that limit advcli reaches.
-* ``backed``: integrate in memory and with ``--backed`` (counts left on disk) at each size:
+* ``backed``: both modes in memory and with ``--backed`` (counts left on disk) at each size:
   fit / predict / diagnose time, peak RSS and diagnose's scores side by side, and the exponent
   of backed fit time in n (``--backed-sizes 10000,100000,1000000`` for the atlas case).
 * ``scvi``: integrate against scVI (``pip install -e '.[bench]'``) on ``simulate integrate`` data,
@@ -238,24 +238,28 @@ def part_scale(tmp: Path, sizes: list[int], genes: int, epochs: int) -> None:
                   "(start-up included)")
 
 
-def part_backed(tmp: Path, sizes: list[int], genes: int, cells_seen: float,
+def part_backed(tmp: Path, mode: str, sizes: list[int], genes: int, cells_seen: float,
                 data_dir: Path | None) -> None:
-    """Integrate mode in memory and with --backed at each size: time, peak memory, and the
-    diagnose scores of both (the same epochs: enough to see ``cells_seen`` cells, at most 100),
-    plus the exponent in n of the backed fit's time per epoch."""
-    print(f"\n== in memory vs --backed (integrate, {genes:,} genes, epochs to see "
-          f"{cells_seen:,.0f} cells (at most 100), fresh processes; diagnose scores a seeded "
-          "20,000 cells)")
+    """One mode in memory and with --backed at each size: time, peak memory, and the diagnose
+    scores of both (the same epochs: enough to see ``cells_seen`` cells, at most 100), plus the
+    exponent in n of the backed fit's time per epoch."""
+    score_names = {"integrate": ("ilisi", "ari", "overall_score"),
+                   "confounder": ("|r(Z-hat, Z)|", "mean per-gene r(log mu)", None)}[mode]
+    print(f"\n== in memory vs --backed ({mode}, {genes:,} genes, epochs to see "
+          f"{cells_seen:,.0f} cells (at most 100), fresh processes; diagnose reads a seeded "
+          f"{'20,000' if mode == 'integrate' else '50,000'} cells)")
     print(f"{'cells':>10}  {'how':<8}{'command':<10}{'epochs':>7}{'wall s':>9}{'cpu s':>9}"
-          f"{'peak MB':>9}{'cells x epochs / s':>20}{'iLISI':>8}{'ARI':>7}{'overall':>9}")
+          f"{'peak MB':>9}{'cells x epochs / s':>20}  "
+          + ("iLISI    ARI  overall" if mode == "integrate" else "|r(Z-hat,Z)|  r(log mu)"))
     times = []
     for n in sizes:
         epochs = int(min(100, math.ceil(cells_seen / n)))
         folder = data_dir or tmp
-        data = folder / f"integrate_{n}_{genes}.h5ad"
+        data = folder / f"{mode}_{n}_{genes}.h5ad"
         if not data.exists():
-            _run(["simulate", "integrate", "-o", str(data), "--genes", str(genes),
-                  "--n-a", str(n // 2), "--n-b", str(n - n // 2)])
+            size = (["--n-a", str(n // 2), "--n-b", str(n - n // 2)] if mode == "integrate"
+                    else ["--n", str(n), "--setting", "general"])
+            _run(["simulate", mode, "-o", str(data), "--genes", str(genes), *size])
         for how in ("memory", "backed"):
             flag = ["--backed"] if how == "backed" else []
             if how == "memory" and n * genes > 4e8:
@@ -263,7 +267,7 @@ def part_backed(tmp: Path, sizes: list[int], genes: int, cells_seen: float,
                 continue
             model, pred, report = tmp / f"m_{how}_{n}.pt", tmp / f"p_{how}_{n}.h5ad", tmp / f"r_{how}_{n}"
             out: list = []  # the --json objects
-            for name, args in (("fit", ["fit", str(data), "--mode", "integrate", "-o", str(model),
+            for name, args in (("fit", ["fit", str(data), "--mode", mode, "-o", str(model),
                                         "--max-epochs", str(epochs), "--patience", "0"]),
                                ("predict", ["predict", str(model), str(data), "-o", str(pred)]),
                                ("diagnose", ["diagnose", str(pred), "-o", str(report)])):
@@ -273,8 +277,9 @@ def part_backed(tmp: Path, sizes: list[int], genes: int, cells_seen: float,
                     times.append(out[-1]["train_seconds"] / epochs)
                 scores = ""
                 if name == "diagnose":
-                    m = out[-1]["metrics"]
-                    scores = f"{m['ilisi']:>8.3f}{m['ari']:>7.3f}{m['overall_score']:>9.3f}"
+                    found = {**out[-1].get("metrics", {}), **out[-1].get("headline", {})}
+                    scores = "  " + "".join(f"{found.get(k, float('nan')):>9.3f}"
+                                            for k in score_names if k)
                 print(f"{n:>10,}  {how:<8}{name:<10}{passes:>7}{wall:>9.1f}{cpu:>9.1f}"
                       f"{peak:>9.0f}{n * passes / wall:>20,.0f}{scores}", flush=True)
             pred.unlink(missing_ok=True)
@@ -347,6 +352,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backed-sizes", default="10000,100000",
                         help="sizes of the 'backed' part (add 1000000 for the atlas case)")
     parser.add_argument("--backed-genes", type=int, default=2_000)
+    parser.add_argument("--backed-modes", default="integrate,confounder")
     parser.add_argument("--cells-seen", type=float, default=2e6,
                         help="the backed part trains each size for this many cells x epochs")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -364,8 +370,10 @@ def main(argv=None) -> int:
         if "scvi" in parts:
             part_scvi(tmp, args.epochs)
         if "backed" in parts:
-            part_backed(tmp, [int(s) for s in args.backed_sizes.split(",")], args.backed_genes,
-                        args.cells_seen, args.data_dir)
+            for mode in args.backed_modes.split(","):
+                genes = args.backed_genes if mode == "integrate" else args.genes
+                part_backed(tmp, mode, [int(s) for s in args.backed_sizes.split(",")], genes,
+                            args.cells_seen, args.data_dir)
     return 0
 
 
