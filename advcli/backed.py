@@ -197,10 +197,11 @@ class BackedCountRows:
         self.plan(buffers)
         return buffers
 
-    def sequential_plan(self) -> None:
-        """Plan a pass over every row in file order (predict)."""
+    def sequential_plan(self, block: int = BLOCK_ROWS // 2) -> None:
+        """Plan a pass over every row in file order (predict): nothing to shuffle, so smaller
+        blocks than training's buffers."""
         n = self.shape[0]
-        self.plan([np.arange(s, min(s + BUFFER_ROWS, n)) for s in range(0, n, BUFFER_ROWS)])
+        self.plan([np.arange(s, min(s + block, n)) for s in range(0, n, block)])
 
     def _prefetch(self, i: int) -> None:
         if 0 <= i < len(self._plan) and i not in self._pending:
