@@ -78,7 +78,7 @@ def _check(result, out: Path) -> None:
 
 @FUZZ
 @given(spec=anndata_files(), mode=st.sampled_from(["integrate", "confounder"]),
-       store=st.sampled_from(["X", "raw"]))
+       store=st.sampled_from(["X", "raw", "backed"]))
 def test_fit_on_generated_files(spec, mode, store):
     runner = CliRunner()
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +91,8 @@ def test_fit_on_generated_files(spec, mode, store):
             adata.X = np.full(adata.shape, 0.5, dtype=np.float32)
             adata.raw = counts
             extra = ["--layer", "raw"]
+        if store == "backed":  # the same file, its counts read from disk in blocks
+            extra = ["--backed"]
         adata.write_h5ad(path)
         result = runner.invoke(app, ["fit", str(path), "--mode", mode, "-o", str(out),
                                      "--max-epochs", "1", "--hidden", "8", *extra])
@@ -111,7 +113,10 @@ def test_commands_on_files_that_are_not_h5ad(data, truncate):
         else:
             path.write_bytes(data)
         for args, out in ((["fit", str(path), "--mode", "integrate"], Path(tmp) / "m.pt"),
+                          (["fit", str(path), "--mode", "integrate", "--backed"],
+                           Path(tmp) / "m.pt"),
                           (["diagnose", str(path)], Path(tmp) / "report"),
+                          (["diagnose", str(path), "--backed"], Path(tmp) / "report"),
                           (["predict", str(path), str(path)], Path(tmp) / "p.h5ad")):
             result = runner.invoke(app, [*args, "-o", str(out)])
             _check(result, out)

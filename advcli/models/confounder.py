@@ -28,7 +28,7 @@ from scipy.special import expit
 from .. import keys, losses
 from ..config import ConfounderConfig
 from ..backed import LogNormalisedRows, streamed_gene_statistics
-from ..data import (CountRows, CovariateEncoding, count_rows, counts_anndata, default_covariate_keys, encode_treatment,
+from ..data import (CountRows, CovariateEncoding, check_gene_names, checked_count_source, count_rows, counts_anndata, default_covariate_keys, encode_treatment,
                     gene_moments, gene_order, in_file_order, load_counts, minibatches, residual_factors,
                     sample_labels, set_uns, size_factors, validate_counts)
 from ..effects import treatment_effects
@@ -185,7 +185,10 @@ class ConfounderModel(BaseModel):
     def _setup(self, adata) -> None:
         cfg = self.config
         backed = getattr(adata, "isbacked", False)
-        if not backed:
+        if backed:  # the values are checked in the streaming pass below
+            checked_count_source(adata, cfg.layer)
+            check_gene_names(adata)
+        else:
             validate_counts(adata, cfg.layer)
         cov_keys = cfg.covariate_keys if cfg.covariate_keys is not None \
             else default_covariate_keys(adata)
