@@ -208,6 +208,8 @@ class BackedCountRows:
             self._pending[i] = self._reader.submit(self.read, self._plan[i])
 
     def _take(self, idx: np.ndarray) -> sp.csr_matrix:
+        if len(idx) == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
         for buffer in (self._resident, self._current):
             found = buffer.take(idx)
             if found is not None:

@@ -47,6 +47,7 @@ def test_backed_rows_equal_the_in_memory_rows(tmp_path, small_chunks, dense):
     np.testing.assert_allclose(disk.library, counts[:, columns].sum(axis=1))
     idx = torch.tensor([299, 3, 150, 3, 42])  # unplanned, unsorted, repeated: read directly
     assert torch.equal(disk.rows(idx), memory.rows(idx))
+    assert disk.rows(torch.tensor([], dtype=torch.long)).shape == (0, 4)
     keep = np.ones(300, dtype=bool)
     keep[::7] = False
     disk.hold(np.flatnonzero(~keep))
