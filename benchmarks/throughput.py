@@ -247,7 +247,7 @@ def part_backed(tmp: Path, mode: str, sizes: list[int], genes: int, cells_seen: 
                    "confounder": ("|r(Z-hat, Z)|", "mean per-gene r(log mu)", None)}[mode]
     print(f"\n== in memory vs --backed ({mode}, {genes:,} genes, epochs to see "
           f"{cells_seen:,.0f} cells (at most 100), fresh processes; diagnose reads a seeded "
-          f"{'20,000' if mode == 'integrate' else '50,000'} cells)")
+          f"{'20,000' if mode == 'integrate' else '3e7 / genes'} cells)")
     print(f"{'cells':>10}  {'how':<8}{'command':<10}{'passes':>7}{'wall s':>9}{'cpu s':>9}"
           f"{'peak MB':>9}{'cells x epochs / s':>20}  "
           + ("iLISI    ARI  overall" if mode == "integrate" else "|r(Z-hat,Z)|  r(log mu)"))

@@ -25,7 +25,8 @@ from .disentangle import disentangle_report
 from .integrate import check_map_method, integration_report
 
 BACKED_REPORTS = ("integrate", "confounder")
-BACKED_CELLS = 50_000  # a backed confounder report reads this many cells (seeded)
+BACKED_ENTRIES = 30_000_000  # a backed confounder report reads about this many counts:
+                             # cells (seeded, 5,000-50,000) x genes, so its GLMs fit in ~2 GB
 REPORTS = {"aae": aae_report, "disentangle": disentangle_report}  # modes whose report needs only the file and the model
 
 
@@ -56,11 +57,11 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
     notes: list[str] = []
     if backed and mode == "confounder":  # its report reads per-gene matrices whole
         cells = np.arange(adata.n_obs)
-        if adata.n_obs > BACKED_CELLS:
-            cells = np.sort(np.random.default_rng(0).choice(adata.n_obs, BACKED_CELLS,
-                                                            replace=False))
+        most = int(np.clip(BACKED_ENTRIES // max(adata.n_vars, 1), 5_000, 50_000))
+        if adata.n_obs > most:
+            cells = np.sort(np.random.default_rng(0).choice(adata.n_obs, most, replace=False))
             notes.append(f"--backed: the report (correlations, effects, plots) uses a random "
-                         f"{BACKED_CELLS:,} of the {adata.n_obs:,} cells.")
+                         f"{most:,} of the {adata.n_obs:,} cells.")
         adata = adata.to_memory(cells)
     payload = load_model(model_path, mode=mode) if model_path is not None else None
     out_dir = Path(out_dir)
