@@ -64,6 +64,45 @@ def _first_row(part, bad_mask) -> int:
     return int(np.argwhere(bad_mask)[0][0])
 
 
+SPAN_ENTRIES = 1 << 22  # a scattered read fetches at most this many stored values at once
+
+
+def read_rows(matrix, rows: np.ndarray):
+    """The sorted, distinct ``rows`` of a matrix (CSR or dense; on disk or in memory). On disk,
+    nearby rows are fetched together in spans of at most SPAN_ENTRIES stored values, so memory
+    follows what is asked for: anndata's fancy row indexing of an on-disk CSR reads the whole
+    span between the first and the last row (4.4 GB for 20,000 random rows of a 10^6-cell
+    file)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if sp.issparse(matrix) or isinstance(matrix, np.ndarray):
+        return matrix[rows]
+    if isinstance(matrix, _Columns):
+        return read_rows(matrix.matrix, rows)[:, matrix.columns]
+    if getattr(matrix, "format", None) != "csr":  # a dense HDF5 array reads rows by selection
+        return np.asarray(matrix[rows]) if len(rows) else np.zeros((0, matrix.shape[1]))
+    group = matrix.group
+    indptr = group["indptr"]
+    starts = np.asarray(indptr[rows], dtype=np.int64) if len(rows) else np.zeros(0, np.int64)
+    ends = np.asarray(indptr[rows + 1], dtype=np.int64) if len(rows) else starts
+    data, indices = [], []
+    i = 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and ends[j] - starts[i] <= SPAN_ENTRIES:
+            j += 1
+        lo, hi = starts[i], ends[j - 1]
+        values, columns = group["data"][lo:hi], group["indices"][lo:hi]
+        keep = np.concatenate([np.arange(a - lo, b - lo) for a, b in zip(starts[i:j], ends[i:j])])
+        data.append(values[keep])
+        indices.append(columns[keep])
+        i = j
+    lengths = ends - starts
+    return sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, np.float32),
+                          np.concatenate(indices) if indices else np.zeros(0, np.int32),
+                          np.concatenate([[0], np.cumsum(lengths)])),
+                         shape=(len(rows), matrix.shape[1]))
+
+
 def check_backed_matrix(matrix, where: str) -> None:
     """Row blocks of a CSC matrix cost a pass over the whole file each: refuse it up front."""
     if getattr(matrix, "format", None) == "csc":
@@ -147,7 +186,7 @@ class BackedCountRows:
         chunks = np.unique(rows // CHUNK_ROWS)
         if 2 * len(rows) < len(chunks) * CHUNK_ROWS:  # scattered: whole chunks would be waste
             have = np.unique(rows)
-            block = _as_csr(self.matrix[have])
+            block = _as_csr(read_rows(self.matrix, have))
         else:
             breaks = np.flatnonzero(np.diff(chunks) > 1) + 1
             parts, first = [], []
@@ -360,7 +399,7 @@ class BackedAnnData:
         import anndata as ad
 
         def rows(matrix):
-            part = matrix[cells]
+            part = read_rows(matrix, cells)
             return sp.csr_matrix(part) if sp.issparse(part) else np.asarray(part)
 
         return ad.AnnData(X=None if self.X is None else rows(self.X),

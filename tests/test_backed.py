@@ -318,3 +318,18 @@ def test_backed_training_is_repeatable_and_resumes_where_it_stopped(integrate_fi
     straight = fit(6)
     assert np.array_equal(straight, fit(6))
     assert np.allclose(straight, fit(3, 6), atol=1e-6)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_scattered_rows_are_read_alone(tmp_path, dense):
+    counts = _counts(n=1000, genes=7)
+    path = tmp_path / "d.h5ad"
+    ad.AnnData(X=counts if dense else sp.csr_matrix(counts)).write_h5ad(path)
+    disk = read_h5ad(path, backed=True)
+    rows = np.sort(np.random.default_rng(0).choice(1000, 37, replace=False))
+    got = backed.read_rows(disk.X, rows)
+    got = got.toarray() if sp.issparse(got) else got
+    np.testing.assert_array_equal(got, counts[rows])
+    np.testing.assert_array_equal(backed.read_rows(counts, rows), counts[rows])  # in memory
+    assert backed.read_rows(disk.X, np.array([], dtype=int)).shape[0] == 0
+    disk.close()

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import keys
+from ..backed import read_rows
 from ..data import check_finite_obsm, count_source, counts_anndata, encode_domains
 from ..errors import InputError
 from ..metrics import UNMIXED_ADVICE, UNMIXED_ILISI, integration_metrics
@@ -148,7 +149,7 @@ def unintegrated_pca(adata, n_components: int, layer: str | None = None,
         source = counts_anndata(adata, layer)
         matrix = count_source(source, layer)
         if cells is not None and len(cells) < matrix.shape[0]:
-            matrix = matrix[cells]
+            matrix = read_rows(matrix, cells)
         x = sp.csr_matrix(matrix[:] if not sp.issparse(matrix) else matrix, dtype=np.float64)
     except InputError:
         return None
