@@ -151,9 +151,7 @@ class BackedCountRows:
         log_factorial = np.zeros(n, dtype=np.float64)
         self.library = np.zeros(n, dtype=np.float64)
         self.col_sums = np.zeros(g, dtype=np.float64)
-        for start, part in iter_row_blocks(matrix):
-            check_count_block(part, start, where)
-            csr = self._select(_as_csr(part)).astype(np.float64)
+        for start, csr in self.blocks(where):
             stop = start + csr.shape[0]
             per_entry = sp.csr_matrix((gammaln(csr.data + 1.0), csr.indices, csr.indptr),
                                       shape=csr.shape)
@@ -168,10 +166,12 @@ class BackedCountRows:
         self._pending: dict[int, Future] = {}
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advcli-read")
 
-    def blocks(self) -> Iterator[tuple[int, sp.csr_matrix]]:
+    def blocks(self, check: str | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
         """(first row, counts as float64 CSR) for one row block after another: a streaming
-        pass."""
+        pass. ``check``: the matrix's name, to check every value (all genes) on the way."""
         for start, part in iter_row_blocks(self.matrix):
+            if check is not None:
+                check_count_block(part, start, check)
             yield start, self._select(_as_csr(part)).astype(np.float64)
 
     def _select(self, csr: sp.csr_matrix) -> sp.csr_matrix:
@@ -298,22 +298,22 @@ class LogNormalisedRows:
 
 def streamed_gene_statistics(rows: BackedCountRows, offset: np.ndarray):
     """One pass: per gene, the mean and SD of log1p(counts / size factor), and the sums the NB
-    moment estimates need (sum y, sum y^2, sum y s), with s = exp(offset)."""
+    moment estimates need (sum y, known from the first pass; sum y^2, sum y s), with
+    s = exp(offset)."""
     g = rows.shape[1]
-    log_sum, log_sq, y_sum, y_sq, y_s = (np.zeros(g) for _ in range(5))
+    log_sum, log_sq, y_sq, y_s = (np.zeros(g) for _ in range(4))
     for start, block in rows.blocks():
         off = np.asarray(offset[start:start + block.shape[0]], dtype=np.float64)
         log_y = sp.csr_matrix(sp.diags(np.exp(-off)) @ block)
         log_y.data = np.log1p(log_y.data)
         log_sum += np.asarray(log_y.sum(axis=0)).ravel()
         log_sq += np.asarray(log_y.multiply(log_y).sum(axis=0)).ravel()
-        y_sum += np.asarray(block.sum(axis=0)).ravel()
         y_sq += np.asarray(block.multiply(block).sum(axis=0)).ravel()
         y_s += np.asarray(block.T @ np.exp(off)).ravel()
     n = rows.shape[0]
     mean = log_sum / n
     sd = np.sqrt(np.maximum(log_sq / n - mean ** 2, 0.0))
-    return mean, sd, (y_sum, y_sq, y_s)
+    return mean, sd, (rows.col_sums, y_sq, y_s)
 
 
 class BackedAnnData:

@@ -45,8 +45,9 @@ def read_h5ad(path: str | Path, backed: bool | str = False):
 
 
 def read_backed(path, mode: str = "r") -> BackedAnnData:
-    """An .h5ad with its counts and layers left on disk, for ``IntegrationModel`` and
-    ``predict`` on files larger than memory (mode "r+" to write predictions into it)."""
+    """An .h5ad with its counts and layers left on disk, for ``IntegrationModel``,
+    ``ConfounderModel`` and ``predict`` on files larger than memory (mode "r+" to write
+    predictions into it)."""
     return read_h5ad(path, mode)
 
 
@@ -464,6 +465,7 @@ class CountRows:
 
         self.shape = counts.shape
         self.device = device
+        self.col_sums = np.asarray(counts.sum(axis=0), dtype=np.float64).ravel()
         csr = sp.csr_matrix(counts)  # zeros add log(0!) = 0: the sums need the stored entries only
         per_entry = sp.csr_matrix((gammaln(csr.data + 1.0), csr.indices, csr.indptr),
                                   shape=csr.shape)
@@ -488,18 +490,13 @@ def count_rows(adata, layer: str | None, device, columns: np.ndarray | None = No
     """Validated counts for minibatches, genes ``columns`` (all when None): in memory
     (CountRows), or left on disk when ``adata`` is backed (``--backed``: BackedCountRows, read
     in row blocks). Both carry ``col_sums``, the counts per gene."""
-    matrix = checked_count_source(adata, layer, name)
-    check_gene_names(adata)
-    if getattr(adata, "isbacked", False):
-        return BackedCountRows(matrix, device, columns,
-                               f"layers['{layer}']" if layer else "X")
+    if getattr(adata, "isbacked", False):  # the values are checked in its streaming pass
+        matrix = checked_count_source(adata, layer, name)
+        check_gene_names(adata)
+        return BackedCountRows(matrix, device, columns, f"layers['{layer}']" if layer else "X")
     validate_counts(adata, layer, name)
     counts = load_counts(adata, layer)
-    if columns is not None:
-        counts = counts[:, columns]
-    rows = CountRows(counts, device)
-    rows.col_sums = np.asarray(counts.sum(axis=0), dtype=np.float64).ravel()
-    return rows
+    return CountRows(counts if columns is None else counts[:, columns], device)
 
 
 def minibatches(n: int, batch_size: int, generator, shuffle: bool = True) -> list:

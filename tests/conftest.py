@@ -66,6 +66,21 @@ def make_adata(n: int = 40, genes: int = 12, seed: int = 0, **obs) -> ad.AnnData
                       var=pd.DataFrame(index=[f"g{j}" for j in range(genes)]))
 
 
+BAD_COUNTS = {"nan": np.nan, "negative": -2.0, "fraction": 1.5}
+
+
+def make_bad_counts(kind: str | None, n: int = 60, genes: int = 10, fmt=sp.csr_matrix
+                    ) -> ad.AnnData:
+    """``make_adata`` with one bad count of ``kind`` (a key of BAD_COUNTS; anything else leaves
+    the counts clean), stored with ``fmt`` (CSR by default)."""
+    adata = make_adata(n=n, genes=genes)
+    x = adata.X.toarray()
+    if kind in BAD_COUNTS:
+        x[1, 1] = BAD_COUNTS[kind]
+    adata.X = fmt(x)
+    return adata
+
+
 @pytest.fixture
 def write(tmp_path):
     """Write an AnnData into the test's tmp dir and return the path."""

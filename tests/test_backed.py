@@ -17,7 +17,7 @@ from advcli import backed
 from advcli.data import CountRows, count_rows, read_h5ad
 from advcli.errors import InputError
 
-from conftest import make_adata
+from conftest import make_adata, make_bad_counts
 
 
 @pytest.fixture
@@ -182,15 +182,8 @@ def _nothing_written(tmp_path, before: set) -> bool:
     ("empty", "0 cells"), ("batch", "Batch key 'batch' not found"), ("genes", "not unique"),
     ("text", "not a readable .h5ad")])
 def test_bad_backed_input_exits_2_and_writes_nothing(tmp_path, invoke, problem, message):
-    adata = make_adata(n=60, genes=8)
-    X = adata.X.toarray()
-    if problem == "nan":
-        X[5, 2] = np.nan
-    elif problem == "negative":
-        X[7, 1] = -1
-    elif problem == "fraction":
-        X[3, 3] = 0.5
-    adata.X = sp.csc_matrix(X) if problem == "csc" else sp.csr_matrix(X)
+    adata = make_bad_counts(problem, genes=8,
+                            fmt=sp.csc_matrix if problem == "csc" else sp.csr_matrix)
     if problem == "empty":
         adata = adata[:0].copy()
     if problem == "batch":

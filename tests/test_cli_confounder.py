@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from advcli import __version__
-from conftest import SAMPLE, make_adata
+from conftest import SAMPLE, make_adata, make_bad_counts
 
 FAST = ["--outer-iterations", "6"]
 
@@ -147,23 +147,10 @@ def test_predict_with_damaged_model(fitted, tmp_path, invoke, confounder_file, d
     assert not (tmp_path / "p.h5ad").exists()
 
 
-def _bad_counts(kind):
-    a = make_adata(n=60, genes=10)
-    X = a.X.toarray()
-    if kind == "nan":
-        X[1, 1] = np.nan
-    elif kind == "negative":
-        X[1, 1] = -2
-    elif kind == "fraction":
-        X[1, 1] = 1.5
-    a.X = sp.csr_matrix(X)
-    return a
-
-
 @pytest.mark.parametrize("kind,match", [("nan", "NaN"), ("negative", "negative"),
                                         ("fraction", "non-integer")])
 def test_fit_rejects_bad_counts_without_output(kind, match, tmp_path, invoke, write):
-    path = write(_bad_counts(kind))
+    path = write(make_bad_counts(kind))
     before = path.read_bytes()
     r = invoke("fit", path, "--mode", "confounder", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and match in r.stderr and "Traceback" not in r.output

@@ -160,7 +160,6 @@ class AAEModel(BaseModel):
         self.module = self._build(len(self.genes_)).to(self.device)
         self._rows = CountRows(counts, self.device)
         self._condition = torch.from_numpy(condition).to(self.device)
-        self._col_sums = np.asarray(counts.sum(axis=0), dtype=np.float64)
         self.attribute_map_ = None
 
     def _attribute_values(self, adata) -> np.ndarray:
@@ -174,7 +173,7 @@ class AAEModel(BaseModel):
 
     def _data_summary(self) -> bytes:
         extra = b"" if self._attribute is None else self._attribute.cpu().numpy().tobytes()
-        return self._col_sums.tobytes() + self._condition.cpu().numpy().tobytes() + extra
+        return self._rows.col_sums.tobytes() + self._condition.cpu().numpy().tobytes() + extra
 
     def _build(self, n_genes: int) -> AAEModule:
         cfg = self.config

@@ -28,7 +28,7 @@ from scipy.special import expit
 from .. import keys, losses
 from ..config import ConfounderConfig
 from ..backed import LogNormalisedRows, streamed_gene_statistics
-from ..data import (CountRows, CovariateEncoding, check_gene_names, checked_count_source, count_rows, counts_anndata, default_covariate_keys, encode_treatment,
+from ..data import (CountRows, CovariateEncoding, count_rows, counts_anndata, default_covariate_keys, encode_treatment,
                     gene_moments, gene_order, in_file_order, load_counts, minibatches, residual_factors,
                     sample_labels, set_uns, size_factors, validate_counts)
 from ..effects import treatment_effects
@@ -185,10 +185,10 @@ class ConfounderModel(BaseModel):
     def _setup(self, adata) -> None:
         cfg = self.config
         backed = getattr(adata, "isbacked", False)
-        if backed:  # the values are checked in the streaming pass below
-            checked_count_source(adata, cfg.layer)
-            check_gene_names(adata)
-        else:
+        # in memory, the counts as CSR; on disk (--backed), rows read in blocks. Both are
+        # checked here, before anything else is read.
+        counts = count_rows(adata, cfg.layer, self.device) if backed else None
+        if not backed:
             validate_counts(adata, cfg.layer)
         cov_keys = cfg.covariate_keys if cfg.covariate_keys is not None \
             else default_covariate_keys(adata)
@@ -197,9 +197,8 @@ class ConfounderModel(BaseModel):
         self.encoding_ = CovariateEncoding.fit(adata, cov_keys)
         d, self.treatment_levels_ = encode_treatment(adata, cfg.treatment_key, cfg.treated_level)
         x = self.encoding_.transform(adata)
-        # in memory, the counts as CSR; on disk (--backed), rows read in blocks
-        counts = count_rows(adata, cfg.layer, self.device) if backed else \
-            load_counts(adata, cfg.layer)
+        if not backed:
+            counts = load_counts(adata, cfg.layer)
         fixed_alpha = self._dispersion(adata)
         log_sf = np.log(size_factors(adata, counts, cfg.size_factors))
         self.log_sf_center_ = float(log_sf.mean())
@@ -233,8 +232,6 @@ class ConfounderModel(BaseModel):
         self._off = torch.from_numpy(offset.astype(np.float32)).to(self.device)
         self._y = counts if backed else CountRows(counts, self.device)
         self._counts = None if backed else counts  # the effects GLMs read them in memory
-        self._col_sums = counts.col_sums if backed else \
-            np.asarray(counts.sum(axis=0), dtype=np.float64)
         self._obs = adata.obs
         if cfg.sample_key is not None:
             sample_labels(adata.obs, cfg.sample_key)
@@ -248,7 +245,7 @@ class ConfounderModel(BaseModel):
                                  f"({cfg.z_dim}); {len(cfg.control_genes)} given.")
 
     def _data_summary(self) -> bytes:
-        return (self._col_sums.tobytes() + self._d.cpu().numpy().tobytes()
+        return (self._y.col_sums.tobytes() + self._d.cpu().numpy().tobytes()
                 + self._x.cpu().numpy().tobytes())
 
     def _dispersion(self, adata) -> torch.Tensor | None:

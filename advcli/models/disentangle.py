@@ -150,10 +150,9 @@ class DisentangleModel(BaseModel):
         self._label = torch.from_numpy(label).to(self.device)
         self._members = [torch.from_numpy(np.flatnonzero(label == k)).to(self.device)
                          for k in range(len(self.labels_))]
-        self._col_sums = np.asarray(counts.sum(axis=0), dtype=np.float64)
 
     def _data_summary(self) -> bytes:
-        return self._col_sums.tobytes() + self._label.cpu().numpy().tobytes()
+        return self._rows.col_sums.tobytes() + self._label.cpu().numpy().tobytes()
 
     def _build(self, n_genes: int) -> DisentangleModule:
         cfg = self.config

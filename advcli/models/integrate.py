@@ -206,14 +206,13 @@ class IntegrationModel(BaseModel):
         self.module = self._build(len(self.genes_)).to(self.device)
         self._rows = rows
         self._domain = torch.from_numpy(domain).to(self.device)
-        self._col_sums = rows.col_sums
         if rows.backed:
             rows.hold(self._val_idx.numpy())
             self._training = np.zeros(len(domain), dtype=bool)
             self._training[torch.cat(self._train_idx).numpy()] = True
 
     def _data_summary(self) -> bytes:
-        return self._col_sums.tobytes() + self._domain.cpu().numpy().tobytes()
+        return self._rows.col_sums.tobytes() + self._domain.cpu().numpy().tobytes()
 
     def _build(self, n_genes: int) -> PairedVAE:
         cfg = self.config
