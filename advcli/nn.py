@@ -49,7 +49,13 @@ class ZGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor, d: torch.Tensor, y: torch.Tensor,
                 offset: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of Z (n x k). ``offset`` (log size factor per cell) normalises the counts
+        """Logits of Z (n x k)."""
+        return self.net(self.features(x, d, y, offset))
+
+    def features(self, x: torch.Tensor, d: torch.Tensor, y: torch.Tensor,
+                 offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's input, free of trainable parameters: a minibatch computes it once for
+        all the turns of a step. ``offset`` (log size factor per cell) normalises the counts
         first, so sequencing depth is not the first thing Z learns."""
         parts = []
         if "x" in self.inputs:
@@ -62,7 +68,7 @@ class ZGenerator(nn.Module):
             if offset is not None:
                 y = y * torch.exp(-offset)[:, None]
             parts.append(((torch.log1p(y) - self.y_mean) / self.y_scale).clamp(-10.0, 10.0))
-        return self.net(torch.cat(parts, dim=1))
+        return torch.cat(parts, dim=1)
 
 
 def represent_z(logits: torch.Tensor, z_type: str, temperature: float, training: bool) -> torch.Tensor:

@@ -81,9 +81,10 @@ class ConfounderModule(torch.nn.Module):
     def turns() -> list[tuple[tuple[str, ...], int]]:
         return [(("baseline",), 1), (("classifier", "nb"), 1), (("generator",), 1)]
 
-    def z(self, x, d, y, offset=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z the heads consume, Z probability)."""
-        logits = self.generator(x, d, y, offset)
+    def z(self, features: torch.Tensor, temperature: float = 1.0
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z the heads consume, Z probability) from the generator's input features."""
+        logits = self.generator.net(features)
         return represent_z(logits, self.z_type, temperature, self.training), torch.sigmoid(logits)
 
     def heads(self, x, d, z, offset=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +96,9 @@ class ConfounderModule(torch.nn.Module):
         """Each active player's loss and the terms to log. ``ctx['phase']``: baseline (the
         DBPR baselines), warm_start (the generator learns ``batch['start']``), or training."""
         x, d, y, off = batch["x"], batch["d"], batch["y"], batch["offset"]
+        features = batch.get("features")  # the batch computes them once for every turn
+        if features is None:
+            features = self.generator.features(x, d, y, off)
         lf = batch.get("log_factorial")
         phase = ctx["phase"]
         if phase == "baseline":
@@ -103,16 +107,16 @@ class ConfounderModule(torch.nn.Module):
                                self.baseline_nb.theta, lf)
             return {"baseline": bce + nb}, {"bce": bce.detach(), "nb": nb.detach()}
         if phase == "warm_start":
-            mse = F.mse_loss(self.generator(x, d, y, off), batch["start"])
+            mse = F.mse_loss(self.generator.net(features), batch["start"])
             return {"generator": mse}, {"mse": mse.detach()}
         out, logs = {}, {}
         if "generator" in players:
-            z, _ = self.z(x, d, y, off, ctx["temperature"])
+            z, _ = self.z(features, ctx["temperature"])
             out["generator"] = self._generator_loss(x, d, y, off, z, ctx["weights"], logs, lf)
             z = z.detach()
         else:
             with torch.no_grad():
-                z, _ = self.z(x, d, y, off, ctx["temperature"])
+                z, _ = self.z(features, ctx["temperature"])
         if "classifier" in players:
             out["classifier"] = losses.bce(self.classifier(torch.cat([x, z], dim=1)), d)
             logs["bce"] = out["classifier"].detach()
@@ -326,6 +330,9 @@ class ConfounderModel(BaseModel):
         idx = idx.to(self._x.device)
         out = {"x": self._x[idx], "d": self._d[idx], "y": self._y.rows(idx),
                "offset": self._off[idx], "log_factorial": self._y.log_factorial[idx]}
+        with torch.no_grad():
+            out["features"] = self.module.generator.features(out["x"], out["d"], out["y"],
+                                                             out["offset"])
         if self._start is not None:
             out["start"] = self._start[idx]
         return out
