@@ -73,11 +73,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--options", default="dict()", help="AAEModel options, a dict literal")
     parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--attributes", default="log_library,gene_set_score")
     args = parser.parse_args()
     options = eval(args.options, {"__builtins__": {}}, {"dict": dict})  # a dict literal
     rows = []
     for name in args.sets.split(","):
-        for attribute in ("log_library", "gene_set_score"):
+        for attribute in args.attributes.split(","):
             rows.append(run(name, attribute, options))
             print(rows[-1], flush=True)
     frame = pd.DataFrame(rows).set_index(["set", "attribute"])

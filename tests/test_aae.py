@@ -9,6 +9,7 @@ import torch
 from scipy.stats import norm
 
 from advcli import AAEModel, losses
+from advcli.io import load_model, save_model
 from advcli.models.aae import FAKE, AAEModule
 from advcli.strategies import AlternatingFreeze
 from conftest import SAMPLE
@@ -58,7 +59,7 @@ def test_the_encoder_is_pushed_toward_what_the_discriminator_calls_prior():
     """The adversarial term falls as the discriminator's probability of 'prior' for a code
     rises: descending it fools the discriminator."""
     module, batch = _module_and_batch()
-    code, _ = module.encoder(batch["x_norm"])
+    code = module.encode(batch)
     fake = torch.full((code.shape[0],), FAKE)
     logits = module.discriminator(code)
     fooled = logits.detach().clone()
@@ -149,3 +150,32 @@ def test_cli_bad_inputs(pbmc_like, tmp_path, invoke, write):
     r = invoke("sample", tmp_path / "m.pt", "-o", tmp_path / "s.h5ad", "--n", "0")
     assert r.exit_code == 2 and "--n must be positive" in r.stderr
     assert not (tmp_path / "s.h5ad").exists()
+
+
+def test_the_encoder_reads_depth_and_files_without_it_still_load(pbmc_like, tmp_path):
+    """Two cells with the same normalised expression and different depths get different codes
+    (the encoder sees the library size); a file whose encoder did not read it loads and
+    predicts with the encoder it has."""
+    model = AAEModel(pbmc_like, condition_key="batch", latent_dim=4, max_epochs=2).train()
+    module = model.module.eval()
+    counts = torch.tensor(pbmc_like.X[:1].toarray(), dtype=torch.float32)
+    batch = {"counts": torch.cat([counts, 3 * counts])}
+    batch["library"] = batch["counts"].sum(1)
+    batch["x_norm"] = torch.log1p(batch["counts"] / batch["library"][:, None] * 1e4)
+    batch["condition"] = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        codes = module.encode(batch)
+    assert torch.equal(batch["x_norm"][0], batch["x_norm"][1])
+    assert not torch.allclose(codes[0], codes[1])
+    assert module.depth_center.item() == pytest.approx(
+        np.log(np.asarray(pbmc_like.X.sum(1)).ravel()).mean(), rel=1e-5)
+
+    model.save(tmp_path / "aae.pt")
+    payload = load_model(tmp_path / "aae.pt")
+    old = AAEModule(pbmc_like.n_vars, 4, model.config.hidden, 2, "nb", model.config.dropout,
+                    model.config.adv_loss, None, reads_depth=False)
+    payload["state"] = {k: v.clone() for k, v in old.state_dict().items()}
+    save_model(payload, tmp_path / "old.pt")
+    loaded = AAEModel.load(tmp_path / "old.pt")
+    assert not loaded.module.reads_depth
+    assert np.isfinite(loaded.predict(pbmc_like)["latent"]).all()

@@ -62,9 +62,19 @@ class AAEModule(torch.nn.Module):
     """Players: the autoencoder (encoder, decoder, dispersions) and the prior discriminator."""
 
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_conditions: int,
-                 likelihood: str, dropout: float, adv_loss: str, attribute_dim: int | None):
+                 likelihood: str, dropout: float, adv_loss: str, attribute_dim: int | None,
+                 reads_depth: bool = True):
         super().__init__()
-        self.encoder = Encoder(n_genes, latent_dim, hidden, dropout, variational=False)
+        # the encoder also reads the cell's standardised log library size: normalised
+        # expression hides sequencing depth, and an attribute that follows depth (log library
+        # size itself) could then be ordered only through its indirect traces (held-out
+        # Spearman 0.68-0.89 without this input)
+        self.reads_depth = reads_depth
+        self.encoder = Encoder(n_genes + reads_depth, latent_dim, hidden, dropout,
+                               variational=False)
+        if reads_depth:
+            self.register_buffer("depth_center", torch.zeros(()))
+            self.register_buffer("depth_scale", torch.ones(()))
         self.decoder = Decoder(latent_dim, n_genes, hidden, likelihood, n_conditions)
         self.log_theta = torch.nn.Parameter(torch.ones(n_genes))
         self.discriminator = PriorDiscriminator(latent_dim, hidden)
@@ -81,6 +91,14 @@ class AAEModule(torch.nn.Module):
 
     def theta(self) -> torch.Tensor:
         return torch.exp(self.log_theta.clamp(-10.0, 10.0))
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """The cells' codes."""
+        x = batch["x_norm"]
+        if self.reads_depth:
+            depth = (torch.log(batch["library"]) - self.depth_center) / self.depth_scale
+            x = torch.cat([x, depth[:, None]], dim=1)
+        return self.encoder(x)[0]
 
     def reconstruction(self, batch: dict, code: torch.Tensor) -> torch.Tensor:
         """Per-entry reconstruction loss (NB nats, or squared error of log1p values) averaged
@@ -99,7 +117,7 @@ class AAEModule(torch.nn.Module):
         fake = torch.full((batch["x_norm"].shape[0],), FAKE, dtype=torch.long,
                           device=batch["x_norm"].device)
         if "autoencoder" in players:
-            code, _ = self.encoder(batch["x_norm"])
+            code = self.encode(batch)
             recon = self.reconstruction(batch, code)
             fool = self.adv_loss(constant_call(self.discriminator, code), fake)
             loss = recon + ctx["adv_weight"] * fool
@@ -113,7 +131,7 @@ class AAEModule(torch.nn.Module):
             code = code.detach()
         else:
             with torch.no_grad():
-                code, _ = self.encoder(batch["x_norm"])
+                code = self.encode(batch)
         if "discriminator" in players:
             prior = torch.randn_like(code)  # each half judged with its own minibatch spread
             logits = torch.cat([self.discriminator(code), self.discriminator(prior)])
@@ -157,7 +175,10 @@ class AAEModel(BaseModel):
             np.quantile(library[condition == k], np.linspace(0, 1, LIBRARY_QUANTILES)).tolist()
             for k in range(max(len(self.conditions_), 1))]
         torch.manual_seed(cfg.seed)
-        self.module = self._build(len(self.genes_)).to(self.device)
+        self.module = self._build(len(self.genes_))
+        self.module.depth_center.fill_(float(np.mean(library)))
+        self.module.depth_scale.fill_(max(float(np.std(library)), 1e-3))
+        self.module.to(self.device)
         self._rows = CountRows(counts, self.device)
         self._condition = torch.from_numpy(condition).to(self.device)
         self.attribute_map_ = None
@@ -175,11 +196,12 @@ class AAEModel(BaseModel):
         extra = b"" if self._attribute is None else self._attribute.cpu().numpy().tobytes()
         return self._rows.col_sums.tobytes() + self._condition.cpu().numpy().tobytes() + extra
 
-    def _build(self, n_genes: int) -> AAEModule:
+    def _build(self, n_genes: int, reads_depth: bool = True) -> AAEModule:
         cfg = self.config
         return AAEModule(n_genes, cfg.latent_dim, cfg.hidden, len(self.conditions_),
                          cfg.likelihood, cfg.dropout, cfg.adv_loss,
-                         cfg.attribute_dim if cfg.attribute_key is not None else None)
+                         cfg.attribute_dim if cfg.attribute_key is not None else None,
+                         reads_depth)
 
     # ------------------------------------------------------------------ the loop's pieces
 
@@ -293,7 +315,7 @@ class AAEModel(BaseModel):
         n = rows.shape[0]
         for start in range(0, n, batch_size):
             batch = self.batch(torch.arange(start, min(start + batch_size, n)), rows, condition)
-            code, _ = module.encoder(batch["x_norm"])
+            code = module.encode(batch)
             parts["latent"].append(code.cpu())
             if self.config.likelihood == "nb":
                 out = module.decoder(code, batch.get("condition"))
@@ -393,4 +415,5 @@ class AAEModel(BaseModel):
         self.attribute_map_ = enc["attribute_map"]
         self.library_quantiles_ = [list(map(float, q)) for q in enc["library_quantiles"]]
         self._rows = self._attribute = None  # no training data
-        self.module = self._build(len(self.genes_))
+        # files written before the encoder read the library size have no depth statistics
+        self.module = self._build(len(self.genes_), "depth_center" in payload["state"])
