@@ -287,18 +287,22 @@ class DisentangleConfig(LatentModelConfig):
                                 "another cell of its class.", DISENTANGLE)
     gan_weight: float = option(0.1, "Weight of the real-vs-generated adversary on decoded "
                                "cells.", DISENTANGLE)
+    label_weight: float = option(10.0, "Weight of the cross-entropy of a linear read-out of the "
+                                 "label from s.", DISENTANGLE)
     adv_loss: str = option("uniform", "What the encoder minimises: negce (minus the "
                            "discriminator's cross-entropy), uniform (towards 1/K) or flip "
                            "(towards a wrong class).", LATENT,
                            choices=("negce", "uniform", "flip"))
     beta_kl: float = option(1.0, "Weight of the KL term of z.", DISENTANGLE)
     adv_weight: float = option(30.0, "Weight of the adversarial term.", LATENT)
+    lr_discriminator: float | None = option(None, "The adversaries' learning rate.", LATENT,
+                                            shown="3 x --lr")
 
     def check(self) -> None:
         super().check()
         _positive(s_dim=self.s_dim)
         _non_negative(swap_weight=self.swap_weight, gan_weight=self.gan_weight,
-                      beta_kl=self.beta_kl)
+                      beta_kl=self.beta_kl, label_weight=self.label_weight)
 
 
 CONFIGS: dict[str, type[TrainConfig]] = {"confounder": ConfounderConfig,

@@ -12,7 +12,8 @@ from advcli.models.disentangle import DisentangleModule, label_accuracies
 from advcli.strategies import AlternatingFreeze, Simultaneous
 from conftest import SAMPLE
 
-CTX = {"kl_weight": 1.0, "swap_weight": 1.0, "adv_weight": 1.0, "gan_weight": 1.0}
+CTX = {"kl_weight": 1.0, "swap_weight": 1.0, "adv_weight": 1.0, "gan_weight": 1.0,
+       "label_weight": 1.0}
 PLAYERS = ("vae", "label_adversary", "x_discriminator")
 
 
@@ -47,8 +48,9 @@ def test_adversaries_turn_leaves_the_vae_and_vae_turn_leaves_the_adversaries():
     snap = copy.deepcopy(module)
     strategy._freeze_all_but(["vae"])
     record = strategy._update(batch, ["vae"], CTX)
-    assert {"elbo", "swap", "clean", "fool"} <= set(record)
+    assert {"elbo", "swap", "clean", "fool", "s_label_ce"} <= set(record)
     assert _moved(snap.s_encoder, module.s_encoder) and _moved(snap.z_encoder, module.z_encoder)
+    assert _moved(snap.s_classifier, module.s_classifier)
     assert not _moved(snap.label_adversary, module.label_adversary)
     assert not _moved(snap.x_discriminator, module.x_discriminator)
 
@@ -112,3 +114,38 @@ def test_api_and_cli_end_to_end(labelled, tmp_path, invoke, write):
     r = invoke("fit", data, "--mode", "disentangle", "--label-key", "celltype", "-o",
                tmp_path / "n.pt")
     assert r.exit_code == 2 and "celltype" in r.stderr and "'cell_type'" in r.stderr
+
+
+def test_the_label_read_out_of_s_teaches_s_the_labels():
+    """Descending the s read-out's cross-entropy alone makes the labels readable from s."""
+    module, batch = _setup()
+    module.eval()
+    ctx = {**CTX, "swap_weight": 0.0, "adv_weight": 0.0, "gan_weight": 0.0, "kl_weight": 0.0}
+    optimizer = torch.optim.Adam(module.players()["vae"], lr=1e-2)
+    first = None
+    for _ in range(60):
+        _, logs = module.objective(batch, ("vae",), ctx)
+        s, _, _ = module.encode(batch["x_norm"])
+        ce = torch.nn.functional.cross_entropy(module.s_classifier(s), batch["label"])
+        first = ce.item() if first is None else first
+        optimizer.zero_grad()
+        ce.backward()
+        optimizer.step()
+    assert logs["s_label_ce"].item() < 0.5 * first
+
+
+def test_a_file_without_the_s_read_out_still_loads(tmp_path):
+    from advcli.io import load_model, save_model
+
+    a = ad.read_h5ad(SAMPLE / "integrate.h5ad")[:200].copy()
+    a.obs["cell_type"] = a.obs["cell_type"].astype(str)
+    model = DisentangleModel(a, label_key="cell_type", max_epochs=1).train()
+    model.save(tmp_path / "m.pt")
+    payload = load_model(tmp_path / "m.pt")
+    payload["state"] = {k: v for k, v in payload["state"].items()
+                        if not k.startswith("s_classifier.")}
+    save_model(payload, tmp_path / "old.pt")
+    loaded = DisentangleModel.load(tmp_path / "old.pt")
+    assert loaded.module.s_classifier is None
+    out = loaded.predict(a)
+    np.testing.assert_allclose(out["s"], model.predict(a)["s"], rtol=1e-5, atol=1e-6)
