@@ -398,6 +398,7 @@ def test_fit_that_ends_within_the_warm_start_says_so(confounder_file, tmp_path, 
     summary = json.loads(r.stdout)
     assert summary["final_losses"] == {}
     assert "within the warm start" in summary["warnings"][0]
+    assert summary["epochs"] == 1  # --max-epochs caps the warm start too
 
 
 def test_z_hat_associations_name_what_z_hat_follows():

@@ -354,12 +354,13 @@ class ConfounderModel(BaseModel):
                              {"phase": phase, "outer": outer}, fresh)
 
         if cfg.dbpr_weight > 0:
-            for _ in range(BASELINE_EPOCHS):
+            for _ in range(min(BASELINE_EPOCHS, budget)):
                 yield plan(("baseline",), "baseline")
                 done += 1
         fresh: tuple[str, ...] = ()
         if self._start is not None:
-            for _ in range(WARM_START_EPOCHS):  # at the heads' rate, then a fresh optimizer
+            # at the heads' rate, then a fresh optimizer; --max-epochs caps it too
+            for _ in range(min(WARM_START_EPOCHS, budget - done)):
                 yield plan(("generator",), "warm_start", scale=cfg.lr / self._lr_generator())
                 done += 1
             fresh = ("generator",)
