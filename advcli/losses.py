@@ -12,6 +12,14 @@ import torch
 import torch.nn.functional as F
 
 
+def as_float(*tensors):
+    """Half-precision tensors (the outputs of layers under ``--precision bf16``) as float32,
+    the rest unchanged: every loss is computed in at least single precision."""
+    out = tuple(t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16)
+                else t for t in tensors)
+    return out if len(out) > 1 else out[0]
+
+
 def nb_log_prob(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
                 rows: torch.Tensor | None = None, factorial: bool = True) -> torch.Tensor:
     """Elementwise NB log-probability of counts ``y`` (same shape as ``log_mu``).
@@ -98,6 +106,7 @@ class _NBCellLogLik(torch.autograd.Function):
 def _cell_log_lik(y, log_mu, theta, rows, log_factorial) -> torch.Tensor:
     """Per-cell NB log-likelihood summed over genes; ``log_factorial`` (per-cell sums of
     log(y!)) saves the elementwise lgamma when it is known."""
+    y, log_mu, theta = as_float(y, log_mu, theta)
     if log_factorial is None:
         log_factorial = log_factorial_sums(y)
     log_mu = log_mu.expand_as(y)
@@ -110,7 +119,7 @@ def nb_reconstruction(counts: torch.Tensor, log_prop: torch.Tensor, library: tor
     """Negative NB log-likelihood of each cell's counts given the decoder's log proportions
     and the cell's library size, summed over genes and averaged over cells (scVI's
     reconstruction term); ``theta`` per gene, or a table with ``rows`` as in nb_log_prob."""
-    log_mu = log_prop + torch.log(library)[:, None]
+    log_mu = as_float(log_prop) + torch.log(library)[:, None]
     return -_cell_log_lik(counts, log_mu, theta, rows, log_factorial).mean()
 
 
@@ -122,13 +131,14 @@ def nb_nll(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
 
 def nb_deviance(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Per-gene NB deviance, 2 (loglik(saturated) - loglik(model)), summed over the cells given."""
+    log_mu = as_float(log_mu)
     saturated = nb_log_prob(y, torch.log(y.clamp_min(1e-8)), theta)
     return 2.0 * (saturated - nb_log_prob(y, log_mu, theta)).sum(dim=0)
 
 
 def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy from logits, averaged over cells."""
-    return F.binary_cross_entropy_with_logits(logit, target)
+    return F.binary_cross_entropy_with_logits(as_float(logit), target)
 
 
 def dbpr_terms(d_logit: torch.Tensor, d_logit_base: torch.Tensor, d: torch.Tensor,
@@ -139,6 +149,7 @@ def dbpr_terms(d_logit: torch.Tensor, d_logit_base: torch.Tensor, d: torch.Tenso
     Each is 1 - deviance(with Z) / deviance(baseline without Z): positive when Z-hat improves on
     the baseline. The objective *subtracts* them (the seed added them, penalising improvement).
     """
+    d_logit, d_logit_base = as_float(d_logit, d_logit_base)
     dev_d = F.binary_cross_entropy_with_logits(d_logit, d, reduction="sum")
     dev_d_base = F.binary_cross_entropy_with_logits(d_logit_base, d, reduction="sum")
     w = 1.0 - dev_d / dev_d_base.clamp_min(1e-8)
@@ -150,23 +161,26 @@ def dbpr_terms(d_logit: torch.Tensor, d_logit_base: torch.Tensor, d: torch.Tenso
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, averaged over cells."""
+    mu, logvar = as_float(mu, logvar)
     return (-0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
 
 
 def mse_per_cell(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Squared error summed over genes, averaged over cells (a Gaussian NLL up to constants)."""
+    x_hat = as_float(x_hat)
     return (x_hat - x).pow(2).sum(dim=1).mean()
 
 
 def domain_ce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     """The discriminator's cross-entropy for the true domains (what it minimises)."""
-    return F.cross_entropy(logits, domain)
+    return F.cross_entropy(as_float(logits), domain)
 
 
 def attribute_regularisation(dimension: torch.Tensor, attribute: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between the pairwise distances of one latent dimension and
     those of an attribute, within the minibatch: minimal when the dimension orders (and spaces)
     the cells as the attribute does, up to sign and shift."""
+    dimension = as_float(dimension)
     d_latent = (dimension[:, None] - dimension[None, :]).abs()
     d_attribute = (attribute[:, None] - attribute[None, :]).abs()
     return (d_latent - d_attribute).abs().mean()
@@ -176,18 +190,18 @@ def negce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     """Minus the discriminator's cross-entropy: the encoder maximises the discriminator's loss
     (the zero-sum game that gradient reversal plays). Its gradient fades where the discriminator
     is certain, which spares cell types that exist in one domain only."""
-    return -F.cross_entropy(logits, domain)
+    return -F.cross_entropy(as_float(logits), domain)
 
 
 def uniform(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     """Cross-entropy to the uniform distribution, minus its minimum: zero at p = 1/K."""
-    return -F.log_softmax(logits, dim=1).mean(dim=1).mean() - math.log(logits.shape[1])
+    return -F.log_softmax(as_float(logits), dim=1).mean(dim=1).mean() - math.log(logits.shape[1])
 
 
 def flip(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     """Cross-entropy to every wrong domain, as scvi-tools' adversarial classifier trains its
     encoder."""
-    log_p = F.log_softmax(logits, dim=1)
+    log_p = F.log_softmax(as_float(logits), dim=1)
     wrong = torch.ones_like(log_p)
     wrong.scatter_(1, domain[:, None], 0.0)
     wrong = wrong / wrong.sum(dim=1, keepdim=True)

@@ -213,8 +213,8 @@ class DomainDiscriminator(nn.Module):
         if self.training and z_mean.shape[0] > 1:
             # batch statistics, detached: no gradient path through them for encoders to exploit
             with torch.no_grad():
-                center = z_mean.mean(dim=0)
-                spread = z_mean.std(dim=0).mean().clamp_min(1e-6)
+                center = z_mean.float().mean(dim=0)
+                spread = z_mean.float().std(dim=0).mean().clamp_min(1e-6)
                 self.center.lerp_(center, 0.1)
                 self.spread.lerp_(spread, 0.1)
         else:

@@ -10,6 +10,7 @@ records into a fresh schedule and continues exactly where the interrupted one st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
         torch.manual_seed(model.training_seed)
         state.rng = rng_state()
     set_rng_state(state.rng)
+    precision = mixed_precision(model)
     sampler = torch.Generator()
     if state.sampler_rng is None:
         sampler.manual_seed(model.training_seed)
@@ -142,8 +144,9 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
             module.train()
             for idx in batches[state.step:]:
                 try:
-                    step_record = strategy.step(model.batch(distributed.shard(idx)),
-                                                plan.players, plan.ctx)
+                    with precision:
+                        step_record = strategy.step(model.batch(distributed.shard(idx)),
+                                                    plan.players, plan.ctx)
                 except TrainingDiverged as exc:
                     raise DivergedAt(epoch, exc.term, exc.value) from None
                 for k, v in step_record.items():
@@ -182,6 +185,14 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
     module.eval()
     state.finished = True
     return state
+
+
+def mixed_precision(model):
+    """The autocast context of ``--precision bf16`` (a no-op for fp32): linear layers run in
+    bfloat16, and the losses cast their inputs back to float32 (see losses.as_float)."""
+    if getattr(model.config, "precision", "fp32") != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
 
 
 def _send(schedule: Iterator[EpochPlan], record: dict) -> EpochPlan | None:

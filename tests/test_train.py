@@ -137,3 +137,33 @@ def test_train_can_draw_a_progress_bar(integrate, capsys):
     IntegrationModel(integrate, latent_dim=4, max_epochs=2).train(progress=True)
     err = capsys.readouterr().err
     assert "train integrate" in err and "val_elbo" in err
+
+
+@pytest.mark.parametrize("mode", ["integrate", "confounder"])
+def test_bf16_mixed_precision_trains_to_the_fp32_result(mode, request):
+    """--precision bf16 runs the layers in bfloat16 and every loss in float32: the same
+    schedule ends close to the float32 run, and predictions stay float32."""
+    adata = request.getfixturevalue(mode)
+    model_cls = IntegrationModel if mode == "integrate" else ConfounderModel
+    runs = {p: model_cls(adata, max_epochs=6, precision=p).train() for p in ("fp32", "bf16")}
+    term = "val_elbo" if mode == "integrate" else "nb"
+    full, half = (runs[p].fit_summary()["final_losses"][term] for p in ("fp32", "bf16"))
+    assert np.isfinite(half) and half == pytest.approx(full, rel=0.01)
+    assert half != full  # bfloat16 was in use
+    key = "latent" if mode == "integrate" else "Z_hat"
+    out = runs["bf16"].predict()[key]
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_losses_compute_half_precision_inputs_in_float32():
+    from advcli import losses
+
+    logits = torch.randn(8, 3).to(torch.bfloat16)
+    domain = torch.randint(0, 3, (8,))
+    assert losses.domain_ce(logits, domain).dtype == torch.float32
+    y = torch.poisson(torch.full((8, 5), 2.0))
+    log_mu = torch.zeros(8, 5, dtype=torch.bfloat16, requires_grad=True)
+    loss = losses.nb_nll(y, log_mu, torch.ones(5))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert log_mu.grad.dtype == torch.bfloat16 and torch.isfinite(log_mu.grad.float()).all()
