@@ -365,8 +365,8 @@ class IntegrationModel(BaseModel):
                     if math.isfinite(held_out) else "")
             summary["warnings"].append(
                 f"The domains are not mixed: the embedding's iLISI is {mixing:.2f} (0 = each "
-                f"cell's neighbours all from its own domain, 1 = as mixed as the domains' sizes "
-                f"allow){told}. The adversary lost. {UNMIXED_ADVICE}")
+                f"cell's neighbours all from its own domain, 1 = every neighbourhood holds all "
+                f"domains equally){told}. The adversary lost. {UNMIXED_ADVICE}")
         return summary
 
     def _stopping(self, records: list[dict]) -> dict[str, Any]:
