@@ -154,6 +154,27 @@ def test_a_tie_outside_zero_to_one_is_refused(integrate, tie):
 
 def test_the_warning_leaves_out_the_discriminator_without_held_out_cells(integrate):
     model = IntegrationModel(integrate, latent_dim=4, max_epochs=2, val_fraction=0.0).train()
-    model.mixing_ilisi = lambda: 0.0  # an unmixed embedding
+    model.mixing_scores = lambda: (0.0, 0.0)  # an unmixed embedding
     warning = " ".join(model._summarise(1.0, 1.0)["warnings"])
     assert "not mixed" in warning and "nan" not in warning
+    model.mixing_scores = lambda: (0.3, 0.3)  # neighbourhoods with a third of random mixing
+    warnings = model._summarise(1.0, 1.0)["warnings"]
+    assert len(warnings) == 1 and "only partly mixed" in warnings[0] and "30%" in warnings[0]
+
+
+def test_mixing_fraction_is_relative_to_the_domains_sizes():
+    """Random mixing of domains of very unequal sizes scores near 1 (iLISI would not), domains
+    apart score 0, and one domain-specific type in a minority of cells leaves the median."""
+    from advcli.metrics import knn, mixing_fraction
+
+    rng = np.random.default_rng(0)
+    codes = rng.choice(3, 3000, p=[10 / 14, 3 / 14, 1 / 14])
+    points = rng.normal(size=(3000, 2))
+    _, idx = knn(points, 50)
+    assert mixing_fraction(idx, codes, 3) > 0.9
+    apart = points + codes[:, None] * 100.0
+    _, idx = knn(apart, 50)
+    assert mixing_fraction(idx, codes, 3) == 0.0
+    extra = np.vstack([points, rng.normal(size=(500, 2)) + 100.0])  # a type in domain 0 only
+    _, idx = knn(extra, 50)
+    assert mixing_fraction(idx, np.r_[codes, np.zeros(500, int)], 3) > 0.85

@@ -354,11 +354,18 @@ class IntegrationModel(BaseModel):
             "design": self.config.design, "latent_dim": self.config.latent_dim,
             **self._stopping(records),
             "warnings": []}
-        mixing = self.mixing_ilisi()
-        summary["mixing_ilisi"] = mixing
+        mixing, fraction = self.mixing_scores()
+        summary["mixing_ilisi"], summary["mixing_fraction"] = mixing, fraction
         held_out = records[-1].get("val_disc_acc", math.nan)
-        from ..metrics import UNMIXED_ADVICE, UNMIXED_ILISI
+        from ..metrics import PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI
 
+        if fraction < PARTLY_MIXED and not (mixing < UNMIXED_ILISI
+                                            or held_out >= SEPARATED_ACC):
+            summary["warnings"].append(
+                f"The domains are only partly mixed: the typical cell's neighbourhood holds "
+                f"{fraction:.0%} of the domain diversity that random mixing of these domains "
+                f"would give (iLISI {mixing:.2f}). Unless most cell types exist in one domain "
+                f"only, the adversary did not finish its work. {UNMIXED_ADVICE}")
         if mixing < UNMIXED_ILISI or held_out >= SEPARATED_ACC:
             told = (f" and the discriminator tells the domain of {held_out:.0%} of held-out "
                     f"cells (chance {1 / len(self.domains_):.0%})"
@@ -378,11 +385,12 @@ class IntegrationModel(BaseModel):
         return {"stopped_early": len(records) < self.max_epochs, "best_val_epoch": best,
                 "max_epochs": self.max_epochs}
 
-    def mixing_ilisi(self, max_cells: int = MIXING_CELLS) -> float:
-        """Median iLISI (scIB-normalised) of the training cells' posterior means, on a seeded
-        subsample: a check that the domains share the latent space. Domain-specific cell types
-        lower it only for their own cells, which the median passes over."""
-        from ..metrics import knn, lisi
+    def mixing_scores(self, max_cells: int = MIXING_CELLS) -> tuple[float, float]:
+        """Median iLISI (scIB-normalised) and ``metrics.mixing_fraction`` of the training cells'
+        posterior means, on a seeded subsample: a check that the domains share the latent
+        space. Domain-specific cell types lower them only for their own cells, which the
+        medians pass over."""
+        from ..metrics import knn, lisi, mixing_fraction
 
         n = int(self._domain.shape[0])
         keep = np.sort(np.random.default_rng(self.config.seed).choice(n, min(n, max_cells),
@@ -390,10 +398,11 @@ class IntegrationModel(BaseModel):
         latent = self._posterior_means(torch.from_numpy(keep))
         domain = self._domain.cpu().numpy()[keep]
         if len(np.unique(domain)) < 2 or len(keep) < 10:
-            return float("nan")
+            return float("nan"), float("nan")
         dist, idx = knn(latent.astype(np.float64), 90)
         k = len(self.domains_)
-        return float((np.median(lisi(dist, idx, domain)) - 1.0) / (k - 1.0))
+        return (float((np.median(lisi(dist, idx, domain)) - 1.0) / (k - 1.0)),
+                mixing_fraction(idx[:, :50], domain, k))
 
     # ------------------------------------------------------------------ prediction
 
