@@ -161,7 +161,7 @@ def _follows_plot(plt, follows: pd.DataFrame, path: Path) -> None:
     table = follows.pivot_table(index=["obs_column", "measure"], columns="z_column",
                                 values="strength")
     table = table.loc[table.max(axis=1).sort_values(ascending=False).index[:15]]
-    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * table.shape[1], 1.2 + 0.4 * table.shape[0]))
+    fig, ax = plt.subplots(figsize=(3.6 + 0.7 * table.shape[1], 1.2 + 0.4 * table.shape[0]))
     image = ax.imshow(table.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for (i, j), value in np.ndenumerate(table.to_numpy()):
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
@@ -171,8 +171,7 @@ def _follows_plot(plt, follows: pd.DataFrame, path: Path) -> None:
     ax.set_yticks(range(table.shape[0]), [f"{o} ({m})" for o, m in table.index])
     ax.set_title("What Z-hat follows")
     fig.colorbar(image, ax=ax, label="|Spearman rho| or correlation ratio eta")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # room for the obs names, however long
     plt.close(fig)
 
 
