@@ -84,19 +84,21 @@ def read_rows(matrix, rows: np.ndarray):
     indptr = group["indptr"]
     starts = np.asarray(indptr[rows], dtype=np.int64) if len(rows) else np.zeros(0, np.int64)
     ends = np.asarray(indptr[rows + 1], dtype=np.int64) if len(rows) else starts
+    lengths = ends - starts
     data, indices = [], []
     i = 0
-    while i < len(rows):
-        j = i + 1
-        while j < len(rows) and ends[j] - starts[i] <= SPAN_ENTRIES:
-            j += 1
+    while i < len(rows):  # one span (one read) per iteration, not one row
+        j = max(i + 1, int(np.searchsorted(ends, starts[i] + SPAN_ENTRIES, side="right")))
         lo, hi = starts[i], ends[j - 1]
         values, columns = group["data"][lo:hi], group["indices"][lo:hi]
-        keep = np.concatenate([np.arange(a - lo, b - lo) for a, b in zip(starts[i:j], ends[i:j])])
+        # positions of the asked rows' entries inside the span
+        span_lengths = lengths[i:j]
+        before = np.concatenate([[0], np.cumsum(span_lengths)[:-1]])
+        keep = np.arange(span_lengths.sum()) + np.repeat(starts[i:j] - lo - before,
+                                                         span_lengths)
         data.append(values[keep])
         indices.append(columns[keep])
         i = j
-    lengths = ends - starts
     return sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, np.float32),
                           np.concatenate(indices) if indices else np.zeros(0, np.int32),
                           np.concatenate([[0], np.cumsum(lengths)])),

@@ -139,9 +139,6 @@ class ConfounderConfig(TrainConfig):
                          "10 iterations, binary Z, k = 1, no intercepts, no size factors).",
                          CONFOUNDER, choices=("default", "seed"))
     # shared options with this mode's defaults
-    precision: str = option("fp32", "Arithmetic of training: fp32, or bf16 (mixed precision: "
-                            "the layers' matrix products in bfloat16, every loss in float32; "
-                            "for GPUs with bfloat16 units).", TRAINING, choices=("fp32", "bf16"))
     max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
                                     "counted.", TRAINING, shown="the schedule's length")
     batch_size: int | None = option(128, "Cells per minibatch.", TRAINING)
@@ -189,9 +186,6 @@ class LatentModelConfig(TrainConfig):
     lr_discriminator: float | None = option(None, "The discriminator's learning rate.", LATENT,
                                             shown="--lr")
     dropout: float = option(0.1, "Dropout after the encoder's hidden layers.", LATENT)
-    precision: str = option("fp32", "Arithmetic of training: fp32, or bf16 (mixed precision: "
-                            "the layers' matrix products in bfloat16, every loss in float32; "
-                            "for GPUs with bfloat16 units).", TRAINING, choices=("fp32", "bf16"))
     max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
                                     "counted.", TRAINING, shown="100, or enough for 1,500 steps "
                                     "(at most 400)")
@@ -272,9 +266,6 @@ class AAEConfig(LatentModelConfig):
                            choices=("negce", "uniform", "flip"))
 
     lr: float = option(3e-4, "Learning rate.", TRAINING)
-    precision: str = option("fp32", "Arithmetic of training: fp32, or bf16 (mixed precision: "
-                            "the layers' matrix products in bfloat16, every loss in float32; "
-                            "for GPUs with bfloat16 units).", TRAINING, choices=("fp32", "bf16"))
     max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
                                     "counted.", TRAINING, shown="100, or enough for 6,000 steps "
                                     "(at most 1,000)")

@@ -97,6 +97,14 @@ PARTLY_MIXED = 0.5  # mixing_fraction below this: most cells' neighbourhoods hol
                    # for a one-VAE-per-domain fit with iLISI 0.17 that no other check caught)
 
 
+def partly_mixed_note(fraction: float) -> str:
+    """What the fit summary and diagnose say when mixing_fraction is below PARTLY_MIXED."""
+    return (f"The domains are only partly mixed: the typical cell's neighbourhood holds "
+            f"{fraction:.0%} of the domain diversity that random mixing of these domains would "
+            f"give. Unless most cell types exist in one domain only, the adversary did not "
+            f"finish its work. {UNMIXED_ADVICE}")
+
+
 def mixing_fraction(idx: np.ndarray, codes: np.ndarray, n_domains: int) -> float:
     """Median over cells of the kNN domain entropy, as a fraction of the entropy of the domains'
     overall shares (what random mixing gives): 1 when neighbourhoods are as diverse as the

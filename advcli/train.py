@@ -190,7 +190,7 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
 def mixed_precision(model):
     """The autocast context of ``--precision bf16`` (a no-op for fp32): linear layers run in
     bfloat16, and the losses cast their inputs back to float32 (see losses.as_float)."""
-    if getattr(model.config, "precision", "fp32") != "bf16":
+    if model.config.precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
 

@@ -326,3 +326,19 @@ def test_scattered_rows_are_read_alone(tmp_path, dense):
     np.testing.assert_array_equal(backed.read_rows(counts, rows), counts[rows])  # in memory
     assert backed.read_rows(disk.X, np.array([], dtype=int)).shape[0] == 0
     disk.close()
+
+
+@pytest.mark.parametrize("span", [1, 9, 200])
+def test_scattered_rows_split_into_spans_read_the_same(tmp_path, monkeypatch, span):
+    """Reads cut into spans of at most ``span`` stored values (a row longer than a span is read
+    alone) give the rows asked for, empty rows included."""
+    counts = _counts(n=300, genes=7)
+    counts[[0, 17]] = 0
+    path = tmp_path / "d.h5ad"
+    ad.AnnData(X=sp.csr_matrix(counts)).write_h5ad(path)
+    disk = read_h5ad(path, backed=True)
+    monkeypatch.setattr(backed, "SPAN_ENTRIES", span)
+    rows = np.r_[0, 17, np.sort(np.random.default_rng(1).choice(np.arange(18, 300), 60,
+                                                                 replace=False))]
+    np.testing.assert_array_equal(backed.read_rows(disk.X, rows).toarray(), counts[rows])
+    disk.close()

@@ -357,15 +357,8 @@ class IntegrationModel(BaseModel):
         mixing, fraction = self.mixing_scores()
         summary["mixing_ilisi"], summary["mixing_fraction"] = mixing, fraction
         held_out = records[-1].get("val_disc_acc", math.nan)
-        from ..metrics import PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI
+        from ..metrics import PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI, partly_mixed_note
 
-        if fraction < PARTLY_MIXED and not (mixing < UNMIXED_ILISI
-                                            or held_out >= SEPARATED_ACC):
-            summary["warnings"].append(
-                f"The domains are only partly mixed: the typical cell's neighbourhood holds "
-                f"{fraction:.0%} of the domain diversity that random mixing of these domains "
-                f"would give (iLISI {mixing:.2f}). Unless most cell types exist in one domain "
-                f"only, the adversary did not finish its work. {UNMIXED_ADVICE}")
         if mixing < UNMIXED_ILISI or held_out >= SEPARATED_ACC:
             told = (f" and the discriminator tells the domain of {held_out:.0%} of held-out "
                     f"cells (chance {1 / len(self.domains_):.0%})"
@@ -374,6 +367,8 @@ class IntegrationModel(BaseModel):
                 f"The domains are not mixed: the embedding's iLISI is {mixing:.2f} (0 = each "
                 f"cell's neighbours all from its own domain, 1 = every neighbourhood holds all "
                 f"domains equally){told}. The adversary lost. {UNMIXED_ADVICE}")
+        elif fraction < PARTLY_MIXED:
+            summary["warnings"].append(partly_mixed_note(fraction))
         return summary
 
     def _stopping(self, records: list[dict]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from .. import keys
 from ..backed import read_rows
 from ..data import check_finite_obsm, count_source, counts_anndata, encode_domains
 from ..errors import InputError
-from ..metrics import PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI, integration_metrics
+from ..metrics import (PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI, integration_metrics,
+                       partly_mixed_note)
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -129,10 +130,7 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         notes.append(f"The domains are not mixed (iLISI {metrics['ilisi']:.2f}): each cell's "
                      f"neighbours come from its own domain. {UNMIXED_ADVICE}")
     elif metrics.get("mixing_fraction", 1.0) < PARTLY_MIXED:
-        notes.append(f"The domains are only partly mixed: the typical cell's neighbourhood "
-                     f"holds {metrics['mixing_fraction']:.0%} of the domain diversity of random "
-                     f"mixing. Unless most cell types exist in one domain only, the adversary "
-                     f"did not finish its work. {UNMIXED_ADVICE}")
+        notes.append(partly_mixed_note(metrics["mixing_fraction"]))
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
                                         "overall_score") if k in metrics}
     if baseline is not None:
