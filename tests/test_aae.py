@@ -179,3 +179,56 @@ def test_the_encoder_reads_depth_and_files_without_it_still_load(pbmc_like, tmp_
     loaded = AAEModel.load(tmp_path / "old.pt")
     assert not loaded.module.reads_depth
     assert np.isfinite(loaded.predict(pbmc_like)["latent"]).all()
+
+
+def test_the_encoder_reads_the_most_variable_genes_and_decodes_all(pbmc_like, tmp_path):
+    """With encoder_genes below the gene count the encoder sees only the most variable genes
+    (within conditions); the decoder and the predicted means still cover every gene, and the
+    selection travels in the model file."""
+    from advcli.data import highly_variable_genes
+
+    model = AAEModel(pbmc_like, condition_key="batch", latent_dim=4, encoder_genes=40,
+                     max_epochs=2).train()
+    module = model.module.eval()
+    chosen = highly_variable_genes(pbmc_like.X, 40, pbmc_like.obs["batch"].to_numpy())
+    assert module.encoder_genes.tolist() == chosen.tolist()
+    assert module.encoder.net[0].in_features == 40 + 1  # the genes and the depth
+    out = model.predict(pbmc_like)
+    assert out["nb_mean"].shape == pbmc_like.shape
+
+    # the cell's counts of two unselected genes swapped: same library, same selected genes
+    counts = torch.tensor(pbmc_like.X[:1].toarray(), dtype=torch.float32).repeat(2, 1)
+    other = np.setdiff1d(np.arange(pbmc_like.n_vars), chosen)
+    g1 = other[counts[0, other] > 0][0]
+    g2 = other[counts[0, other] != counts[0, g1]][0]
+    counts[1, [g1, g2]] = counts[0, [g2, g1]]
+    batch = {"counts": counts, "library": counts.sum(1),
+             "condition": torch.zeros(2, dtype=torch.long)}
+    batch["x_norm"] = torch.log1p(counts / batch["library"][:, None] * 1e4)
+    assert not torch.equal(batch["x_norm"][0], batch["x_norm"][1])
+    with torch.no_grad():
+        codes = module.encode(batch)
+    torch.testing.assert_close(codes[0], codes[1])
+
+    model.save(tmp_path / "aae.pt")
+    loaded = AAEModel.load(tmp_path / "aae.pt")
+    assert loaded.config.encoder_genes == 40
+    np.testing.assert_array_equal(loaded.predict(pbmc_like)["latent"], out["latent"])
+
+
+def test_files_from_before_the_gene_selection_and_the_depth_path_load(pbmc_like, tmp_path):
+    """A file whose encoder read every gene and had no direct depth path predicts as it did:
+    the missing path is a zero one, and its config says every gene."""
+    model = AAEModel(pbmc_like, condition_key="batch", latent_dim=4, encoder_genes=0,
+                     max_epochs=2).train()
+    assert model.module.encoder_genes is None
+    with torch.no_grad():
+        model.module.depth_to_code.weight.zero_()
+    codes = model.predict(pbmc_like)["latent"]
+    model.save(tmp_path / "aae.pt")
+    payload = load_model(tmp_path / "aae.pt")
+    del payload["state"]["depth_to_code.weight"], payload["config"]["encoder_genes"]
+    save_model(payload, tmp_path / "old.pt")
+    loaded = AAEModel.load(tmp_path / "old.pt")
+    assert loaded.config.encoder_genes == 0
+    np.testing.assert_array_equal(loaded.predict(pbmc_like)["latent"], codes)

@@ -24,8 +24,9 @@ import pandas as pd
 import torch
 
 from .. import keys, losses
-from ..data import (CountRows, count_batch, counts_anndata, encode_domains, gene_order, in_file_order,
-                    load_counts, minibatches, obs_column, set_uns, validate_counts)
+from ..data import (CountRows, count_batch, counts_anndata, encode_domains, gene_order,
+                    highly_variable_genes, in_file_order, load_counts, minibatches, obs_column,
+                    set_uns, validate_counts)
 from ..errors import InputError
 from ..nn import Decoder, Encoder, PriorDiscriminator
 from ..strategies import constant_call
@@ -63,18 +64,30 @@ class AAEModule(torch.nn.Module):
 
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_conditions: int,
                  likelihood: str, dropout: float, adv_loss: str, attribute_dim: int | None,
-                 reads_depth: bool = True):
+                 reads_depth: bool = True, encoder_genes: int | None = None):
         super().__init__()
+        # the encoder reads the most variable genes only (their indices, a buffer), the
+        # decoder reconstructs every gene: a first layer over 15,000 genes has 2 x 10^6
+        # weights to fit on a few hundred cells, and its codes then generalise poorly
+        if encoder_genes is not None:
+            self.register_buffer("encoder_genes", torch.zeros(encoder_genes, dtype=torch.long))
+        else:
+            self.encoder_genes = None
         # the encoder also reads the cell's standardised log library size: normalised
         # expression hides sequencing depth, and an attribute that follows depth (log library
         # size itself) could then be ordered only through its indirect traces (held-out
         # Spearman 0.68-0.89 without this input)
         self.reads_depth = reads_depth
-        self.encoder = Encoder(n_genes + reads_depth, latent_dim, hidden, dropout,
-                               variational=False)
+        self.encoder = Encoder((encoder_genes or n_genes) + reads_depth, latent_dim, hidden,
+                               dropout, variational=False)
         if reads_depth:
             self.register_buffer("depth_center", torch.zeros(()))
             self.register_buffer("depth_scale", torch.ones(()))
+            # depth also enters the code linearly (zero at the start): a per-cell scalar that
+            # the layers over thousands of genes pass on only loosely, so an attribute that
+            # follows depth was ordered on training cells and not on held-out ones
+            self.depth_to_code = torch.nn.Linear(1, latent_dim, bias=False)
+            torch.nn.init.zeros_(self.depth_to_code.weight)
         self.decoder = Decoder(latent_dim, n_genes, hidden, likelihood, n_conditions)
         self.log_theta = torch.nn.Parameter(torch.ones(n_genes))
         self.discriminator = PriorDiscriminator(latent_dim, hidden)
@@ -82,8 +95,9 @@ class AAEModule(torch.nn.Module):
         self.adv_loss = losses.ADV_LOSSES[adv_loss]
 
     def players(self) -> dict[str, list]:
-        return {"autoencoder": list(self.encoder.parameters()) + list(self.decoder.parameters())
-                + [self.log_theta], "discriminator": list(self.discriminator.parameters())}
+        autoencoder = [p for name, p in self.named_parameters()
+                       if not name.startswith("discriminator.")]
+        return {"autoencoder": autoencoder, "discriminator": list(self.discriminator.parameters())}
 
     @staticmethod
     def turns() -> list[tuple[tuple[str, ...], int]]:
@@ -95,10 +109,12 @@ class AAEModule(torch.nn.Module):
     def encode(self, batch: dict) -> torch.Tensor:
         """The cells' codes."""
         x = batch["x_norm"]
-        if self.reads_depth:
-            depth = (torch.log(batch["library"]) - self.depth_center) / self.depth_scale
-            x = torch.cat([x, depth[:, None]], dim=1)
-        return self.encoder(x)[0]
+        if self.encoder_genes is not None:
+            x = x[:, self.encoder_genes]
+        if not self.reads_depth:
+            return self.encoder(x)[0]
+        depth = ((torch.log(batch["library"]) - self.depth_center) / self.depth_scale)[:, None]
+        return self.encoder(torch.cat([x, depth], dim=1))[0] + self.depth_to_code(depth)
 
     def reconstruction(self, batch: dict, code: torch.Tensor) -> torch.Tensor:
         """Per-entry reconstruction loss (NB nats, or squared error of log1p values) averaged
@@ -175,7 +191,14 @@ class AAEModel(BaseModel):
             np.quantile(library[condition == k], np.linspace(0, 1, LIBRARY_QUANTILES)).tolist()
             for k in range(max(len(self.conditions_), 1))]
         torch.manual_seed(cfg.seed)
-        self.module = self._build(len(self.genes_))
+        encoder_genes = None
+        if 0 < cfg.encoder_genes < len(self.genes_):
+            encoder_genes = highly_variable_genes(counts, cfg.encoder_genes,
+                                                  condition if self.conditions_ else None)
+        self.module = self._build(len(self.genes_), encoder_genes=None if encoder_genes is None
+                                  else len(encoder_genes))
+        if encoder_genes is not None:
+            self.module.encoder_genes.copy_(torch.from_numpy(encoder_genes))
         self.module.depth_center.fill_(float(np.mean(library)))
         self.module.depth_scale.fill_(max(float(np.std(library)), 1e-3))
         self.module.to(self.device)
@@ -196,12 +219,13 @@ class AAEModel(BaseModel):
         extra = b"" if self._attribute is None else self._attribute.cpu().numpy().tobytes()
         return self._rows.col_sums.tobytes() + self._condition.cpu().numpy().tobytes() + extra
 
-    def _build(self, n_genes: int, reads_depth: bool = True) -> AAEModule:
+    def _build(self, n_genes: int, reads_depth: bool = True,
+               encoder_genes: int | None = None) -> AAEModule:
         cfg = self.config
         return AAEModule(n_genes, cfg.latent_dim, cfg.hidden, len(self.conditions_),
                          cfg.likelihood, cfg.dropout, cfg.adv_loss,
                          cfg.attribute_dim if cfg.attribute_key is not None else None,
-                         reads_depth)
+                         reads_depth, encoder_genes)
 
     # ------------------------------------------------------------------ the loop's pieces
 
@@ -404,6 +428,12 @@ class AAEModel(BaseModel):
                 "attribute_map": self.attribute_map_,
                 "library_quantiles": self.library_quantiles_}
 
+    @staticmethod
+    def _upgrade_config(config: dict) -> dict:
+        config = dict(config)
+        config.setdefault("encoder_genes", 0)  # files from before: the encoder read every gene
+        return config
+
     def resume_from(self, payload: dict, path="model") -> None:
         super().resume_from(payload, path)
         self.attribute_map_ = payload["encoding"].get("attribute_map")
@@ -415,5 +445,11 @@ class AAEModel(BaseModel):
         self.attribute_map_ = enc["attribute_map"]
         self.library_quantiles_ = [list(map(float, q)) for q in enc["library_quantiles"]]
         self._rows = self._attribute = None  # no training data
-        # files written before the encoder read the library size have no depth statistics
-        self.module = self._build(len(self.genes_), "depth_center" in payload["state"])
+        # files written before the encoder read the library size have no depth statistics,
+        # and before it read the most variable genes no gene indices
+        state = payload["state"]
+        if "depth_center" in state:  # before depth entered the code directly: a zero path
+            state.setdefault("depth_to_code.weight", torch.zeros(self.config.latent_dim, 1))
+        self.module = self._build(len(self.genes_), "depth_center" in state,
+                                  len(state["encoder_genes"]) if "encoder_genes" in state
+                                  else None)
