@@ -140,6 +140,8 @@ def test_cli_bad_inputs(pbmc_like, tmp_path, invoke, write):
     assert r.exit_code == 2 and "numeric and finite" in r.stderr
     r = invoke("fit", data, "--mode", "aae", "--attribute-dim", "12", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "--attribute-dim must be a latent dimension" in r.stderr
+    r = invoke("fit", data, "--mode", "aae", "--encoder-genes", "-5", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "--encoder-genes must be zero or more" in r.stderr
     r = invoke("fit", data, "--mode", "aae", "--treatment-key", "D", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "applies to --mode confounder only" in r.stderr
     invoke("fit", data, "--mode", "aae", "--max-epochs", "1", "-o", tmp_path / "m.pt")

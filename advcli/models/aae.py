@@ -64,13 +64,13 @@ class AAEModule(torch.nn.Module):
 
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_conditions: int,
                  likelihood: str, dropout: float, adv_loss: str, attribute_dim: int | None,
-                 reads_depth: bool = True, encoder_genes: int | None = None):
+                 reads_depth: bool = True, n_encoder_genes: int | None = None):
         super().__init__()
         # the encoder reads the most variable genes only (their indices, a buffer), the
         # decoder reconstructs every gene: a first layer over 15,000 genes has 2 x 10^6
         # weights to fit on a few hundred cells, and its codes then generalise poorly
-        if encoder_genes is not None:
-            self.register_buffer("encoder_genes", torch.zeros(encoder_genes, dtype=torch.long))
+        if n_encoder_genes is not None:
+            self.register_buffer("encoder_genes", torch.zeros(n_encoder_genes, dtype=torch.long))
         else:
             self.encoder_genes = None
         # the encoder also reads the cell's standardised log library size: normalised
@@ -78,7 +78,7 @@ class AAEModule(torch.nn.Module):
         # size itself) could then be ordered only through its indirect traces (held-out
         # Spearman 0.68-0.89 without this input)
         self.reads_depth = reads_depth
-        self.encoder = Encoder((encoder_genes or n_genes) + reads_depth, latent_dim, hidden,
+        self.encoder = Encoder((n_encoder_genes or n_genes) + reads_depth, latent_dim, hidden,
                                dropout, variational=False)
         if reads_depth:
             self.register_buffer("depth_center", torch.zeros(()))
@@ -191,14 +191,13 @@ class AAEModel(BaseModel):
             np.quantile(library[condition == k], np.linspace(0, 1, LIBRARY_QUANTILES)).tolist()
             for k in range(max(len(self.conditions_), 1))]
         torch.manual_seed(cfg.seed)
-        encoder_genes = None
         if 0 < cfg.encoder_genes < len(self.genes_):
-            encoder_genes = highly_variable_genes(counts, cfg.encoder_genes,
-                                                  condition if self.conditions_ else None)
-        self.module = self._build(len(self.genes_), encoder_genes=None if encoder_genes is None
-                                  else len(encoder_genes))
-        if encoder_genes is not None:
-            self.module.encoder_genes.copy_(torch.from_numpy(encoder_genes))
+            chosen = highly_variable_genes(counts, cfg.encoder_genes,
+                                           condition if self.conditions_ else None)
+            self.module = self._build(len(self.genes_), n_encoder_genes=len(chosen))
+            self.module.encoder_genes.copy_(torch.from_numpy(chosen))
+        else:
+            self.module = self._build(len(self.genes_))
         self.module.depth_center.fill_(float(np.mean(library)))
         self.module.depth_scale.fill_(max(float(np.std(library)), 1e-3))
         self.module.to(self.device)
@@ -220,12 +219,12 @@ class AAEModel(BaseModel):
         return self._rows.col_sums.tobytes() + self._condition.cpu().numpy().tobytes() + extra
 
     def _build(self, n_genes: int, reads_depth: bool = True,
-               encoder_genes: int | None = None) -> AAEModule:
+               n_encoder_genes: int | None = None) -> AAEModule:
         cfg = self.config
         return AAEModule(n_genes, cfg.latent_dim, cfg.hidden, len(self.conditions_),
                          cfg.likelihood, cfg.dropout, cfg.adv_loss,
                          cfg.attribute_dim if cfg.attribute_key is not None else None,
-                         reads_depth, encoder_genes)
+                         reads_depth, n_encoder_genes)
 
     # ------------------------------------------------------------------ the loop's pieces
 
