@@ -12,13 +12,16 @@ Parts:
   generator), copied faithfully except for the one change it needs to run at all (the
   predictor losses were computed under no_grad), against ``advcli.ConfounderModel`` on the same
   simulated 10,000 x 1,000 data. Throughput is cells x player-epochs per second: one
-  player-epoch is every player seeing every cell once (three DataLoader passes of the loop; one
-  advcli epoch, whose steps train the heads and then the generator on each minibatch). Quality
-  is |r(Z-hat, Z)| on all cells.
+  player-epoch is every player trained on every cell once: three DataLoader passes of the loop,
+  two advcli epochs (a heads epoch trains the classifier and the NB model together, a generator
+  epoch the generator; the warm start's generator epochs count as half a player-epoch each).
+  Quality is |r(Z-hat, Z)| on all cells.
 * ``scale``: ``advcli fit`` / ``predict`` / ``diagnose`` in fresh processes for both modes at each
   size (fixed epochs), with wall and CPU seconds, peak RSS and the exponent of fit time in n.
-* ``limit``: the confounder model's multiply-adds per cell and epoch against torch.matmul's
-  measured FLOP/s at the model's own shapes, as the fraction of that limit advcli reaches.
+* ``limit``: every matrix product one default confounder training runs (forward and backward,
+  recorded with their shapes by a dispatch mode in a counting run), each timed alone at the best
+  of seven rounds: the seconds those products need at torch.matmul's own speed, as a fraction
+  of the seconds the training takes (a second, uncounted run).
 * ``backed``: both modes in memory and with ``--backed`` (counts left on disk) at each size:
   fit / predict / diagnose time, peak RSS and diagnose's scores side by side, and the exponent
   of backed fit time in n (``--backed-sizes 10000,100000,1000000`` for the atlas case).
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import anndata as ad
@@ -42,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
 import advcli
@@ -186,8 +191,9 @@ def part_seed(tmp: Path, n: int, genes: int) -> None:
     for label, opts in (("advcli defaults", {}), ("advcli --batch-size 512", {"batch_size": 512})):
         m = advcli.ConfounderModel(a, **opts).train()
         s = m.fit_summary()
-        rate = n * s["epochs"] / s["train_seconds"]
-        print(f"{label:<34}{s['epochs']:>14d}{s['train_seconds']:>9.1f}"
+        player_epochs = s["epochs"] / 2  # a heads epoch and a generator epoch
+        rate = n * player_epochs / s["train_seconds"]
+        print(f"{label:<34}{player_epochs:>14.1f}{s['train_seconds']:>9.1f}"
               f"{s['train_cpu_seconds']:>9.1f}{rate:>20,.0f}"
               f"{_abs_r(m.predict_training_z()[:, 0], z_true):>15.3f}   {rate / seed_rate:.1f}x")
 
@@ -292,8 +298,22 @@ def part_backed(tmp: Path, mode: str, sizes: list[int], genes: int, cells_seen: 
 # ----------------------------------------------------------------------------- matmul limit
 
 
-def _matmul_flops(m: int, k: int, n: int, repeats: int = 50, rounds: int = 7) -> float:
-    """FLOP/s of an (m x k) @ (k x n) product: the best of several rounds, since a limit is
+class MatmulShapes(TorchDispatchMode):
+    """Counts every matrix product torch runs, by (m, k, n), backward passes included."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2:]
+            self.counts[(a.shape[0], a.shape[1], b.shape[1])] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _matmul_seconds(m: int, k: int, n: int, repeats: int = 50, rounds: int = 7) -> float:
+    """Seconds of one (m x k) @ (k x n) product: the best of several rounds, since a limit is
     what the machine reaches when nothing else runs on it."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     for _ in range(5):
@@ -304,47 +324,36 @@ def _matmul_flops(m: int, k: int, n: int, repeats: int = 50, rounds: int = 7) ->
         for _ in range(repeats):
             a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n * repeats / best
+    return best / repeats
 
 
 def part_limit(tmp: Path, n: int, genes: int) -> None:
-    """FLOPs of one epoch per cell: each step runs the generator forward and the heads forward
-    and backward (heads' turn), then the generator and heads forward and backward (the
-    generator's turn). A backward costs twice its forward."""
+    """The products a default training runs, at torch.matmul's best speed, against the time
+    the training takes."""
     path = tmp / "confounder_limit.h5ad"
     subprocess.run([sys.executable, "-m", "advcli", "simulate", "confounder", "-o", str(path),
                     "--n", str(n), "--genes", str(genes), "--setting", "general"], check=True,
                    capture_output=True)
     a = ad.read_h5ad(path)
-    m = advcli.ConfounderModel(a).train()
-    s = m.fit_summary()
-    rate = n * s["epochs"] / s["train_seconds"]
-    mod = m.module
-
-    def linears(module) -> list[nn.Linear]:
-        return [l for l in module.modules() if isinstance(l, nn.Linear)]
-
-    def cost(layers) -> tuple[float, float]:
-        """(FLOPs per cell of one forward, seconds of one forward of a minibatch at the
-        measured matmul speed of each layer's shape)."""
-        flops = sum(2.0 * l.in_features * l.out_features for l in layers)
-        seconds = sum(2.0 * batch * l.in_features * l.out_features /
-                      _matmul_flops(batch, l.in_features, l.out_features) for l in layers)
-        return flops, seconds
-
-    batch = m.config.batch_size
-    gen_flops, gen_s = cost(linears(mod.generator))
-    head_flops, head_s = cost(linears(mod.classifier) + linears(mod.nb))
-    per_cell = gen_flops * (1 + 3) + head_flops * (3 + 3)
-    step_limit = gen_s * (1 + 3) + head_s * (3 + 3)
-    limit_rate = batch / step_limit
-    print(f"\n== matmul limit, confounder model, {n:,} x {genes:,}, batch {batch}, "
+    timed = advcli.ConfounderModel(a).train().fit_summary()
+    shapes = MatmulShapes()
+    with shapes:
+        counted = advcli.ConfounderModel(a).train().fit_summary()
+    flops = seconds = 0.0
+    for (m, k, n_out), count in shapes.counts.items():
+        flops += 2.0 * m * k * n_out * count
+        seconds += _matmul_seconds(m, k, n_out) * count
+    per_epoch_flops, per_epoch_limit = flops / counted["epochs"], seconds / counted["epochs"]
+    per_epoch = timed["train_seconds"] / timed["epochs"]
+    print(f"\n== matmul limit, confounder model, {n:,} x {genes:,}, "
           f"{torch.get_num_threads()} threads")
-    print(f"FLOPs per cell and epoch (matmuls only): {per_cell / 1e6:.2f} M")
-    print(f"torch.matmul at the model's shapes: {batch * per_cell / step_limit / 1e9:.2f} GFLOP/s "
-          f"-> at most {limit_rate:,.0f} cells x epochs / s")
-    print(f"advcli: {rate:,.0f} cells x epochs / s = {per_cell * rate / 1e9:.2f} GFLOP/s, "
-          f"{rate / limit_rate:.0%} of the matmul limit")
+    print(f"matrix products per epoch: {sum(shapes.counts.values()) / counted['epochs']:,.0f} "
+          f"of {len(shapes.counts)} shapes, {per_epoch_flops / n / 1e6:.2f} MFLOP per cell "
+          f"(epochs: {counted['epochs']} counted, {timed['epochs']} timed)")
+    print(f"torch.matmul at those shapes: {per_epoch_flops / per_epoch_limit / 1e9:.2f} GFLOP/s "
+          f"-> {per_epoch_limit * 1e3:.0f} ms per epoch")
+    print(f"advcli: {per_epoch * 1e3:.0f} ms per epoch = {per_epoch_flops / per_epoch / 1e9:.2f} "
+          f"GFLOP/s, {per_epoch_limit / per_epoch:.0%} of the matmul limit")
 
 
 def main(argv=None) -> int:
