@@ -256,6 +256,9 @@ class AAEConfig(LatentModelConfig):
     attribute_dim: int = option(0, "The latent dimension that orders cells by the attribute.",
                                 AAE)
     ar_weight: float = option(3.0, "Weight of the attribute-regularisation loss.", AAE)
+    sw_weight: float = option(30.0, "Weight of the sliced Wasserstein distance of each "
+                              "minibatch's codes to N(0, I), beside the prior discriminator "
+                              "(0: the discriminator alone).", AAE)
     encoder_genes: int = option(2000, "The encoder reads this many most variable genes (0: "
                                 "all); the decoder reconstructs every gene.", AAE)
     adversary: str = option("alternate", "grl (gradient reversal: one backward, every player "
@@ -274,7 +277,8 @@ class AAEConfig(LatentModelConfig):
 
     def check(self) -> None:
         super().check()
-        _non_negative(ar_weight=self.ar_weight, encoder_genes=self.encoder_genes)
+        _non_negative(ar_weight=self.ar_weight, sw_weight=self.sw_weight,
+                      encoder_genes=self.encoder_genes)
         if not 0 <= self.attribute_dim < self.latent_dim:
             raise InputError(f"--attribute-dim must be a latent dimension, 0 to "
                              f"{self.latent_dim - 1} (got {self.attribute_dim}).")

@@ -39,7 +39,7 @@ def _moved(before, after):
 
 def test_each_turn_moves_its_player_only():
     module, batch = _module_and_batch()
-    ctx = {"adv_weight": 1.0, "ar_weight": 1.0}
+    ctx = {"adv_weight": 1.0, "ar_weight": 1.0, "sw_weight": 1.0}
     strategy = AlternatingFreeze(module, {"autoencoder": 1e-2, "discriminator": 1e-2})
     snap = copy.deepcopy(module)
     strategy._freeze_all_but(["discriminator"])
@@ -50,7 +50,7 @@ def test_each_turn_moves_its_player_only():
     snap = copy.deepcopy(module)
     strategy._freeze_all_but(["autoencoder"])
     record = strategy._update(batch, ["autoencoder"], ctx)
-    assert {"recon", "ar", "fool"} <= set(record)
+    assert {"recon", "ar", "fool", "sw"} <= set(record)
     assert _moved(snap.encoder, module.encoder) and _moved(snap.decoder, module.decoder)
     assert not _moved(snap.discriminator, module.discriminator)
 
@@ -65,6 +65,34 @@ def test_the_encoder_is_pushed_toward_what_the_discriminator_calls_prior():
     fooled = logits.detach().clone()
     fooled[:, 1 - FAKE] += 3.0  # the discriminator now says "prior" more
     assert module.adv_loss(fooled, fake) < module.adv_loss(logits.detach(), fake)
+
+
+def test_sliced_wasserstein_is_small_for_the_prior_and_pulls_codes_toward_it():
+    torch.manual_seed(0)
+    directions = torch.cat([torch.eye(4), torch.nn.functional.normalize(torch.randn(4, 4), dim=0)], 1)
+    prior = torch.randn(4096, 4)
+    assert losses.sliced_wasserstein_normal(prior, directions).item() < 0.003
+    # a unit shift on every axis: squared distance 1 along each axis (4 of the 8 directions)
+    shifted = (prior + 1.0).requires_grad_()
+    sw = losses.sliced_wasserstein_normal(shifted, directions)
+    assert sw.item() > 0.5
+    sw.backward()
+    assert (shifted.grad.sum(0) > 0).all()  # descent moves every coordinate back toward 0
+    narrow = 0.5 * prior
+    assert losses.sliced_wasserstein_normal(narrow, directions).item() > 0.2
+
+
+def test_the_sliced_wasserstein_term_enters_only_with_its_weight():
+    module, batch = _module_and_batch()
+    module.eval()  # the same codes in every call
+    ctx = {"adv_weight": 0.0, "ar_weight": 0.0, "sw_weight": 0.0}
+    plain, logs = module.objective(batch, ("autoencoder",), ctx)
+    assert "sw" not in logs
+    torch.manual_seed(1)
+    weighted, logs = module.objective(batch, ("autoencoder",), {**ctx, "sw_weight": 2.0})
+    assert logs["sw"] > 0
+    assert weighted["autoencoder"].item() == pytest.approx(
+        plain["autoencoder"].item() + 2.0 * logs["sw"].item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +170,8 @@ def test_cli_bad_inputs(pbmc_like, tmp_path, invoke, write):
     assert r.exit_code == 2 and "--attribute-dim must be a latent dimension" in r.stderr
     r = invoke("fit", data, "--mode", "aae", "--encoder-genes", "-5", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "--encoder-genes must be zero or more" in r.stderr
+    r = invoke("fit", data, "--mode", "aae", "--sw-weight", "-1", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "--sw-weight must be zero or more" in r.stderr
     r = invoke("fit", data, "--mode", "aae", "--treatment-key", "D", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "applies to --mode confounder only" in r.stderr
     invoke("fit", data, "--mode", "aae", "--max-epochs", "1", "-o", tmp_path / "m.pt")
@@ -230,7 +260,9 @@ def test_files_from_before_the_gene_selection_and_the_depth_path_load(pbmc_like,
     model.save(tmp_path / "aae.pt")
     payload = load_model(tmp_path / "aae.pt")
     del payload["state"]["depth_to_code.weight"], payload["config"]["encoder_genes"]
+    del payload["config"]["sw_weight"]
     save_model(payload, tmp_path / "old.pt")
     loaded = AAEModel.load(tmp_path / "old.pt")
     assert loaded.config.encoder_genes == 0
+    assert loaded.config.sw_weight == 0.0  # it was trained without the term
     np.testing.assert_array_equal(loaded.predict(pbmc_like)["latent"], codes)

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from .. import keys, losses
 from ..data import (CountRows, count_batch, counts_anndata, encode_domains, gene_order,
@@ -57,6 +58,14 @@ def _normal_score_of(value: float, quantiles: np.ndarray) -> float:
 
     level = np.interp(value, quantiles, ATTRIBUTE_LEVELS) if np.ptp(quantiles) > 0 else 0.5
     return float(norm.ppf(level))
+
+
+def slicing_directions(code: torch.Tensor) -> torch.Tensor:
+    """The latent axes (the marginals a user samples and reads) and as many random unit
+    directions, fresh at each step (over steps they cover the joint distribution)."""
+    dim = code.shape[1]
+    axes = torch.eye(dim, device=code.device)
+    return torch.cat([axes, F.normalize(torch.randn(dim, dim, device=code.device), dim=0)], 1)
 
 
 class AAEModule(torch.nn.Module):
@@ -138,6 +147,10 @@ class AAEModule(torch.nn.Module):
             fool = self.adv_loss(constant_call(self.discriminator, code), fake)
             loss = recon + ctx["adv_weight"] * fool
             logs.update(recon=recon.detach(), fool=fool.detach())
+            if ctx["sw_weight"] > 0:
+                sw = losses.sliced_wasserstein_normal(code, slicing_directions(code))
+                loss = loss + ctx["sw_weight"] * sw
+                logs["sw"] = sw.detach()
             if self.attribute_dim is not None and ctx["ar_weight"] > 0:
                 ar = losses.attribute_regularisation(code[:, self.attribute_dim],
                                                      batch["attribute"])
@@ -269,7 +282,8 @@ class AAEModel(BaseModel):
         cfg = self.config
         for _ in range(self.planned_epochs):
             yield EpochPlan(("autoencoder", "discriminator"),
-                            {"adv_weight": cfg.adv_weight, "ar_weight": cfg.ar_weight})
+                            {"adv_weight": cfg.adv_weight, "ar_weight": cfg.ar_weight,
+                             "sw_weight": cfg.sw_weight})
 
     def _summarise(self, wall: float, cpu: float) -> dict[str, Any]:
         from scipy.stats import kstest, spearmanr
@@ -431,6 +445,7 @@ class AAEModel(BaseModel):
     def _upgrade_config(config: dict) -> dict:
         config = dict(config)
         config.setdefault("encoder_genes", 0)  # files from before: the encoder read every gene
+        config.setdefault("sw_weight", 0.0)  # ... and the discriminator alone matched the prior
         return config
 
     def resume_from(self, payload: dict, path="model") -> None:
