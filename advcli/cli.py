@@ -141,18 +141,12 @@ def _report(title: str, rows: dict[str, Any], as_json: bool, payload: dict[str, 
         table.add_row(key, str(value))
     console.print(table)
     if as_json:
-        sys.stdout.write(json.dumps(payload, default=_json_default) + "\n")
+        from .io import plain
+
+        # NaN (a loss a model does not have) as null: jq and strict parsers reject NaN
+        sys.stdout.write(json.dumps(plain(payload, json_safe=True), default=str,
+                                    allow_nan=False) + "\n")
         sys.stdout.flush()
-
-
-def _json_default(obj):
-    import numpy as np
-
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
 
 
 def _written_rows(path: Path, seconds: float, shape=None, keys_written=None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """AAE mode: the losses' signs, which players each turn moves, the API and the CLI end to end."""
 
 import copy
+import json
 
 import anndata as ad
 import numpy as np
@@ -174,7 +175,11 @@ def test_cli_bad_inputs(pbmc_like, tmp_path, invoke, write):
     assert r.exit_code == 2 and "--sw-weight must be zero or more" in r.stderr
     r = invoke("fit", data, "--mode", "aae", "--treatment-key", "D", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "applies to --mode confounder only" in r.stderr
-    invoke("fit", data, "--mode", "aae", "--max-epochs", "1", "-o", tmp_path / "m.pt")
+    r = invoke("fit", data, "--mode", "aae", "--max-epochs", "1", "-o", tmp_path / "m.pt",
+               "--json")
+    # strict JSON for pipelines (jq rejects NaN): the attribute loss it has not is null
+    summary = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} in --json"))
+    assert summary["final_losses"]["ar"] is None and summary["final_losses"]["sw"] > 0
     r = invoke("sample", tmp_path / "m.pt", "-o", tmp_path / "s.h5ad", "--attribute", "3")
     assert r.exit_code == 2 and "--attribute-key" in r.stderr
     r = invoke("sample", tmp_path / "m.pt", "-o", tmp_path / "s.h5ad", "--condition", "X")

@@ -176,7 +176,7 @@ class AAEModel(BaseModel):
     attribute-ordered dimension, and new cells sampled from the prior."""
 
     mode = "aae"
-    progress_keys = ("recon", "ar", "disc_ce", "disc_acc")
+    progress_keys = ("recon", "ar", "sw", "disc_ce", "disc_acc")
     monitored_losses = ("recon", "disc_ce")
 
     def _setup(self, adata) -> None:
@@ -294,7 +294,7 @@ class AAEModel(BaseModel):
         summary = {"mode": self.mode, "n_cells": int(codes.shape[0]),
                    "n_genes": len(self.genes_), "epochs": self.epochs_, "train_seconds": wall,
                    "train_cpu_seconds": cpu, "final_losses": {k: last.get(k, math.nan) for k in
-                                                              ("recon", "ar", "disc_ce",
+                                                              ("recon", "ar", "sw", "disc_ce",
                                                                "disc_acc")},
                    "conditions": list(self.conditions_), "latent_ks_mean": float(np.mean(ks)),
                    "latent_ks_max": float(np.max(ks)), "warnings": []}
