@@ -192,7 +192,8 @@ def sliced_wasserstein_normal(code: torch.Tensor, directions: torch.Tensor) -> t
     quantiles at (i + 1/2) / n. Zero in expectation only when every projected marginal is
     standard normal; pairs with a prior discriminator, which judges the joint shape but lets
     the marginals' location and scale drift by tenths of a unit."""
-    projected = as_float(code) @ directions
+    with torch.autocast(code.device.type, enabled=False):  # a loss: float32, as the others
+        projected = as_float(code) @ as_float(directions)
     n = projected.shape[0]
     levels = (torch.arange(n, dtype=projected.dtype, device=projected.device) + 0.5) / n
     quantiles = math.sqrt(2.0) * torch.erfinv(2.0 * levels - 1.0)

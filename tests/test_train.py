@@ -167,3 +167,11 @@ def test_losses_compute_half_precision_inputs_in_float32():
     assert loss.dtype == torch.float32
     loss.backward()
     assert log_mu.grad.dtype == torch.bfloat16 and torch.isfinite(log_mu.grad.float()).all()
+    # inside autocast too: the sliced Wasserstein projection is not cast down to bfloat16
+    code = torch.randn(64, 4).to(torch.bfloat16)
+    directions = torch.nn.functional.normalize(torch.randn(4, 8), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = losses.sliced_wasserstein_normal(code, directions)
+    assert half.dtype == torch.float32
+    full = losses.sliced_wasserstein_normal(code.float(), directions)
+    assert half.item() == pytest.approx(full.item(), rel=1e-6)
