@@ -261,6 +261,9 @@ class AAEConfig(LatentModelConfig):
                               "(0: the discriminator alone).", AAE)
     encoder_genes: int = option(2000, "The encoder reads this many most variable genes (0: "
                                 "all); the decoder reconstructs every gene.", AAE)
+    encoder_pcs: int = option(50, "The encoder reads this many principal components of those "
+                              "genes' log1p-normalised expression, fitted on the training "
+                              "cells (0: the genes themselves).", AAE)
     adversary: str = option("alternate", "grl (gradient reversal: one backward, every player "
                             "steps) or alternate (the discriminator steps with the encoder "
                             "frozen, then the encoder with the discriminator frozen).", LATENT,
@@ -278,7 +281,7 @@ class AAEConfig(LatentModelConfig):
     def check(self) -> None:
         super().check()
         _non_negative(ar_weight=self.ar_weight, sw_weight=self.sw_weight,
-                      encoder_genes=self.encoder_genes)
+                      encoder_genes=self.encoder_genes, encoder_pcs=self.encoder_pcs)
         if not 0 <= self.attribute_dim < self.latent_dim:
             raise InputError(f"--attribute-dim must be a latent dimension, 0 to "
                              f"{self.latent_dim - 1} (got {self.attribute_dim}).")

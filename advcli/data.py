@@ -522,6 +522,46 @@ def count_batch(rows: "CountRows", idx) -> dict:
             "x_norm": torch.log1p(counts / library[:, None] * TARGET_SUM)}
 
 
+COVARIANCE_GENES = 4096  # up to this many genes the PCs come from the exact covariance; above,
+                         # from a randomised SVD of at most PCA_CELLS cells (a 15,000-gene
+                         # covariance would take 1.8 GB and minutes to decompose)
+PCA_CELLS = 10_000
+
+
+def expression_pcs(rows: "CountRows", n_pcs: int, genes=None, block: int = 4096):
+    """The mean and the first ``n_pcs`` principal axes (genes x n_pcs) of log1p-normalised
+    expression (of the columns ``genes``; all when None). Up to COVARIANCE_GENES genes the
+    covariance is accumulated in float64 over row blocks (every cell counts, no dense copy).
+    The axes are scaled so that the first component has unit variance (the others keep their
+    share) and signed so that each axis's largest loading is positive."""
+    import torch
+
+    def expression(idx):
+        x = count_batch(rows, idx)["x_norm"]
+        return (x if genes is None else x[:, genes]).cpu().double()
+
+    n = rows.shape[0]
+    n_genes = rows.shape[1] if genes is None else len(genes)
+    if n_genes <= COVARIANCE_GENES:
+        total, outer = torch.zeros(n_genes, dtype=torch.float64), 0.0
+        for start in range(0, n, block):
+            x = expression(torch.arange(start, min(start + block, n)))
+            total, outer = total + x.sum(0), outer + x.T @ x
+        mean = total / n
+        values, vectors = torch.linalg.eigh((outer - n * torch.outer(mean, mean)) / max(n - 1, 1))
+        values, vectors = values.flip(0)[:n_pcs], vectors.flip(1)[:, :n_pcs]  # descending
+    else:
+        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:PCA_CELLS]
+        x = expression(chosen.sort().values)
+        mean = x.mean(0)
+        _, singular, vectors = torch.svd_lowrank(x - mean, q=min(n_pcs + 10, *x.shape), niter=6)
+        values = (singular ** 2 / max(len(x) - 1, 1))[:n_pcs]
+        vectors = vectors[:, :n_pcs]
+    biggest = vectors.abs().argmax(dim=0)
+    vectors = vectors * torch.sign(vectors[biggest, torch.arange(vectors.shape[1])])
+    return mean.float(), (vectors / values[0].clamp_min(1e-12).sqrt()).float()
+
+
 def balanced_minibatches(train_idx: list, per_domain: int, steps: int, generator) -> list:
     """One epoch of domain-balanced minibatches: ``per_domain`` cells of every domain per step,
     smaller domains cycled (reshuffled each cycle) until the largest has been seen once."""

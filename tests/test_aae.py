@@ -173,6 +173,8 @@ def test_cli_bad_inputs(pbmc_like, tmp_path, invoke, write):
     assert r.exit_code == 2 and "--encoder-genes must be zero or more" in r.stderr
     r = invoke("fit", data, "--mode", "aae", "--sw-weight", "-1", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "--sw-weight must be zero or more" in r.stderr
+    r = invoke("fit", data, "--mode", "aae", "--encoder-pcs", "-2", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "--encoder-pcs must be zero or more" in r.stderr
     r = invoke("fit", data, "--mode", "aae", "--treatment-key", "D", "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "applies to --mode confounder only" in r.stderr
     r = invoke("fit", data, "--mode", "aae", "--max-epochs", "1", "-o", tmp_path / "m.pt",
@@ -253,21 +255,53 @@ def test_the_encoder_reads_the_most_variable_genes_and_decodes_all(pbmc_like, tm
     np.testing.assert_array_equal(loaded.predict(pbmc_like)["latent"], out["latent"])
 
 
+def test_the_encoder_reads_principal_components_of_the_selected_genes(pbmc_like, tmp_path):
+    """The encoder reads the first encoder_pcs PCs of the selected genes' normalised expression
+    (fitted on the training cells, at most one fewer than the cells), and the axes travel in
+    the model file."""
+    from advcli.data import expression_pcs
+
+    model = AAEModel(pbmc_like, condition_key="batch", latent_dim=4, encoder_genes=40,
+                     encoder_pcs=8, max_epochs=2).train()
+    module = model.module.eval()
+    assert tuple(module.pc_axes.shape) == (40, 8)
+    assert module.encoder.net[0].in_features == 8 + 1  # the components and the depth
+    mean, axes = expression_pcs(model._rows, 8, module.encoder_genes)
+    torch.testing.assert_close(module.pc_axes, axes)
+    idx = torch.arange(10)
+    batch = model.batch(idx)
+    pcs = (batch["x_norm"][:, module.encoder_genes] - mean) @ axes
+    depth = ((torch.log(batch["library"]) - module.depth_center) / module.depth_scale)[:, None]
+    with torch.no_grad():
+        expected = module.encoder(torch.cat([pcs, depth], 1))[0] + module.depth_to_code(depth)
+        torch.testing.assert_close(module.encode(batch), expected)
+    codes = model.predict(pbmc_like)["latent"]
+    model.save(tmp_path / "aae.pt")
+    loaded = AAEModel.load(tmp_path / "aae.pt")
+    assert loaded.config.encoder_pcs == 8
+    np.testing.assert_array_equal(loaded.predict(pbmc_like)["latent"], codes)
+
+    few = pbmc_like[[0, 1, 2, -1, -2, -3]].copy()
+    small = AAEModel(few, condition_key="batch", latent_dim=2, encoder_genes=40, max_epochs=1)
+    assert small.module.pc_axes.shape[1] == 5  # six cells have five components
+
+
 def test_files_from_before_the_gene_selection_and_the_depth_path_load(pbmc_like, tmp_path):
     """A file whose encoder read every gene and had no direct depth path predicts as it did:
     the missing path is a zero one, and its config says every gene."""
     model = AAEModel(pbmc_like, condition_key="batch", latent_dim=4, encoder_genes=0,
-                     max_epochs=2).train()
-    assert model.module.encoder_genes is None
+                     encoder_pcs=0, max_epochs=2).train()
+    assert model.module.encoder_genes is None and model.module.pc_axes is None
     with torch.no_grad():
         model.module.depth_to_code.weight.zero_()
     codes = model.predict(pbmc_like)["latent"]
     model.save(tmp_path / "aae.pt")
     payload = load_model(tmp_path / "aae.pt")
     del payload["state"]["depth_to_code.weight"], payload["config"]["encoder_genes"]
-    del payload["config"]["sw_weight"]
+    del payload["config"]["sw_weight"], payload["config"]["encoder_pcs"]
     save_model(payload, tmp_path / "old.pt")
     loaded = AAEModel.load(tmp_path / "old.pt")
     assert loaded.config.encoder_genes == 0
     assert loaded.config.sw_weight == 0.0  # it was trained without the term
+    assert loaded.config.encoder_pcs == 0 and loaded.module.pc_axes is None
     np.testing.assert_array_equal(loaded.predict(pbmc_like)["latent"], codes)

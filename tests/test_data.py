@@ -221,3 +221,39 @@ def test_highly_variable_genes_find_the_overdispersed_ones():
     assert highly_variable_genes(sp.csr_matrix(x), 4, batches).tolist() == planted
     assert highly_variable_genes(sp.csr_matrix(x), 4).tolist() == planted
     assert highly_variable_genes(sp.csr_matrix(x), 500).tolist() == list(range(g))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_expression_pcs_are_the_principal_axes_of_normalised_expression(exact, monkeypatch):
+    """The covariance path (every cell, float64) and the randomised path for many genes give
+    the principal axes that sklearn finds, scaled so that the first component has unit
+    variance and signed by their largest loading."""
+    import torch
+    from sklearn.decomposition import PCA
+
+    from advcli import data
+    from advcli.data import CountRows, expression_pcs
+
+    if not exact:
+        monkeypatch.setattr(data, "COVARIANCE_GENES", 10)
+    rng = np.random.default_rng(0)
+    n, g = 300, 40
+    programme = rng.lognormal(0, 1, (3, g))  # three cell states of different expression
+    state = rng.integers(0, 3, n)
+    counts = rng.poisson(programme[state] * rng.uniform(0.5, 2, (n, 1)) * 5).astype(np.float32)
+    rows = CountRows(sp.csr_matrix(counts), "cpu")
+    genes = torch.arange(5, 40)
+    mean, axes = expression_pcs(rows, 4, genes)
+    library = counts.sum(1, keepdims=True)
+    x = np.log1p(counts / library * 1e4)[:, 5:40]
+    np.testing.assert_allclose(mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-5)
+    pca = PCA(4).fit(x)
+    for k in range(4):
+        cosine = abs(np.dot(axes[:, k].numpy(), pca.components_[k])) / np.linalg.norm(axes[:, k])
+        assert cosine > 0.999
+        loading = axes[:, k].numpy()
+        assert loading[np.abs(loading).argmax()] > 0
+    scores = (x - mean.numpy()) @ axes.numpy()
+    assert scores[:, 0].var(ddof=1) == pytest.approx(1.0, rel=1e-3)
+    np.testing.assert_allclose(scores.var(0, ddof=1),
+                               pca.explained_variance_ / pca.explained_variance_[0], rtol=1e-3)
