@@ -299,7 +299,7 @@ class DisentangleConfig(LatentModelConfig):
                                 "another cell of its class.", DISENTANGLE)
     gan_weight: float = option(0.1, "Weight of the real-vs-generated adversary on decoded "
                                "cells.", DISENTANGLE)
-    label_weight: float = option(10.0, "Weight of the cross-entropy of a linear read-out of the "
+    label_weight: float = option(30.0, "Weight of the cross-entropy of a linear read-out of the "
                                  "label from s.", DISENTANGLE)
     adv_loss: str = option("uniform", "What the encoder minimises: negce (minus the "
                            "discriminator's cross-entropy), uniform (towards 1/K) or flip "

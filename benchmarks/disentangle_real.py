@@ -51,11 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--options", default="dict()", help="DisentangleModel options")
     parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--seed", type=int, default=0, help="split and model seed")
     args = parser.parse_args()
     options = eval(args.options, {"__builtins__": {}}, {"dict": dict})  # a dict literal
     rows = []
     for name in args.sets.split(","):
-        rows.append(run(name, options))
+        rows.append(run(name, options, args.seed))
         print(rows[-1], flush=True)
     frame = pd.DataFrame(rows).set_index("set")
     print(f"\noptions: {options}; targets: acc_s >= 0.9, |acc_z - majority| <= 0.1, "
