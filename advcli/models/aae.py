@@ -312,9 +312,8 @@ class AAEModel(BaseModel):
         last = self.train_state_.records[-1]
         summary = {"mode": self.mode, "n_cells": int(codes.shape[0]),
                    "n_genes": len(self.genes_), "epochs": self.epochs_, "train_seconds": wall,
-                   "train_cpu_seconds": cpu, "final_losses": {k: last.get(k, math.nan) for k in
-                                                              ("recon", "ar", "sw", "disc_ce",
-                                                               "disc_acc")},
+                   "train_cpu_seconds": cpu,
+                   "final_losses": {k: last.get(k, math.nan) for k in self.progress_keys},
                    "conditions": list(self.conditions_), "latent_ks_mean": float(np.mean(ks)),
                    "latent_ks_max": float(np.max(ks)), "warnings": []}
         if self._attribute is not None:
