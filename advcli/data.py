@@ -8,7 +8,6 @@ Counts are checked in row blocks so a backed (on-disk) file is never loaded whol
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -562,48 +561,51 @@ def expression_pcs(rows: "CountRows", n_pcs: int, genes=None, block: int = 4096)
     return mean.float(), (vectors / values[0].clamp_min(1e-12).sqrt()).float()
 
 
-def balanced_minibatches(train_idx: list, per_domain: int, steps: int, generator) -> list:
-    """One epoch of domain-balanced minibatches: ``per_domain`` cells of every domain per step,
-    smaller domains cycled (reshuffled each cycle) until the largest has been seen once."""
+def stratified_minibatches(groups: list, batch_size: int, generator) -> list:
+    """One epoch over the cells of ``groups`` (index tensors, e.g. one per domain), each cell
+    once, every minibatch holding the groups in their overall proportions: each group is
+    shuffled and its cells spread evenly over the epoch, so the composition does not vary from
+    one minibatch to the next as a plain shuffle's would."""
     import torch
 
-    parts = []
-    for cells in train_idx:
-        need = steps * per_domain
-        reps = math.ceil(need / len(cells))
-        order = torch.cat([cells[torch.randperm(len(cells), generator=generator)]
-                           for _ in range(reps)])[:need]
-        parts.append(order.view(steps, per_domain))
-    return [torch.cat([p[s] for p in parts]) for s in range(steps)]
+    cells, position = [], []
+    for g in groups:
+        n = len(g)
+        if n:
+            cells.append(g[torch.randperm(n, generator=generator)])
+            offset = torch.rand(1, generator=generator, dtype=torch.float64)
+            position.append((torch.arange(n, dtype=torch.float64) + offset) / n)
+    cells, position = torch.cat(cells), torch.cat(position)
+    return list(cells[torch.argsort(position, stable=True)].split(batch_size))
 
 
 MAX_VAL_CELLS = 10_000  # held-out cells estimate the validation loss well long before 10%
                         # of an atlas; more would only slow every epoch
 
 
-def stratified_split(domain: np.ndarray, names: Sequence[str], val_fraction: float,
-                     batch_size: int, seed: int, key: str):
+MIN_DOMAIN_CELLS = 10  # the discriminator needs a few training cells of every domain
+
+
+def stratified_split(domain: np.ndarray, names: Sequence[str], val_fraction: float, seed: int,
+                     key: str):
     """Seeded, domain-stratified train / validation split: (training cells per domain,
-    validation cells, cells per domain in a minibatch). ``val_fraction`` of the cells are held
-    out, at most MAX_VAL_CELLS. Every domain must fill its share of a minibatch."""
+    validation cells). ``val_fraction`` of the cells are held out, at most MAX_VAL_CELLS."""
     import torch
 
     rng = np.random.default_rng(seed)
-    per_domain = max(1, batch_size // len(names))
     share = val_fraction * min(1.0, MAX_VAL_CELLS / max(val_fraction * len(domain), 1.0))
     train, val = [], []
     for k, name in enumerate(names):
         cells = rng.permutation(np.flatnonzero(domain == k))
         n_val = int(round(share * len(cells)))
-        if len(cells) - n_val < per_domain:
+        if len(cells) - n_val < MIN_DOMAIN_CELLS:
             raise InputError(
-                f"Domain '{name}' of obs['{key}'] has {len(cells)} cells, fewer than one "
-                f"minibatch needs ({per_domain} training cells per domain at --batch-size "
-                f"{batch_size} with {len(names)} domains). Lower --batch-size or leave this "
-                "domain out.")
+                f"Domain '{name}' of obs['{key}'] has {len(cells)} cells, too few to learn it "
+                f"from (at least {MIN_DOMAIN_CELLS} training cells per domain). Leave this "
+                "domain out or merge it with a similar one.")
         train.append(torch.from_numpy(cells[n_val:]))
         val.append(cells[:n_val])
-    return train, torch.from_numpy(np.sort(np.concatenate(val))), per_domain
+    return train, torch.from_numpy(np.sort(np.concatenate(val)))
 
 
 def in_file_order(adata, genes: Sequence[str], values: np.ndarray) -> np.ndarray:

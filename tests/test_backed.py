@@ -236,7 +236,7 @@ def test_validation_cells_are_capped(monkeypatch):
 
     monkeypatch.setattr(data, "MAX_VAL_CELLS", 30)
     domain = np.repeat([0, 1], [400, 200])
-    train, val, _ = data.stratified_split(domain, ["a", "b"], 0.1, 64, 0, "batch")
+    train, val = data.stratified_split(domain, ["a", "b"], 0.1, 0, "batch")
     assert len(val) == 30 and sum(len(t) for t in train) == 570
     assert (domain[val.numpy()] == 0).sum() == 20  # still stratified
 

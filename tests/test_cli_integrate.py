@@ -97,7 +97,7 @@ def test_bad_inputs(tmp_path, invoke, write, integrate_file):
     assert r.exit_code == 2 and "single level" in r.stderr
     small = make_adata(n=300, batch=np.where(np.arange(300) < 290, "big", "tiny"))
     r = invoke("fit", write(small, "small.h5ad"), "--mode", "integrate", "-o", tmp_path / "m.pt")
-    assert r.exit_code == 2 and "Domain 'tiny'" in r.stderr and "fewer than one minibatch" in r.stderr
+    assert r.exit_code == 2 and "Domain 'tiny'" in r.stderr and "too few to learn it from" in r.stderr
     r = invoke("fit", integrate_file, "--mode", "integrate", "--batch-key", "sample",
                "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "'batch', 'cell_type'" in r.stderr

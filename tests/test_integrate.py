@@ -178,3 +178,26 @@ def test_mixing_fraction_is_relative_to_the_domains_sizes():
     extra = np.vstack([points, rng.normal(size=(500, 2)) + 100.0])  # a type in domain 0 only
     _, idx = knn(extra, 50)
     assert mixing_fraction(idx, np.r_[codes, np.zeros(500, int)], 3) > 0.85
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_an_epoch_shows_every_training_cell_once(tmp_path, integrate, backed, monkeypatch):
+    """Minibatches follow the data: each training cell once per epoch, none of the held-out
+    cells, so a small domain is not replayed (it comes in its own proportion)."""
+    import advcli
+    from advcli import backed as backed_rows
+
+    a = integrate[np.r_[0:300, 300:360]].copy()  # domains of 300 and 60 cells
+    if backed:
+        monkeypatch.setattr(backed_rows, "CHUNK_ROWS", 32)  # several buffers, each shuffled
+        monkeypatch.setattr(backed_rows, "BUFFER_ROWS", 128)
+        path = tmp_path / "d.h5ad"
+        a.write_h5ad(path)
+        a = advcli.read_backed(path)
+    model = IntegrationModel(a, batch_size=64, seed=0)
+    epoch = torch.cat(model.batches(torch.Generator().manual_seed(1))).numpy()
+    training = np.setdiff1d(np.arange(360), model._val_idx.numpy())
+    assert np.array_equal(np.sort(epoch), training)
+    steps = len(model.batches(torch.Generator()))
+    assert model.steps_per_epoch == math.ceil(len(training) / 64)
+    assert steps == model.steps_per_epoch if not backed else steps <= model.steps_per_epoch + 3
