@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from advcli.data import (CovariateEncoding, stratified_minibatches, encode_domains, encode_treatment, gene_order,
-                         load_counts, read_h5ad, validate_counts)
+from advcli.data import (CovariateEncoding, encode_domains, encode_treatment, gene_order,
+                         load_counts, read_h5ad, stratified_minibatches, validate_counts)
 from advcli.errors import InputError
 from conftest import make_adata
 

@@ -203,7 +203,6 @@ class IntegrationModel(BaseModel):
             self.config = cfg = replace(cfg, batch_size=default_batch_size(n_train))
         self._train_idx, self._val_idx = stratified_split(
             domain, self.domains_, cfg.val_fraction, cfg.seed, cfg.batch_key)
-        self._train = torch.cat(self._train_idx)
         torch.manual_seed(cfg.seed)
         self.module = self._build(len(self.genes_)).to(self.device)
         self._rows = rows
@@ -211,7 +210,7 @@ class IntegrationModel(BaseModel):
         if rows.backed:
             rows.hold(self._val_idx.numpy())
             self._training = np.zeros(len(domain), dtype=bool)
-            self._training[self._train.numpy()] = True
+            self._training[torch.cat(self._train_idx).numpy()] = True
 
     def _data_summary(self) -> bytes:
         return self._rows.col_sums.tobytes() + self._domain.cpu().numpy().tobytes()
@@ -235,8 +234,12 @@ class IntegrationModel(BaseModel):
         return {"vae": cfg.lr, "discriminator": cfg.lr_discriminator or cfg.lr}
 
     @property
+    def n_train(self) -> int:
+        return sum(len(i) for i in self._train_idx)
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self._train) / self.config.batch_size)
+        return math.ceil(self.n_train / self.config.batch_size)
 
     @property
     def max_epochs(self) -> int:
@@ -344,7 +347,7 @@ class IntegrationModel(BaseModel):
 
     def _summarise(self, wall: float, cpu: float) -> dict[str, Any]:
         records = self.train_state_.records
-        cells_seen = len(records) * len(self._train)
+        cells_seen = len(records) * self.n_train
         summary = {
             "mode": self.mode, "n_cells": int(self._domain.shape[0]), "n_genes": len(self.genes_),
             "domains": {d: int((self._domain == k).sum()) for k, d in enumerate(self.domains_)},
