@@ -105,6 +105,50 @@ def read_rows(matrix, rows: np.ndarray):
                          shape=(len(rows), matrix.shape[1]))
 
 
+SMALL_COUNT = 64  # counts below this are tallied in a table; larger (rarer) ones are sorted
+LARGE_SHIFT = 40  # a large count's key: gene << LARGE_SHIFT | count
+
+
+class CountTally:
+    """The per-gene histogram of nonzero counts (losses.CountHistogram), gathered block by
+    block in a streaming pass: a table for small counts (no sort), sorted keys for the rest."""
+
+    def __init__(self, n_genes: int):
+        self.n_genes, self.cells = n_genes, 0
+        self.small = np.zeros(n_genes * SMALL_COUNT, dtype=np.int64)
+        self.large_keys = np.zeros(0, dtype=np.int64)
+        self.large_n = np.zeros(0, dtype=np.int64)
+
+    def add(self, csr: sp.csr_matrix) -> None:
+        self.cells += csr.shape[0]
+        keep = csr.data > 0
+        genes = csr.indices[keep].astype(np.int64)
+        values = csr.data[keep].astype(np.int64)
+        small = values < SMALL_COUNT
+        self.small += np.bincount(genes[small] * SMALL_COUNT + values[small],
+                                  minlength=self.small.size)
+        if not small.all():
+            keys = np.concatenate([self.large_keys, genes[~small] << LARGE_SHIFT | values[~small]])
+            n = np.concatenate([self.large_n, np.ones(int((~small).sum()), dtype=np.int64)])
+            self.large_keys, inverse = np.unique(keys, return_inverse=True)
+            self.large_n = np.bincount(inverse, weights=n).astype(np.int64)
+
+    def histogram(self, device):
+        import torch
+
+        from .losses import CountHistogram
+
+        at = np.flatnonzero(self.small)
+        genes = np.concatenate([at // SMALL_COUNT, self.large_keys >> LARGE_SHIFT])
+        counts = np.concatenate([at % SMALL_COUNT, self.large_keys & ((1 << LARGE_SHIFT) - 1)])
+        share = np.concatenate([self.small[at], self.large_n]) / max(self.cells, 1)
+        nonzero_share = np.bincount(genes, weights=share, minlength=self.n_genes)
+        return CountHistogram(torch.from_numpy(genes),
+                              torch.from_numpy(counts.astype(np.float32)),
+                              torch.from_numpy(share.astype(np.float32)),
+                              torch.from_numpy(nonzero_share.astype(np.float32))).to(device)
+
+
 def check_backed_matrix(matrix, where: str) -> None:
     """Row blocks of a CSC matrix cost a pass over the whole file each: refuse it up front."""
     if getattr(matrix, "format", None) == "csc":
@@ -136,12 +180,13 @@ class _Buffer:
 
 
 class BackedCountRows:
-    """The CountRows interface (``shape``, ``log_factorial``, ``rows(idx)``) over a matrix on
-    disk, with ``columns`` selecting and ordering genes."""
+    """The CountRows interface (``shape``, ``log_factorial``, ``count_histogram``,
+    ``rows(idx)``) over a matrix on disk, with ``columns`` selecting and ordering genes."""
 
     backed = True
 
-    def __init__(self, matrix, device, columns: np.ndarray | None = None, where: str = "X"):
+    def __init__(self, matrix, device, columns: np.ndarray | None = None, where: str = "X",
+                 histogram: bool = False):
         import torch
         from scipy.special import gammaln
 
@@ -153,6 +198,7 @@ class BackedCountRows:
         log_factorial = np.zeros(n, dtype=np.float64)
         self.library = np.zeros(n, dtype=np.float64)
         self.col_sums = np.zeros(g, dtype=np.float64)
+        tally = CountTally(g) if histogram else None
         for start, csr in self.blocks(where):
             stop = start + csr.shape[0]
             per_entry = sp.csr_matrix((gammaln(csr.data + 1.0), csr.indices, csr.indptr),
@@ -160,7 +206,10 @@ class BackedCountRows:
             log_factorial[start:stop] = np.asarray(per_entry.sum(axis=1)).ravel()
             self.library[start:stop] = np.asarray(csr.sum(axis=1)).ravel()
             self.col_sums += np.asarray(csr.sum(axis=0)).ravel()
+            if tally is not None:
+                tally.add(csr)
         self.log_factorial = torch.from_numpy(log_factorial.astype(np.float32)).to(device)
+        self.count_histogram = tally.histogram(device) if tally is not None else None
         self._resident = _Buffer(np.zeros(0, dtype=np.int64), sp.csr_matrix((0, g)))
         self._current = self._resident
         self._plan: list[np.ndarray] = []

@@ -17,8 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
-from .backed import (BLOCK_ROWS, BackedAnnData, BackedCountRows, check_count_block,
-                     iter_row_blocks)
+from .backed import (BLOCK_ROWS, BackedAnnData, BackedCountRows, CountTally,
+                     check_count_block, iter_row_blocks)
 from .errors import InputError
 
 def read_h5ad(path: str | Path, backed: bool | str = False):
@@ -453,12 +453,13 @@ def gene_order(adata, genes: Sequence[str]) -> np.ndarray:
 
 class CountRows:
     """Counts for minibatches: a dense tensor when it fits comfortably, else CSR rows densified
-    per batch (so 10^6 cells never need a dense copy)."""
+    per batch (so 10^6 cells never need a dense copy). With ``histogram``, also the per-gene
+    histogram of the counts (``count_histogram``) an NB loss can take its count term from."""
 
     DENSE_LIMIT = 200_000_000  # entries (800 MB as float32)
     backed = False
 
-    def __init__(self, counts: sp.csr_matrix, device):
+    def __init__(self, counts: sp.csr_matrix, device, histogram: bool = False):
         import torch
         from scipy.special import gammaln
 
@@ -470,6 +471,12 @@ class CountRows:
                                   shape=csr.shape)
         self.log_factorial = torch.from_numpy(
             np.asarray(per_entry.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)).to(device)
+        self.count_histogram = None
+        if histogram:
+            tally = CountTally(counts.shape[1])
+            for start in range(0, csr.shape[0], BLOCK_ROWS):
+                tally.add(csr[start:start + BLOCK_ROWS])
+            self.count_histogram = tally.histogram(device)
         if counts.shape[0] * counts.shape[1] <= self.DENSE_LIMIT:
             self.dense = torch.from_numpy(counts.toarray()).to(device)
             self.csr = None
@@ -485,17 +492,18 @@ class CountRows:
 
 
 def count_rows(adata, layer: str | None, device, columns: np.ndarray | None = None,
-               name: str = "input"):
+               name: str = "input", histogram: bool = False):
     """Validated counts for minibatches, genes ``columns`` (all when None): in memory
     (CountRows), or left on disk when ``adata`` is backed (``--backed``: BackedCountRows, read
     in row blocks). Both carry ``col_sums``, the counts per gene."""
     if getattr(adata, "isbacked", False):  # the values are checked in its streaming pass
         matrix = checked_count_source(adata, layer, name)
         check_gene_names(adata)
-        return BackedCountRows(matrix, device, columns, f"layers['{layer}']" if layer else "X")
+        return BackedCountRows(matrix, device, columns, f"layers['{layer}']" if layer else "X",
+                               histogram)
     validate_counts(adata, layer, name)
     counts = load_counts(adata, layer)
-    return CountRows(counts if columns is None else counts[:, columns], device)
+    return CountRows(counts if columns is None else counts[:, columns], device, histogram)
 
 
 def minibatches(n: int, batch_size: int, generator, shuffle: bool = True) -> list:

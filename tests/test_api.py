@@ -35,6 +35,24 @@ def test_warm_start_puts_z_on_the_residual_factor(sample):
     assert phases[:5] == ["warm_start"] * 5 and phases[5] == "heads"
 
 
+def test_nb_count_term_comes_from_the_histogram_when_it_is_smaller(sample):
+    """Training takes the NB count term from all cells' count histogram when that has fewer
+    (gene, count) pairs than a minibatch has nonzero counts; the losses a batch reports are
+    the same either way, up to the count term's minibatch noise."""
+    model = ConfounderModel(sample, z_dim=1)
+    hist = model._y.count_histogram
+    per_cell = float(hist.nonzero_share.sum())
+    assert model._histogram is hist and hist.pairs <= model.config.batch_size * per_cell
+    tiny = ConfounderModel(sample, z_dim=1, batch_size=2)
+    assert hist.pairs > 2 * per_cell and tiny._histogram is None
+    batch = model.batch(torch.arange(sample.n_obs))  # every cell: the two forms agree
+    ctx = {"phase": "heads", "temperature": 1.0, "weights": model.weights}
+    with_hist, _ = model.module.objective(batch, ("classifier", "nb"), ctx)
+    without, _ = model.module.objective({**batch, "count_histogram": None},
+                                        ("classifier", "nb"), ctx)
+    torch.testing.assert_close(with_hist["nb"], without["nb"])
+
+
 def test_factor_count_is_one_on_a_one_factor_simulation(sample):
     assert ConfounderModel(sample).config.z_dim == 1
 

@@ -264,6 +264,9 @@ def test_confounder_setup_from_disk_equals_memory(confounder_file, small_chunks)
     assert torch.allclose(memory._start, disk._start, atol=1e-4)
     assert torch.allclose(memory._off, disk._off, atol=1e-6)
     assert memory.fingerprint_ == disk.fingerprint_
+    for a, b in zip(vars(memory._y.count_histogram).values(),
+                    vars(disk._y.count_histogram).values()):
+        assert torch.equal(a, b)
 
 
 def test_confounder_fit_predict_diagnose_backed(tmp_path, invoke, confounder_file,

@@ -273,3 +273,39 @@ def test_stratified_minibatches_keep_every_domains_share_in_every_batch():
     other = stratified_minibatches(groups, 64, torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
     assert not torch.equal(batches[0], other[0])
+
+
+@pytest.mark.parametrize("backed_file", [False, True])
+def test_count_histogram_holds_every_gene_count_pair(tmp_path, monkeypatch, backed_file):
+    """The per-gene histogram of nonzero counts, tallied block by block (small counts in a
+    table, large ones sorted and merged across blocks), equals a direct count of the pairs."""
+    import anndata as ad
+    import torch
+
+    from advcli import backed, data
+
+    monkeypatch.setattr(data, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(backed, "BLOCK_ROWS", 7)
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(1, 0.02, (40, 6)).astype(np.float32)  # many counts over 64
+    counts[:, 2] = 0.0  # a gene never seen
+    counts[5, 4] = 70_000.0
+    counts[0, 4] = counts[30, 4] = 100.0  # one large pair in two blocks
+    assert (counts > backed.SMALL_COUNT).sum() > 20
+    if backed_file:
+        path = tmp_path / "c.h5ad"
+        ad.AnnData(X=sp.csr_matrix(counts)).write_h5ad(path)
+        rows = data.count_rows(data.read_h5ad(path, backed=True), None, torch.device("cpu"),
+                               histogram=True)
+    else:
+        rows = data.CountRows(sp.csr_matrix(counts), torch.device("cpu"), histogram=True)
+    hist = rows.count_histogram
+    got = sorted(zip(hist.genes.tolist(), hist.counts.tolist(), (hist.share * 40).tolist()))
+    want = []
+    for g in range(6):
+        values, n = np.unique(counts[:, g][counts[:, g] > 0], return_counts=True)
+        want += [(g, float(v), float(k)) for v, k in zip(values, n)]
+    assert [(g, c) for g, c, _ in got] == [(g, c) for g, c, _ in want]
+    np.testing.assert_allclose([k for *_, k in got], [k for *_, k in want], rtol=1e-5)
+    np.testing.assert_allclose(hist.nonzero_share.numpy(), (counts > 0).mean(axis=0), rtol=1e-5)
+    assert data.CountRows(sp.csr_matrix(counts), torch.device("cpu")).count_histogram is None

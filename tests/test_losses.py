@@ -126,6 +126,34 @@ def test_precomputed_log_factorials_give_the_same_nb_losses():
                                                         log_factorial=lf))
 
 
+def test_nb_loss_with_the_count_histogram_is_the_full_data_loss():
+    """Given the data's count histogram, the NB loss takes lgamma(y + theta) - lgamma(theta)
+    from all cells: on a minibatch of every cell it is the plain loss (values and gradients in
+    log mu and theta); averaged over the minibatches of an epoch it is the full-data loss."""
+    import scipy.sparse as sp
+
+    from advcli.data import CountRows
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.poisson(torch.rand(40, 8, generator=g, dtype=torch.float64) * 90)
+    y[torch.rand(40, 8, generator=g) < 0.5] = 0.0
+    y[3, 2] = 5000.0
+    log_mu = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    log_theta = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = CountRows(sp.csr_matrix(y.numpy()), "cpu", histogram=True)
+    hist = rows.count_histogram
+    assert hist.pairs < int((y > 0).sum())  # counts recur
+    plain = losses.nb_nll(y, log_mu, log_theta.exp())
+    ours = losses.nb_nll(y, log_mu, log_theta.exp(), rows.log_factorial, hist)
+    torch.testing.assert_close(ours, plain.float(), check_dtype=False)
+    for a, b in zip(torch.autograd.grad(ours, (log_mu, log_theta)),
+                    torch.autograd.grad(plain, (log_mu, log_theta))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    halves = [losses.nb_nll(y[i], log_mu[i], log_theta.exp(), rows.log_factorial[i], hist)
+              for i in (slice(0, 20), slice(20, 40))]
+    torch.testing.assert_close(sum(halves) / 2, plain.float(), check_dtype=False)
+
+
 @pytest.mark.parametrize("zeros", [0.2, 0.9])  # the dense and the nonzero-only lgamma paths
 @pytest.mark.parametrize("table", [False, True])
 def test_training_nb_likelihood_and_its_gradient_match_the_elementwise_form(zeros, table):

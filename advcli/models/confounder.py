@@ -99,12 +99,12 @@ class ConfounderModule(torch.nn.Module):
         features = batch.get("features")  # the batch computes them once for every turn
         if features is None:
             features = self.generator.features(x, d, y, off)
-        lf = batch.get("log_factorial")
+        lf, hist = batch.get("log_factorial"), batch.get("count_histogram")
         phase = ctx["phase"]
         if phase == "baseline":
             bce = losses.bce(self.baseline_classifier(x), d)
             nb = losses.nb_nll(y, self.baseline_nb(torch.cat([x, d[:, None]], dim=1), off),
-                               self.baseline_nb.theta, lf)
+                               self.baseline_nb.theta, lf, hist)
             return {"baseline": bce + nb}, {"bce": bce.detach(), "nb": nb.detach()}
         if phase == "warm_start":
             mse = F.mse_loss(self.generator.net(features), batch["start"])
@@ -112,7 +112,8 @@ class ConfounderModule(torch.nn.Module):
         out, logs = {}, {}
         if "generator" in players:
             z, _ = self.z(features, ctx["temperature"])
-            out["generator"] = self._generator_loss(x, d, y, off, z, ctx["weights"], logs, lf)
+            out["generator"] = self._generator_loss(x, d, y, off, z, ctx["weights"], logs, lf,
+                                                    hist)
             z = z.detach()
         else:
             with torch.no_grad():
@@ -122,18 +123,19 @@ class ConfounderModule(torch.nn.Module):
             logs["bce"] = out["classifier"].detach()
         if "nb" in players:
             log_mu = self.nb(torch.cat([x, d[:, None], z], dim=1), off)
-            out["nb"] = losses.nb_nll(y, log_mu, self.nb.theta, lf)
+            out["nb"] = losses.nb_nll(y, log_mu, self.nb.theta, lf, hist)
             logs["nb"] = out["nb"].detach()
         return out, logs
 
     def _generator_loss(self, x, d, y, off, z, weights: dict, logs: dict,
-                        log_factorial: torch.Tensor | None = None) -> torch.Tensor:
+                        log_factorial: torch.Tensor | None = None,
+                        histogram: losses.CountHistogram | None = None) -> torch.Tensor:
         """bce_w * BCE + nb_w * NB - dbpr_w * (w' + v') through the heads held constant. BCE
         is per cell, NB per cell and gene; the DBPR terms are rewarded (subtracted)."""
         d_logit = constant_call(self.classifier, torch.cat([x, z], dim=1))
         log_mu = constant_call(self.nb, torch.cat([x, d[:, None], z], dim=1), off)
         theta = self.nb.theta.detach()
-        bce, nb = losses.bce(d_logit, d), losses.nb_nll(y, log_mu, theta, log_factorial)
+        bce, nb = losses.bce(d_logit, d), losses.nb_nll(y, log_mu, theta, log_factorial, histogram)
         total = weights["bce"] * bce + weights["nb"] * nb
         if weights["dbpr"] > 0:
             with torch.no_grad():
@@ -195,7 +197,7 @@ class ConfounderModel(BaseModel):
         backed = getattr(adata, "isbacked", False)
         # in memory, the counts as CSR; on disk (--backed), rows read in blocks. Both are
         # checked here, before anything else is read.
-        counts = count_rows(adata, cfg.layer, self.device) if backed else None
+        counts = count_rows(adata, cfg.layer, self.device, histogram=True) if backed else None
         if not backed:
             validate_counts(adata, cfg.layer)
         cov_keys = cfg.covariate_keys if cfg.covariate_keys is not None \
@@ -238,7 +240,8 @@ class ConfounderModel(BaseModel):
         self._x = torch.from_numpy(x).to(self.device)
         self._d = torch.from_numpy(d).to(self.device)
         self._off = torch.from_numpy(offset.astype(np.float32)).to(self.device)
-        self._y = counts if backed else CountRows(counts, self.device)
+        self._y = counts if backed else CountRows(counts, self.device, histogram=True)
+        self._histogram = _worth_it(self._y.count_histogram, cfg.batch_size)
         self._counts = None if backed else counts  # the effects GLMs read them in memory
         self._obs = adata.obs
         if cfg.sample_key is not None:
@@ -329,7 +332,8 @@ class ConfounderModel(BaseModel):
     def batch(self, idx: torch.Tensor) -> dict:
         idx = idx.to(self._x.device)
         out = {"x": self._x[idx], "d": self._d[idx], "y": self._y.rows(idx),
-               "offset": self._off[idx], "log_factorial": self._y.log_factorial[idx]}
+               "offset": self._off[idx], "log_factorial": self._y.log_factorial[idx],
+               "count_histogram": self._histogram}  # all cells' (or None): the same every batch
         with torch.no_grad():
             out["features"] = self.module.generator.features(out["x"], out["d"], out["y"],
                                                              out["offset"])
@@ -697,6 +701,15 @@ class ConfounderModel(BaseModel):
         fixed = torch.exp(-state["nb.log_theta"]) if self.config.dispersion_key else None
         self.module = self._build(int(enc["x_dim"]), len(self.genes_), state["generator.y_mean"],
                                   state["generator.y_scale"], fixed)
+
+
+def _worth_it(histogram: losses.CountHistogram, batch_size: int
+              ) -> losses.CountHistogram | None:
+    """The count histogram when it has fewer (gene, count) pairs than a minibatch has nonzero
+    counts (true of most data: counts recur), else None: the minibatch's own counts are then
+    the cheaper way to the NB count term."""
+    per_batch = batch_size * float(histogram.nonzero_share.sum())
+    return histogram if histogram.pairs <= per_batch else None
 
 
 def _propensity(features: np.ndarray, d: np.ndarray) -> np.ndarray:
