@@ -141,7 +141,9 @@ class ConfounderConfig(TrainConfig):
     # shared options with this mode's defaults
     max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
                                     "counted.", TRAINING, shown="the schedule's length")
-    batch_size: int | None = option(128, "Cells per minibatch.", TRAINING)
+    batch_size: int | None = option(None, "Cells per minibatch.", TRAINING,
+                                    shown="128, or about 24 steps an epoch on over 3,072 "
+                                    "cells (at most 1,024 cells and 10^6 counts)")
     lr: float = option(1e-2, "Learning rate.", TRAINING)
     patience: int = option(2, "Epochs without improvement before a phase (or training) stops; "
                            "0 turns early stopping off.", TRAINING)

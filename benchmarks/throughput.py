@@ -188,9 +188,12 @@ def part_seed(tmp: Path, n: int, genes: int) -> None:
     seed_rate = n * passes / 3 / w
     print(f"{'design documents loop (batch 32)':<34}{passes / 3:>14.1f}{w:>9.1f}{c:>9.1f}"
           f"{seed_rate:>20,.0f}{_abs_r(probs, z_true):>15.3f}")
-    for label, opts in (("advcli defaults", {}), ("advcli --batch-size 512", {"batch_size": 512})):
+    for label, opts in (("advcli defaults", {}),
+                        ("advcli --batch-size 128", {"batch_size": 128})):
         m = advcli.ConfounderModel(a, **opts).train()
         s = m.fit_summary()
+        if not opts:
+            label += f" (batch {m.config.batch_size})"
         player_epochs = s["epochs"] / 2  # a heads epoch and a generator epoch
         rate = n * player_epochs / s["train_seconds"]
         print(f"{label:<34}{player_epochs:>14.1f}{s['train_seconds']:>9.1f}"

@@ -53,6 +53,20 @@ def test_nb_count_term_comes_from_the_histogram_when_it_is_smaller(sample):
     torch.testing.assert_close(with_hist["nb"], without["nb"])
 
 
+def test_default_minibatch_grows_with_the_data_within_its_bounds(sample):
+    """128 cells up to 3,072 cells, then about 24 steps an epoch, at most 1,024 cells and
+    ~10^6 counts (never under 128); the model records the size it used."""
+    from advcli.models.confounder import confounder_batch_size
+
+    assert confounder_batch_size(1_000, 2_000) == 128
+    assert confounder_batch_size(10_000, 1_000) == 10_000 // 24
+    assert confounder_batch_size(10**6, 500) == 1024
+    assert confounder_batch_size(10**6, 2_000) == (1 << 20) // 2_000
+    assert confounder_batch_size(10**6, 30_000) == 128
+    assert ConfounderModel(sample, z_dim=1).config.batch_size == 128
+    assert ConfounderModel(sample, z_dim=1, batch_size=50).config.batch_size == 50
+
+
 def test_factor_count_is_one_on_a_one_factor_simulation(sample):
     assert ConfounderModel(sample).config.z_dim == 1
 

@@ -241,6 +241,8 @@ class ConfounderModel(BaseModel):
         self._d = torch.from_numpy(d).to(self.device)
         self._off = torch.from_numpy(offset.astype(np.float32)).to(self.device)
         self._y = counts if backed else CountRows(counts, self.device, histogram=True)
+        if cfg.batch_size is None:
+            self.config = cfg = replace(cfg, batch_size=confounder_batch_size(*self._y.shape))
         self._histogram = _worth_it(self._y.count_histogram, cfg.batch_size)
         self._counts = None if backed else counts  # the effects GLMs read them in memory
         self._obs = adata.obs
@@ -701,6 +703,18 @@ class ConfounderModel(BaseModel):
         fixed = torch.exp(-state["nb.log_theta"]) if self.config.dispersion_key else None
         self.module = self._build(int(enc["x_dim"]), len(self.genes_), state["generator.y_mean"],
                                   state["generator.y_scale"], fixed)
+
+
+STEPS_PER_EPOCH = 24  # the most the defaults were chosen at (8-24 on 1,000-3,000 cells)
+
+
+def confounder_batch_size(n_cells: int, n_genes: int) -> int:
+    """128 cells, or about STEPS_PER_EPOCH steps an epoch on larger data, at most 1,024 cells
+    and ~10^6 counts a minibatch. An epoch is one phase of the alternation, and on large data
+    a phase of 128-cell steps is many more steps than the heads need to follow Z; larger
+    minibatches spread the fixed cost of a step (the optimizers, the per-gene terms) over more
+    cells and give the same fits (docs/confounder.md)."""
+    return int(max(128, min(n_cells // STEPS_PER_EPOCH, 1024, (1 << 20) // max(n_genes, 1))))
 
 
 def _worth_it(histogram: losses.CountHistogram, batch_size: int
