@@ -121,17 +121,20 @@ class CountTally:
 
     def add(self, csr: sp.csr_matrix) -> None:
         self.cells += csr.shape[0]
-        keep = csr.data > 0
-        genes = csr.indices[keep].astype(np.int64)
-        values = csr.data[keep].astype(np.int64)
+        values = csr.data.astype(np.int64)  # stored zeros land in column 0, dropped at the end
         small = values < SMALL_COUNT
-        self.small += np.bincount(genes[small] * SMALL_COUNT + values[small],
-                                  minlength=self.small.size)
-        if not small.all():
-            keys = np.concatenate([self.large_keys, genes[~small] << LARGE_SHIFT | values[~small]])
-            n = np.concatenate([self.large_n, np.ones(int((~small).sum()), dtype=np.int64)])
-            self.large_keys, inverse = np.unique(keys, return_inverse=True)
+        if small.all():
+            keys = csr.indices * SMALL_COUNT + values
+        else:
+            keys = csr.indices[small] * SMALL_COUNT + values[small]
+            large = ~small
+            merged = np.concatenate([self.large_keys,
+                                     csr.indices[large].astype(np.int64) << LARGE_SHIFT
+                                     | values[large]])
+            n = np.concatenate([self.large_n, np.ones(int(large.sum()), dtype=np.int64)])
+            self.large_keys, inverse = np.unique(merged, return_inverse=True)
             self.large_n = np.bincount(inverse, weights=n).astype(np.int64)
+        self.small += np.bincount(keys, minlength=self.small.size)
 
     def histogram(self, device):
         import torch
@@ -139,6 +142,7 @@ class CountTally:
         from .losses import CountHistogram
 
         at = np.flatnonzero(self.small)
+        at = at[at % SMALL_COUNT > 0]
         genes = np.concatenate([at // SMALL_COUNT, self.large_keys >> LARGE_SHIFT])
         counts = np.concatenate([at % SMALL_COUNT, self.large_keys & ((1 << LARGE_SHIFT) - 1)])
         share = np.concatenate([self.small[at], self.large_n]) / max(self.cells, 1)
