@@ -56,8 +56,8 @@ class CountHistogram:
     pairs, which are usually fewer than a minibatch's nonzero counts (a count recurs across
     cells): a loss given the histogram takes that term's exact mean over all training cells,
     with its lgamma and digamma (the costliest functions of a step on a CPU) evaluated once per
-    pair instead of once per count. Zeros add
-    nothing to the term, so ``nonzero_share`` (per gene) is all lgamma(theta) needs.
+    pair instead of once per count. Zeros add nothing to the term, so ``nonzero_share`` (per
+    gene) is all lgamma(theta) needs.
     """
 
     genes: torch.Tensor  # int64, one entry per (gene, count) pair

@@ -35,22 +35,48 @@ def test_warm_start_puts_z_on_the_residual_factor(sample):
     assert phases[:5] == ["warm_start"] * 5 and phases[5] == "heads"
 
 
-def test_nb_count_term_comes_from_the_histogram_when_it_is_smaller(sample):
-    """Training takes the NB count term from all cells' count histogram when that has fewer
-    (gene, count) pairs than a minibatch has nonzero counts; the losses a batch reports are
-    the same either way, up to the count term's minibatch noise."""
+def test_generator_takes_the_nb_count_term_from_the_histogram(sample):
+    """The generator's NB loss takes lgamma(y + theta) - lgamma(theta) from all cells' count
+    histogram when that has fewer (gene, count) pairs than a minibatch has nonzero counts. On
+    every cell the loss is the same; on a minibatch only its value differs, not its gradient
+    (theta is a constant for the generator)."""
     model = ConfounderModel(sample, z_dim=1)
     hist = model._y.count_histogram
     per_cell = float(hist.nonzero_share.sum())
     assert model._histogram is hist and hist.pairs <= model.config.batch_size * per_cell
     tiny = ConfounderModel(sample, z_dim=1, batch_size=2)
     assert hist.pairs > 2 * per_cell and tiny._histogram is None
-    batch = model.batch(torch.arange(sample.n_obs))  # every cell: the two forms agree
-    ctx = {"phase": "heads", "temperature": 1.0, "weights": model.weights}
-    with_hist, _ = model.module.objective(batch, ("classifier", "nb"), ctx)
-    without, _ = model.module.objective({**batch, "count_histogram": None},
-                                        ("classifier", "nb"), ctx)
-    torch.testing.assert_close(with_hist["nb"], without["nb"])
+    ctx = {"phase": "generator", "temperature": 1.0, "weights": model.weights}
+    params = list(model.module.generator.parameters())
+
+    def loss_and_grads(batch):
+        torch.manual_seed(0)  # the same Gumbel noise
+        out, _ = model.module.objective(batch, ("generator",), ctx)
+        return out["generator"], torch.autograd.grad(out["generator"], params)
+
+    every = model.batch(torch.arange(sample.n_obs))
+    torch.testing.assert_close(loss_and_grads(every)[0],
+                               loss_and_grads({**every, "count_histogram": None})[0])
+    some = model.batch(torch.arange(64))
+    (a, grads_a), (b, grads_b) = loss_and_grads(some), loss_and_grads(
+        {**some, "count_histogram": None})
+    assert abs(float(a - b)) > 1e-3  # the minibatch's count term is not all cells'
+    for u, v in zip(grads_a, grads_b):
+        torch.testing.assert_close(u, v)
+
+
+def test_generator_inputs_computed_once_are_those_of_each_minibatch(sample, monkeypatch):
+    """On data that fits, the generator's inputs are computed once for every cell; a
+    minibatch reads the same values it would compute."""
+    import advcli.models.confounder as confounder
+
+    cached = ConfounderModel(sample, z_dim=1)
+    monkeypatch.setattr(confounder, "FEATURE_CACHE_ENTRIES", 0)
+    computed = ConfounderModel(sample, z_dim=1)
+    assert cached._features is not None and computed._features is None
+    idx = torch.tensor([5, 999, 0, 5, 400])
+    torch.testing.assert_close(cached.batch(idx)["features"], computed.batch(idx)["features"])
+    assert cached._features.shape == (sample.n_obs, computed.batch(idx)["features"].shape[1])
 
 
 def test_default_minibatch_grows_with_the_data_within_its_bounds(sample):

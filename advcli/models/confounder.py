@@ -43,6 +43,8 @@ WARM_START_EPOCHS = 5  # the generator learns the residual-factor start
 FIRST_HEAD_EPOCHS = 10  # the heads fit [X, D, start Z] before the generator first moves
 WARM_START_SCALE = 3.0  # start logits at +-3 per sd of the factor: a clear split, not saturated
 MAX_RESTARTS = 2
+FEATURE_CACHE_ENTRIES = 50_000_000  # cells x genes up to which the generator's inputs are kept
+STEPS_PER_EPOCH = 24  # the most the defaults were chosen at (8-24 on 1,000-3,000 cells)
 
 
 class ConfounderModule(torch.nn.Module):
@@ -99,12 +101,16 @@ class ConfounderModule(torch.nn.Module):
         features = batch.get("features")  # the batch computes them once for every turn
         if features is None:
             features = self.generator.features(x, d, y, off)
+        # The generator's NB loss takes the count term from all cells' histogram: theta is a
+        # constant there, so only the logged value changes, not a gradient. The heads keep the
+        # minibatch term: the full-data one takes the noise out of theta's gradient, which
+        # changes how far Adam moves theta, and on Kang it moved the fits (overlap warnings).
         lf, hist = batch.get("log_factorial"), batch.get("count_histogram")
         phase = ctx["phase"]
         if phase == "baseline":
             bce = losses.bce(self.baseline_classifier(x), d)
             nb = losses.nb_nll(y, self.baseline_nb(torch.cat([x, d[:, None]], dim=1), off),
-                               self.baseline_nb.theta, lf, hist)
+                               self.baseline_nb.theta, lf)
             return {"baseline": bce + nb}, {"bce": bce.detach(), "nb": nb.detach()}
         if phase == "warm_start":
             mse = F.mse_loss(self.generator.net(features), batch["start"])
@@ -123,7 +129,7 @@ class ConfounderModule(torch.nn.Module):
             logs["bce"] = out["classifier"].detach()
         if "nb" in players:
             log_mu = self.nb(torch.cat([x, d[:, None], z], dim=1), off)
-            out["nb"] = losses.nb_nll(y, log_mu, self.nb.theta, lf, hist)
+            out["nb"] = losses.nb_nll(y, log_mu, self.nb.theta, lf)
             logs["nb"] = out["nb"].detach()
         return out, logs
 
@@ -243,7 +249,10 @@ class ConfounderModel(BaseModel):
         self._y = counts if backed else CountRows(counts, self.device, histogram=True)
         if cfg.batch_size is None:
             self.config = cfg = replace(cfg, batch_size=confounder_batch_size(*self._y.shape))
-        self._histogram = _worth_it(self._y.count_histogram, cfg.batch_size)
+        self._histogram = _histogram_if_cheaper(self._y.count_histogram, cfg.batch_size)
+        self._features = self._all_features() if (
+            not backed and self._y.dense is not None
+            and self._y.shape[0] * self._y.shape[1] <= FEATURE_CACHE_ENTRIES) else None
         self._counts = None if backed else counts  # the effects GLMs read them in memory
         self._obs = adata.obs
         if cfg.sample_key is not None:
@@ -289,6 +298,17 @@ class ConfounderModel(BaseModel):
         module = self._build(x_dim, len(self.genes_), y_mean, y_sd, fixed_alpha).to(self.device)
         module.nb.start_from_data(log_mean.to(self.device), alpha.to(self.device))
         return module
+
+    @torch.no_grad()
+    def _all_features(self) -> torch.Tensor:
+        """The generator's input for every cell. It has no trainable parameters (its centring
+        and scaling are fixed at setup), so on data that fits it is computed once rather than
+        for every minibatch of every epoch (a log1p and four more passes over the counts)."""
+        generator = self.module.generator
+        return torch.cat([generator.features(self._x[b], self._d[b], self._y.rows(b),
+                                             self._off[b])
+                          for b in torch.arange(self._x.shape[0], device=self._x.device)
+                          .split(8192)])
 
     # ------------------------------------------------------------------ the loop's pieces
 
@@ -336,9 +356,12 @@ class ConfounderModel(BaseModel):
         out = {"x": self._x[idx], "d": self._d[idx], "y": self._y.rows(idx),
                "offset": self._off[idx], "log_factorial": self._y.log_factorial[idx],
                "count_histogram": self._histogram}  # all cells' (or None): the same every batch
-        with torch.no_grad():
-            out["features"] = self.module.generator.features(out["x"], out["d"], out["y"],
-                                                             out["offset"])
+        if self._features is not None:
+            out["features"] = self._features[idx]
+        else:
+            with torch.no_grad():
+                out["features"] = self.module.generator.features(out["x"], out["d"], out["y"],
+                                                                 out["offset"])
         if self._start is not None:
             out["start"] = self._start[idx]
         return out
@@ -705,9 +728,6 @@ class ConfounderModel(BaseModel):
                                   state["generator.y_scale"], fixed)
 
 
-STEPS_PER_EPOCH = 24  # the most the defaults were chosen at (8-24 on 1,000-3,000 cells)
-
-
 def confounder_batch_size(n_cells: int, n_genes: int) -> int:
     """128 cells, or about STEPS_PER_EPOCH steps an epoch on larger data, at most 1,024 cells
     and ~10^6 counts a minibatch. An epoch is one phase of the alternation, and on large data
@@ -717,11 +737,11 @@ def confounder_batch_size(n_cells: int, n_genes: int) -> int:
     return int(max(128, min(n_cells // STEPS_PER_EPOCH, 1024, (1 << 20) // max(n_genes, 1))))
 
 
-def _worth_it(histogram: losses.CountHistogram, batch_size: int
+def _histogram_if_cheaper(histogram: losses.CountHistogram, batch_size: int
               ) -> losses.CountHistogram | None:
     """The count histogram when it has fewer (gene, count) pairs than a minibatch has nonzero
     counts (true of most data: counts recur), else None: the minibatch's own counts are then
-    the cheaper way to the NB count term."""
+    the cheaper way to the generator's NB count term."""
     per_batch = batch_size * float(histogram.nonzero_share.sum())
     return histogram if histogram.pairs <= per_batch else None
 
