@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
-from .backed import (BLOCK_ROWS, BackedAnnData, BackedCountRows, CountTally,
+from .backed import (BLOCK_ROWS, LARGE_SHIFT, BackedAnnData, BackedCountRows, CountTally,
                      check_count_block, iter_row_blocks)
 from .errors import InputError
 
@@ -471,7 +471,7 @@ class CountRows:
                                   shape=csr.shape)
         self.log_factorial = torch.from_numpy(
             np.asarray(per_entry.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)).to(device)
-        self.count_histogram = None
+        self.count_histogram, self._csr, self._pair_ids = None, csr, None
         if histogram:
             tally = CountTally(counts.shape[1])
             for start in range(0, csr.shape[0], BLOCK_ROWS):
@@ -483,12 +483,35 @@ class CountRows:
         else:
             self.dense, self.csr = None, counts
 
+    def pair_ids(self, idx):
+        """The ``count_histogram`` pair of every stored count of the cells ``idx``, flat (int64;
+        the number of pairs for a stored zero), for CountHistogram.of_pairs."""
+        import torch
+
+        if self._pair_ids is None:  # built on first use: the models that never ask pay nothing
+            self._pair_ids = entry_pair_ids(self._csr, self.count_histogram)
+        found = self._pair_ids[idx.cpu().numpy()].data.astype(np.int64)
+        return torch.from_numpy(found).to(self.device)
+
     def rows(self, idx):
         import torch
 
         if self.dense is not None:
             return self.dense[idx.to(self.dense.device)]
         return torch.from_numpy(self.csr[idx.cpu().numpy()].toarray()).to(self.device)
+
+
+def entry_pair_ids(csr: sp.csr_matrix, histogram) -> sp.csr_matrix:
+    """A CSR matrix shaped like ``csr`` whose values are the ``histogram`` pair of each stored
+    count (the number of pairs for a stored zero)."""
+    genes = histogram.genes.cpu().numpy().astype(np.int64)
+    keys = genes << LARGE_SHIFT | histogram.counts.cpu().numpy().astype(np.int64)
+    order = np.argsort(keys)
+    values = csr.data.astype(np.int64)
+    entries = csr.indices.astype(np.int64) << LARGE_SHIFT | values
+    at = np.minimum(np.searchsorted(keys, entries, sorter=order), len(keys) - 1)
+    ids = np.where(values > 0, order[at], len(keys)).astype(np.int32)
+    return sp.csr_matrix((ids, csr.indices, csr.indptr), shape=csr.shape)
 
 
 def count_rows(adata, layer: str | None, device, columns: np.ndarray | None = None,

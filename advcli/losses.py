@@ -69,6 +69,16 @@ class CountHistogram:
     def pairs(self) -> int:
         return len(self.genes)
 
+    def of_pairs(self, pair_ids: torch.Tensor, n_cells: int) -> "CountHistogram":
+        """The histogram of some of the cells (a minibatch), from the pair of each of their
+        nonzero counts (``pair_ids``; ``pairs`` marks a stored zero): one bincount, and the
+        loss's count term is then exactly the minibatch's, its lgamma and digamma once per
+        pair rather than once per count."""
+        found = torch.bincount(pair_ids, minlength=self.pairs + 1)[:self.pairs]
+        share = found.to(self.share.dtype) / n_cells
+        nonzero_share = torch.zeros_like(self.nonzero_share).index_add_(0, self.genes, share)
+        return CountHistogram(self.genes, self.counts, share, nonzero_share)
+
     def to(self, device) -> "CountHistogram":
         return CountHistogram(*(t.to(device) for t in (self.genes, self.counts, self.share,
                                                        self.nonzero_share)))

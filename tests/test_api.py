@@ -65,6 +65,28 @@ def test_generator_takes_the_nb_count_term_from_the_histogram(sample):
         torch.testing.assert_close(u, v)
 
 
+def test_heads_take_the_minibatch_count_term_from_its_own_histogram(sample):
+    """The heads learn theta from the minibatch's own count term; computed from the
+    minibatch's histogram it is the same loss and the same gradients."""
+    model = ConfounderModel(sample, z_dim=1)
+    ctx = {"phase": "heads", "temperature": 1.0, "weights": model.weights}
+    params = list(model.module.nb.parameters())
+    batch = model.batch(torch.randperm(sample.n_obs, generator=torch.Generator().manual_seed(0))
+                        [:100])
+    assert batch["pair_ids"] is not None
+
+    def loss_and_grads(b):
+        torch.manual_seed(0)
+        out, _ = model.module.objective(b, ("classifier", "nb"), ctx)
+        return out["nb"], torch.autograd.grad(out["nb"], params)
+
+    (a, grads_a), (b, grads_b) = loss_and_grads(batch), loss_and_grads(
+        {**batch, "pair_ids": None})
+    torch.testing.assert_close(a, b)
+    for u, v in zip(grads_a, grads_b):
+        torch.testing.assert_close(u, v)
+
+
 def test_generator_inputs_computed_once_are_those_of_each_minibatch(sample, monkeypatch):
     """On data that fits, the generator's inputs are computed once for every cell; a
     minibatch reads the same values it would compute."""

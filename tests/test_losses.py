@@ -154,6 +154,36 @@ def test_nb_loss_with_the_count_histogram_is_the_full_data_loss():
     torch.testing.assert_close(sum(halves) / 2, plain.float(), check_dtype=False)
 
 
+def test_nb_loss_with_a_minibatch_histogram_is_the_minibatch_loss():
+    """A minibatch's own count histogram, from the pair of each of its stored counts (a stored
+    zero and counts above the small-count table included), gives exactly the minibatch's NB
+    loss and gradients in log mu and theta."""
+    import scipy.sparse as sp
+
+    from advcli.data import CountRows
+
+    g = torch.Generator().manual_seed(2)
+    y = torch.poisson(torch.rand(60, 7, generator=g) * 40)
+    y[torch.rand(60, 7, generator=g) < 0.4] = 0.0
+    y[4, 1], y[9, 1] = 300.0, 7000.0
+    counts = sp.csr_matrix(y.numpy())
+    counts.data[counts.indptr[2]] = 0.0  # a stored zero
+    y = torch.from_numpy(counts.toarray())
+    rows = CountRows(counts, "cpu", histogram=True)
+    idx = torch.tensor([9, 2, 4, 30, 31, 59, 0])
+    mb = rows.count_histogram.of_pairs(rows.pair_ids(idx), len(idx))
+    log_mu = torch.randn(len(idx), 7, generator=g, requires_grad=True)
+    log_theta = torch.randn(7, generator=g, requires_grad=True)
+    plain = losses.nb_nll(y[idx], log_mu, log_theta.exp(), rows.log_factorial[idx])
+    ours = losses.nb_nll(y[idx], log_mu, log_theta.exp(), rows.log_factorial[idx], mb)
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(torch.autograd.grad(ours, (log_mu, log_theta)),
+                    torch.autograd.grad(plain, (log_mu, log_theta))):
+        torch.testing.assert_close(a, b)
+    np.testing.assert_allclose(mb.nonzero_share.numpy(), (y[idx] > 0).float().mean(0).numpy(),
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("zeros", [0.2, 0.9])  # the dense and the nonzero-only lgamma paths
 @pytest.mark.parametrize("table", [False, True])
 def test_training_nb_likelihood_and_its_gradient_match_the_elementwise_form(zeros, table):

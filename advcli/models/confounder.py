@@ -102,15 +102,21 @@ class ConfounderModule(torch.nn.Module):
         if features is None:
             features = self.generator.features(x, d, y, off)
         # The generator's NB loss takes the count term from all cells' histogram: theta is a
-        # constant there, so only the logged value changes, not a gradient. The heads keep the
-        # minibatch term: the full-data one takes the noise out of theta's gradient, which
-        # changes how far Adam moves theta, and on Kang it moved the fits (overlap warnings).
-        lf, hist = batch.get("log_factorial"), batch.get("count_histogram")
+        # constant there, so only the logged value changes, not a gradient. The heads learn
+        # theta, so they take the minibatch's own term (from its histogram when there is one):
+        # the full-data term takes the noise out of theta's gradient, which changes how far
+        # Adam moves theta, and on Kang it moved the fits (overlap warnings).
+        lf, hist, pair_ids = (batch.get(k) for k in ("log_factorial", "count_histogram",
+                                                     "pair_ids"))
+
+        def batch_histogram():
+            return None if pair_ids is None else hist.of_pairs(pair_ids, len(y))
+
         phase = ctx["phase"]
         if phase == "baseline":
             bce = losses.bce(self.baseline_classifier(x), d)
             nb = losses.nb_nll(y, self.baseline_nb(torch.cat([x, d[:, None]], dim=1), off),
-                               self.baseline_nb.theta, lf)
+                               self.baseline_nb.theta, lf, batch_histogram())
             return {"baseline": bce + nb}, {"bce": bce.detach(), "nb": nb.detach()}
         if phase == "warm_start":
             mse = F.mse_loss(self.generator.net(features), batch["start"])
@@ -129,7 +135,7 @@ class ConfounderModule(torch.nn.Module):
             logs["bce"] = out["classifier"].detach()
         if "nb" in players:
             log_mu = self.nb(torch.cat([x, d[:, None], z], dim=1), off)
-            out["nb"] = losses.nb_nll(y, log_mu, self.nb.theta, lf)
+            out["nb"] = losses.nb_nll(y, log_mu, self.nb.theta, lf, batch_histogram())
             logs["nb"] = out["nb"].detach()
         return out, logs
 
@@ -356,6 +362,8 @@ class ConfounderModel(BaseModel):
         out = {"x": self._x[idx], "d": self._d[idx], "y": self._y.rows(idx),
                "offset": self._off[idx], "log_factorial": self._y.log_factorial[idx],
                "count_histogram": self._histogram}  # all cells' (or None): the same every batch
+        if self._histogram is not None and not self._y.backed:
+            out["pair_ids"] = self._y.pair_ids(idx)  # the heads' count term: of_pairs
         if self._features is not None:
             out["features"] = self._features[idx]
         else:
