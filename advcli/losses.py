@@ -179,9 +179,10 @@ def nb_nll(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
            log_factorial: torch.Tensor | None = None,
            histogram: CountHistogram | None = None) -> torch.Tensor:
     """NB negative log-likelihood averaged over cells and genes (nats per count entry). Given
-    the training data's ``histogram``, the term that depends on theta and the counts alone is
-    its exact mean over all training cells rather than over the minibatch: the same expected
-    loss, with less noise in theta's gradient and far fewer lgamma / digamma evaluations."""
+    a count ``histogram``, the term that depends on theta and the counts alone comes from it,
+    with lgamma and digamma once per (gene, count) pair: the minibatch's own histogram
+    (CountHistogram.of_pairs) gives exactly the plain loss; all training cells' gives the same
+    expected loss without that term's minibatch noise."""
     if histogram is None:
         return -_cell_log_lik(y, log_mu, theta, None, log_factorial).mean() / y.shape[1]
     data_fit = _cell_log_lik(y, log_mu, theta, None, log_factorial, count_term=False).mean()
