@@ -501,16 +501,18 @@ class CountRows:
         return torch.from_numpy(self.csr[idx.cpu().numpy()].toarray()).to(self.device)
 
 
-def entry_pair_ids(csr: sp.csr_matrix, histogram) -> sp.csr_matrix:
+def entry_pair_ids(csr: sp.csr_matrix, histogram, chunk: int = 1 << 22) -> sp.csr_matrix:
     """A CSR matrix shaped like ``csr`` whose values are the ``histogram`` pair of each stored
-    count (the number of pairs for a stored zero)."""
+    count (the number of pairs for a stored zero), computed ``chunk`` entries at a time."""
     genes = histogram.genes.cpu().numpy().astype(np.int64)
     keys = genes << LARGE_SHIFT | histogram.counts.cpu().numpy().astype(np.int64)
     order = np.argsort(keys)
-    values = csr.data.astype(np.int64)
-    entries = csr.indices.astype(np.int64) << LARGE_SHIFT | values
-    at = np.minimum(np.searchsorted(keys, entries, sorter=order), len(keys) - 1)
-    ids = np.where(values > 0, order[at], len(keys)).astype(np.int32)
+    ids = np.empty(csr.nnz, dtype=np.int32)
+    for start in range(0, csr.nnz, chunk):
+        values = csr.data[start:start + chunk].astype(np.int64)
+        entries = csr.indices[start:start + chunk].astype(np.int64) << LARGE_SHIFT | values
+        at = np.minimum(np.searchsorted(keys, entries, sorter=order), len(keys) - 1)
+        ids[start:start + chunk] = np.where(values > 0, order[at], len(keys))
     return sp.csr_matrix((ids, csr.indices, csr.indptr), shape=csr.shape)
 
 

@@ -160,7 +160,7 @@ def test_nb_loss_with_a_minibatch_histogram_is_the_minibatch_loss():
     loss and gradients in log mu and theta."""
     import scipy.sparse as sp
 
-    from advcli.data import CountRows
+    from advcli.data import CountRows, entry_pair_ids
 
     g = torch.Generator().manual_seed(2)
     y = torch.poisson(torch.rand(60, 7, generator=g) * 40)
@@ -170,6 +170,8 @@ def test_nb_loss_with_a_minibatch_histogram_is_the_minibatch_loss():
     counts.data[counts.indptr[2]] = 0.0  # a stored zero
     y = torch.from_numpy(counts.toarray())
     rows = CountRows(counts, "cpu", histogram=True)
+    in_chunks = entry_pair_ids(counts, rows.count_histogram, chunk=5)
+    assert np.array_equal(in_chunks.data, entry_pair_ids(counts, rows.count_histogram).data)
     idx = torch.tensor([9, 2, 4, 30, 31, 59, 0])
     mb = rows.count_histogram.of_pairs(rows.pair_ids(idx), len(idx))
     log_mu = torch.randn(len(idx), 7, generator=g, requires_grad=True)
