@@ -147,7 +147,8 @@ class ConfounderModule(torch.nn.Module):
         d_logit = constant_call(self.classifier, torch.cat([x, z], dim=1))
         log_mu = constant_call(self.nb, torch.cat([x, d[:, None], z], dim=1), off)
         theta = self.nb.theta.detach()
-        bce, nb = losses.bce(d_logit, d), losses.nb_nll(y, log_mu, theta, log_factorial, histogram)
+        bce = losses.bce(d_logit, d)
+        nb = losses.nb_nll(y, log_mu, theta, log_factorial, histogram)
         total = weights["bce"] * bce + weights["nb"] * nb
         if weights["dbpr"] > 0:
             with torch.no_grad():
@@ -746,10 +747,10 @@ def confounder_batch_size(n_cells: int, n_genes: int) -> int:
 
 
 def _histogram_if_cheaper(histogram: losses.CountHistogram, batch_size: int
-              ) -> losses.CountHistogram | None:
+                          ) -> losses.CountHistogram | None:
     """The count histogram when it has fewer (gene, count) pairs than a minibatch has nonzero
-    counts (true of most data: counts recur), else None: the minibatch's own counts are then
-    the cheaper way to the generator's NB count term."""
+    counts (true of most data: counts recur), else None: the minibatch's counts are then the
+    cheaper way to the NB count term."""
     per_batch = batch_size * float(histogram.nonzero_share.sum())
     return histogram if histogram.pairs <= per_batch else None
 
