@@ -106,7 +106,12 @@ def read_rows(matrix, rows: np.ndarray):
 
 
 SMALL_COUNT = 64  # counts below this are tallied in a table; larger (rarer) ones are sorted
-LARGE_SHIFT = 40  # a large count's key: gene << LARGE_SHIFT | count
+LARGE_SHIFT = 40  # a (gene, count) pair's key: gene << LARGE_SHIFT | count
+
+
+def pair_keys(genes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(gene, count) pairs as sortable int64 keys, ordered by gene, then count."""
+    return np.asarray(genes).astype(np.int64) << LARGE_SHIFT | np.asarray(counts).astype(np.int64)
 
 
 class CountTally:
@@ -129,8 +134,7 @@ class CountTally:
             keys = csr.indices[small] * SMALL_COUNT + values[small]
             large = ~small
             merged = np.concatenate([self.large_keys,
-                                     csr.indices[large].astype(np.int64) << LARGE_SHIFT
-                                     | values[large]])
+                                     pair_keys(csr.indices[large], values[large])])
             n = np.concatenate([self.large_n, np.ones(int(large.sum()), dtype=np.int64)])
             self.large_keys, inverse = np.unique(merged, return_inverse=True)
             self.large_n = np.bincount(inverse, weights=n).astype(np.int64)

@@ -17,8 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
-from .backed import (BLOCK_ROWS, LARGE_SHIFT, BackedAnnData, BackedCountRows, CountTally,
-                     check_count_block, iter_row_blocks)
+from .backed import (BLOCK_ROWS, BackedAnnData, BackedCountRows, CountTally,
+                     check_count_block, iter_row_blocks, pair_keys)
 from .errors import InputError
 
 def read_h5ad(path: str | Path, backed: bool | str = False):
@@ -504,13 +504,12 @@ class CountRows:
 def entry_pair_ids(csr: sp.csr_matrix, histogram, chunk: int = 1 << 22) -> sp.csr_matrix:
     """A CSR matrix shaped like ``csr`` whose values are the ``histogram`` pair of each stored
     count (the number of pairs for a stored zero), computed ``chunk`` entries at a time."""
-    genes = histogram.genes.cpu().numpy().astype(np.int64)
-    keys = genes << LARGE_SHIFT | histogram.counts.cpu().numpy().astype(np.int64)
+    keys = pair_keys(histogram.genes.cpu().numpy(), histogram.counts.cpu().numpy())
     order = np.argsort(keys)
     ids = np.empty(csr.nnz, dtype=np.int32)
     for start in range(0, csr.nnz, chunk):
         values = csr.data[start:start + chunk].astype(np.int64)
-        entries = csr.indices[start:start + chunk].astype(np.int64) << LARGE_SHIFT | values
+        entries = pair_keys(csr.indices[start:start + chunk], values)
         at = np.minimum(np.searchsorted(keys, entries, sorter=order), len(keys) - 1)
         ids[start:start + chunk] = np.where(values > 0, order[at], len(keys))
     return sp.csr_matrix((ids, csr.indices, csr.indptr), shape=csr.shape)
