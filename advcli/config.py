@@ -100,7 +100,9 @@ class ConfounderConfig(TrainConfig):
     control_genes: list[str] | None = option(
         None, "Negative-control genes the treatment does not affect (comma list or a file, one "
         "per line): they fix Z-hat's treatment share.", CONFOUNDER, shown="none")
-    z_dim: int | None = option(None, "Columns of Z.", CONFOUNDER,
+    z_dim: int | None = option(None, "Columns of Z. By default, the hidden factors beyond "
+                               "[X, D] that parallel analysis finds in the counts' Pearson "
+                               "residuals.", CONFOUNDER,
                                shown="counted from the data, 1-10")
     z_type: str = option("gumbel", "gumbel (annealed, near-binary groups), binary (straight-"
                          "through), soft (sigmoid) or continuous (a gradient).", CONFOUNDER,

@@ -28,8 +28,9 @@ from scipy.special import expit
 from .. import keys, losses
 from ..config import ConfounderConfig
 from ..backed import LogNormalisedRows, streamed_gene_statistics
-from ..data import (CountRows, CovariateEncoding, count_rows, counts_anndata, default_covariate_keys, encode_treatment,
-                    gene_moments, gene_order, in_file_order, load_counts, minibatches, residual_factors,
+from ..data import (CountRows, CovariateEncoding, count_rows, counts_anndata,
+                    default_covariate_keys, encode_treatment, factor_count, gene_moments,
+                    gene_order, in_file_order, load_counts, minibatches, residual_factors,
                     sample_labels, set_uns, size_factors, validate_counts)
 from ..effects import treatment_effects
 from ..errors import InputError
@@ -239,9 +240,11 @@ class ConfounderModel(BaseModel):
         y_sd = np.maximum(y_sd, 0.1)  # sparse genes: no division by a near-zero sd
         start = None
         if cfg.warm_start or cfg.z_dim is None:  # the factors start Z and/or count its columns
-            start = residual_factors(log_y, y_mean, y_sd, np.column_stack([x, d]), cfg.z_dim,
-                                     cfg.seed)
-            self.config = cfg = replace(cfg, z_dim=start.shape[1])
+            design = np.column_stack([x, d])
+            if cfg.z_dim is None:
+                self.config = cfg = replace(cfg, z_dim=factor_count(counts, offset, design,
+                                                                   cfg.seed))
+            start = residual_factors(log_y, y_mean, y_sd, design, cfg.z_dim, cfg.seed)
         scale = 1.0 if cfg.z_type == "continuous" else WARM_START_SCALE
         self._start = (None if not cfg.warm_start
                        else torch.from_numpy(start * scale).float().to(self.device))
