@@ -119,6 +119,13 @@ def test_factor_count_is_one_on_a_one_factor_simulation(sample):
     assert ConfounderModel(sample).config.z_dim == 1
 
 
+def test_without_warm_start_z_is_counted_but_not_started(sample):
+    model = ConfounderModel(sample, warm_start=False, outer_iterations=1)
+    assert model.config.z_dim == 1 and model._start is None
+    model.train()
+    assert "warm_start" not in {r["phase"] for r in model.train_state_.records}
+
+
 def test_collapse_triggers_a_restart_with_a_lower_rate(sample, monkeypatch):
     calls = []
 

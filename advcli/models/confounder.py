@@ -238,16 +238,14 @@ class ConfounderModel(BaseModel):
                                       - y_mean ** 2, 0.0))
             moment_sums = None
         y_sd = np.maximum(y_sd, 0.1)  # sparse genes: no division by a near-zero sd
-        start = None
-        if cfg.warm_start or cfg.z_dim is None:  # the factors start Z and/or count its columns
-            design = np.column_stack([x, d])
-            if cfg.z_dim is None:
-                self.config = cfg = replace(cfg, z_dim=factor_count(counts, offset, design,
-                                                                   cfg.seed))
+        design = np.column_stack([x, d])
+        if cfg.z_dim is None:  # Z's columns: the hidden factors the counts hold beyond [X, D]
+            self.config = cfg = replace(cfg, z_dim=factor_count(counts, offset, design, cfg.seed))
+        self._start = None
+        if cfg.warm_start:  # Z starts at the residual factors of the generator's inputs
             start = residual_factors(log_y, y_mean, y_sd, design, cfg.z_dim, cfg.seed)
-        scale = 1.0 if cfg.z_type == "continuous" else WARM_START_SCALE
-        self._start = (None if not cfg.warm_start
-                       else torch.from_numpy(start * scale).float().to(self.device))
+            scale = 1.0 if cfg.z_type == "continuous" else WARM_START_SCALE
+            self._start = torch.from_numpy(start * scale).float().to(self.device)
         log_mean, alpha = gene_moments(counts, np.exp(offset), moment_sums)
         self._init = (x.shape[1], torch.from_numpy(y_mean), torch.from_numpy(y_sd), fixed_alpha,
                       torch.from_numpy(log_mean).float(), torch.from_numpy(alpha).float())
