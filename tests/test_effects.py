@@ -165,3 +165,42 @@ def test_negative_controls_fix_the_treatment_share_even_with_dense_effects():
     assert abs(est[0] - 0.4) < 0.01
     with pytest.raises(InputError, match="negative-control"):
         sparse_calibration(c, se, w, np.ones(genes, bool), controls=np.arange(genes) < 1)
+
+
+def test_a_gene_fits_the_same_alone_as_in_a_block_of_genes():
+    """Genes are fitted in blocks whose working set shrinks as genes converge; a gene's fit
+    must not depend on its block-mates (well-behaved, sparse, separated and empty genes)."""
+    rng = np.random.default_rng(4)
+    n, g = 6000, 240  # two blocks at 6,000 cells
+    x = (rng.random((n, 2)) < 0.5).astype(float)
+    d = (rng.random(n) < 0.5).astype(float)
+    log_mu = rng.normal(-1.0, 1.5, g) + 0.4 * x[:, :1] + rng.normal(0, 0.5, g) * d[:, None]
+    y = rng.poisson(rng.gamma(2.0, np.exp(log_mu) / 2.0)).astype(float)
+    y[:, 0] = 0.0
+    y[d == 1, 1:4] = 0.0  # separated along the treatment: slow to settle
+    design = np.column_stack([np.ones(n), x, d])
+    offset = rng.normal(0, 0.2, n)
+    alpha = np.exp(rng.normal(np.log(0.3), 0.5, g))
+    together = nb_glm(sp.csr_matrix(y), design, offset, alpha=alpha)
+    for j in [0, 1, 2, 3, 10, 100, 200, 239]:
+        alone = nb_glm(y[:, [j]], design, offset, alpha=alpha[[j]])
+        assert together["converged"][j] == alone["converged"][0]
+        np.testing.assert_allclose(together["coef"][j], alone["coef"][0], rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(together["se"][j], alone["se"][0], rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(together["deviance"][j], alone["deviance"][0], rtol=1e-9,
+                                   atol=1e-9)
+
+
+def test_under_dispersed_genes_are_fitted_with_an_allowed_dispersion():
+    """Binomial counts have less variance than their mean: the moment estimate of the NB
+    dispersion is negative (here -1/10, so 1 + alpha * y reaches 0 at y = 10) and no NB has it.
+    The fits use the smallest allowed dispersion instead, and the effect is the sample one."""
+    rng = np.random.default_rng(3)
+    n = 1000
+    d = (rng.random(n) < 0.5).astype(float)
+    y = rng.binomial(10, np.where(d == 1, 0.9, 0.8)[:, None] * np.ones(3)).astype(float)
+    frame = treatment_effects(y, d, np.zeros((n, 0)), None, ["a", "b", "c"])
+    assert frame["converged"].all()
+    np.testing.assert_allclose(frame["dispersion"], 1e-4)
+    np.testing.assert_allclose(frame["effect_naive"],
+                               np.log(y[d == 1].mean(0) / y[d == 0].mean(0)), atol=1e-4)
