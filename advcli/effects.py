@@ -2,8 +2,9 @@
 
 For each gene, log E[y] = log s + A beta with s the cell's size factor and A = [1, X, D] (naive)
 or [1, X, D, Z-hat] (adjusted). IRLS runs on blocks of genes together: the weighted normal
-equations of every gene in a block come from one matrix product, so 100,000 cells x 2,000 genes
-take seconds. Three guards keep the table honest on real counts:
+equations of every gene in a block come from one matrix product. The cost is passes over the
+cells x genes block in memory (docs/confounder.md, "Effects"). Three guards keep the table
+honest on real counts:
 
 - step-halving: a step that raises a gene's deviance is halved until it does not (glm2, DESeq2),
   so no gene oscillates off to a coefficient of thousands;
@@ -51,10 +52,12 @@ def _dense_block(counts, cols) -> torch.Tensor:
 
 def nb_glm(counts, design: np.ndarray, offset: np.ndarray | None = None,
            alpha: np.ndarray | None = None, max_iter: int = 50,
-           tol: float = 1e-8) -> dict[str, np.ndarray]:
+           tol: float = 1e-8, start: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Fit an NB GLM with log link and a per-cell log offset to every column of ``counts``.
 
     ``alpha`` fixes the dispersion per gene; None estimates it (``estimate_dispersion``).
+    ``start`` (genes x design columns) starts IRLS from a nearby fit, e.g. one with fewer
+    columns; NaN rows start from the default.
     Returns ``coef`` and ``se`` (genes x design columns; Wald standard errors from the Fisher
     information at the fit), ``alpha``, ``deviance`` and ``converged`` (False for genes that did
     not converge; their coefficients are kept but must not be tested).
@@ -72,18 +75,19 @@ def nb_glm(counts, design: np.ndarray, offset: np.ndarray | None = None,
     out = {"coef": np.full((n_genes, p), np.nan), "se": np.full((n_genes, p), np.nan),
            "deviance": np.full(n_genes, np.nan), "converged": np.zeros(n_genes, dtype=bool)}
     block = _gene_block(n)
-    for start in range(0, n_genes, block):
-        cols = slice(start, min(start + block, n_genes))
+    for first in range(0, n_genes, block):
+        cols = slice(first, min(first + block, n_genes))
         Y = _dense_block(counts, cols)
         beta, se, dev, ok = _irls_block(A, pairs, off, Y, torch.as_tensor(alpha[cols]),
-                                        max_iter, tol)
+                                        max_iter, tol,
+                                        None if start is None else torch.as_tensor(start[cols]))
         out["coef"][cols], out["se"][cols], out["deviance"][cols], out["converged"][cols] = \
             beta, se, dev, ok
     out["alpha"] = alpha
     return out
 
 
-def _irls_block(A, pairs, off, Y, alpha, max_iter, tol):
+def _irls_block(A, pairs, off, Y, alpha, max_iter, tol, start=None):
     """Penalised Fisher scoring with step-halving for one block of genes (columns of Y) sharing
     the design A. Each pass over the n x genes block costs memory bandwidth, so the deviance's
     terms that do not move with beta are computed once, sum_i y * eta comes from A^T y (log mu is
@@ -102,6 +106,9 @@ def _irls_block(A, pairs, off, Y, alpha, max_iter, tol):
     beta = torch.zeros(g, p, dtype=A.dtype)  # intercept at the mean rate, the rest at zero
     if has_intercept:
         beta[:, 0] = torch.log(ybar.clamp_min(1e-8) / torch.exp(off).mean())
+    if start is not None:
+        given = torch.isfinite(start).all(dim=1) & ~empty
+        beta[given] = start[given].to(beta.dtype)
     deviance = _NBDeviance(A, off, Y, alpha, penalty)
     dev, mu = deviance(beta)
     done = empty.clone()
@@ -194,12 +201,19 @@ def estimate_dispersion(counts, design: np.ndarray, offset: np.ndarray | None = 
     """Per-gene NB dispersion: a moment estimate at a Poisson-like fit, then at the NB fit, shrunk
     towards a trend over log mean expression on the log scale (the shrinkage weight compares
     the genes' spread around the trend with the estimator's own sampling variance)."""
+    return _dispersion_and_fit(counts, design, offset)[0]
+
+
+def _dispersion_and_fit(counts, design, offset) -> tuple[np.ndarray, np.ndarray]:
+    """estimate_dispersion, and the coefficients of its last fit (a start for the next)."""
     counts = _by_columns(counts)
     n, p = np.asarray(design).shape
     fit_alpha = np.full(counts.shape[1], 0.1)
+    coef = None
     for _ in range(2):
-        fit = nb_glm(counts, design, offset, alpha=fit_alpha, max_iter=15, tol=1e-6)
-        alpha = _moment_dispersion(counts, design, offset, fit["coef"])
+        coef = nb_glm(counts, design, offset, alpha=fit_alpha, max_iter=15, tol=1e-6,
+                      start=coef)["coef"]
+        alpha = _moment_dispersion(counts, design, offset, coef)
         # an under-dispersed gene's moment estimate is negative: no NB has it, so the next fit
         # uses the nearest allowed dispersion
         fit_alpha = np.clip(np.where(np.isfinite(alpha), alpha, 0.1), *ALPHA_RANGE)
@@ -207,7 +221,7 @@ def estimate_dispersion(counts, design: np.ndarray, offset: np.ndarray | None = 
     mean = np.asarray(counts.mean(axis=0)).ravel()
     ok = np.isfinite(raw) & (mean > 0)
     if ok.sum() < 10:
-        return np.exp(np.where(np.isfinite(raw), raw, np.log(0.1)))
+        return np.exp(np.where(np.isfinite(raw), raw, np.log(0.1))), coef
     trend = _trend(np.log(mean[ok]), raw[ok])
     trend_all = np.interp(np.log(np.maximum(mean, 1e-12)), np.sort(np.log(mean[ok])),
                           trend[np.argsort(np.log(mean[ok]))])
@@ -216,7 +230,7 @@ def estimate_dispersion(counts, design: np.ndarray, offset: np.ndarray | None = 
     prior = max(spread - sampling, 0.25)
     weight = prior / (prior + sampling)
     shrunk = np.where(ok, trend_all + weight * (raw - trend_all), trend_all)
-    return np.exp(np.clip(shrunk, *np.log(ALPHA_RANGE)))
+    return np.exp(np.clip(shrunk, *np.log(ALPHA_RANGE))), coef
 
 
 def _moment_dispersion(counts, design, offset, coef) -> np.ndarray:
@@ -362,13 +376,16 @@ def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | 
         raise InputError(f"The effect GLM has {n} observations for {p_needed} coefficients"
                          f"{' (pseudobulk samples)' if sample is not None else ''}; it needs more "
                          "observations than coefficients.")
-    alpha = estimate_dispersion(counts, naive_design, offset)
-    naive = nb_glm(counts, naive_design, offset, alpha=alpha)
+    alpha, coef = _dispersion_and_fit(counts, naive_design, offset)
+    naive = nb_glm(counts, naive_design, offset, alpha=alpha, start=coef)
     frame = pd.DataFrame({"gene": list(genes), "effect_naive": naive["coef"][:, j]})
     fit = naive
     if z_hat is not None:
         adjusted_design = _full_rank(np.column_stack([naive_design, z_hat]))
-        fit = nb_glm(counts, adjusted_design, offset, alpha=alpha)
+        # the naive design's columns come first and are all kept, Z-hat's start at zero
+        start = np.zeros((naive["coef"].shape[0], adjusted_design.shape[1]))
+        start[:, :naive_design.shape[1]] = naive["coef"]
+        fit = nb_glm(counts, adjusted_design, offset, alpha=alpha, start=start)
         effect, se = fit["coef"][:, j], fit["se"][:, j]
         loadings = fit["coef"][:, j + 1:]
         if calibrate and loadings.shape[1]:

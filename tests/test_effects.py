@@ -204,3 +204,24 @@ def test_under_dispersed_genes_are_fitted_with_an_allowed_dispersion():
     np.testing.assert_allclose(frame["dispersion"], 1e-4)
     np.testing.assert_allclose(frame["effect_naive"],
                                np.log(y[d == 1].mean(0) / y[d == 0].mean(0)), atol=1e-4)
+
+
+def test_a_start_from_a_nearby_fit_reaches_the_same_fit():
+    """treatment_effects starts each GLM from the previous one (the adjusted fit from the naive
+    one, Z-hat's coefficients at zero): the optimum is unique, so only the path changes."""
+    rng = np.random.default_rng(5)
+    n, g = 1500, 30
+    d = (rng.random(n) < 0.5).astype(float)
+    z = rng.normal(size=(n, 1))
+    y = rng.poisson(np.exp(rng.normal(0, 1, g) + 0.5 * d[:, None] + 0.7 * z)).astype(float)
+    naive_design = np.column_stack([np.ones(n), d])
+    design = np.column_stack([naive_design, z])
+    alpha = np.full(g, 0.2)
+    cold = nb_glm(y, design, alpha=alpha)
+    naive = nb_glm(y, naive_design, alpha=alpha)
+    start = np.column_stack([naive["coef"], np.zeros(g)])
+    start[3] = np.nan  # a gene without a start begins from the default
+    warm = nb_glm(y, design, alpha=alpha, start=start)
+    assert warm["converged"].all() and cold["converged"].all()
+    np.testing.assert_allclose(warm["coef"], cold["coef"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(warm["se"], cold["se"], rtol=1e-5)
