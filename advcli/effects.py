@@ -90,8 +90,10 @@ def nb_glm(counts, design: np.ndarray, offset: np.ndarray | None = None,
 def _irls_block(A, pairs, off, Y, alpha, max_iter, tol, start=None):
     """Penalised Fisher scoring with step-halving for one block of genes (columns of Y) sharing
     the design A. Each pass over the n x genes block costs memory bandwidth, so the deviance's
-    terms that do not move with beta are computed once, sum_i y * eta comes from A^T y (log mu is
-    linear in beta), and the linear predictor of the accepted step is kept for the next one."""
+    terms that do not move with beta are computed once, sum_i y log mu comes from A^T y (log mu
+    is linear in beta), the means of the accepted step are kept for the next one, and converged
+    genes leave the working set. ``start`` (genes x p, NaN rows ignored) replaces the default
+    start: intercept at the mean rate, the rest at zero."""
     n, p = A.shape
     g = Y.shape[1]
     ybar = Y.mean(dim=0)
@@ -412,9 +414,8 @@ def treatment_effects(counts, d: np.ndarray, x: np.ndarray, z_hat: np.ndarray | 
     frame["pvalue"] = pvalue
     frame["qvalue"] = bh_qvalues(pvalue)
     frame["log2fc_adjusted"] = frame["effect_adjusted"] / np.log(2.0)
-    norm = np.asarray(counts.multiply(1.0 / sf[:, None]).mean(axis=0)).ravel() \
-        if sp.issparse(counts) else (np.asarray(counts) / sf[:, None]).mean(axis=0)
-    frame["base_mean"] = norm
+    # the mean size-factor-normalised count, as a product (no normalised copy of the counts)
+    frame["base_mean"] = np.asarray(counts.T @ (1.0 / sf)).ravel() / n
     frame["se_naive"] = naive["se"][:, j]
     p_naive = 2.0 * stats.norm.sf(np.abs(naive["coef"][:, j] / naive["se"][:, j]))
     p_naive[~_tested(naive, j)] = np.nan
