@@ -211,6 +211,16 @@ def test_diagnose_needs_a_prediction(tmp_path, invoke, confounder_file):
     assert r.exit_code == 2 and "advcli predict" in r.stderr
 
 
+def test_diagnose_of_a_prediction_without_nb_means_says_how_to_get_them(fitted, tmp_path,
+                                                                         invoke, confounder_file):
+    pred = tmp_path / "p.h5ad"
+    r = invoke("predict", fitted["model"], confounder_file, "-o", pred, "--no-nb-mean")
+    assert r.exit_code == 0, r.output
+    r = invoke("diagnose", pred, "-o", tmp_path / "rep")
+    assert r.exit_code == 2 and "--no-nb-mean" in r.stderr and "nb_mean" in r.stderr
+    assert not (tmp_path / "rep" / "summary.json").exists()
+
+
 def test_simulate_commands(tmp_path, invoke):
     r = invoke("simulate", "confounder", "-o", tmp_path / "deep" / "c.h5ad", "--n", "50",
                "--genes", "5", "--json")

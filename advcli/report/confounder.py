@@ -34,9 +34,13 @@ def confounder_report(adata, folder: Path, payload: dict | None) -> dict[str, An
         if key not in where:
             raise InputError(f"obsm['{key}'] is missing: the file was not written by "
                              "`advcli predict` with a confounder model.")
-    if keys.D_LOGIT not in adata.obs or keys.NB_MEAN not in adata.layers:
-        raise InputError(f"obs['{keys.D_LOGIT}'] or layers['{keys.NB_MEAN}'] is missing: the file "
-                         "was not written by `advcli predict` with a confounder model.")
+    if keys.D_LOGIT not in adata.obs:
+        raise InputError(f"obs['{keys.D_LOGIT}'] is missing: the file was not written by "
+                         "`advcli predict` with a confounder model.")
+    if keys.NB_MEAN not in adata.layers:
+        raise InputError(f"layers['{keys.NB_MEAN}'] is missing: the per-gene report compares each "
+                         "gene's counts with the model's NB means. Run `advcli predict` again "
+                         "without --no-nb-mean.")
     z_hat = check_finite_obsm(adata, keys.Z_HAT, "Z-hat")
     z_prob = check_finite_obsm(adata, keys.Z_PROB, "Z probabilities")
     d_logit = pd.to_numeric(adata.obs[keys.D_LOGIT], errors="coerce").to_numpy(float)
