@@ -144,8 +144,7 @@ def _irls_block(A, pairs, off, Y, alpha, max_iter, tol, start=None):
             keep = (~w_done).nonzero().squeeze(1)
             work, w_beta, w_dev, w_done = work[keep], w_beta[keep], w_dev[keep], w_done[keep]
             w_mu, w_deviance = w_mu[:, keep], w_deviance.columns(keep)
-    _, mu = deviance(beta)
-    W, _ = _weights(mu, Y, alpha)
+    W, _ = _weights(deviance.means(beta), Y, alpha)
     cov = torch.linalg.inv((pairs.T @ W).T.reshape(g, p, p) + ridge)
     se = torch.sqrt(torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0.0))
     ok = done & ~empty & torch.isfinite(se).all(dim=1)
@@ -177,11 +176,15 @@ class _NBDeviance:
                            (self.y_theta[:, cols], self.constant[cols], self.aty[cols],
                             self.offy[cols]))
 
+    def means(self, beta):
+        """mu = exp(A beta + offset), log mu clamped to +-30."""
+        return torch.mm(self.A, beta.T).add_(self.off[:, None]).clamp_(-30.0, 30.0).exp_()
+
     def __call__(self, beta, cols=None):
         """Deviance and mu of every gene, or of the genes ``cols`` only (step-halving)."""
         of = self if cols is None else self.columns(cols)
         beta = beta if cols is None else beta[cols]
-        mu = torch.mm(self.A, beta.T).add_(self.off[:, None]).clamp_(-30.0, 30.0).exp_()
+        mu = self.means(beta)
         log_denominator = torch.mul(mu, of.alpha).log1p_()
         fit = torch.linalg.vecdot(of.y_theta, log_denominator, dim=0)
         dev = of.constant + 2.0 * (fit - (beta * of.aty).sum(1) - of.offy)
