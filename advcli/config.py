@@ -226,6 +226,11 @@ class IntegrationConfig(LatentModelConfig):
                           "come before the joint one).",
                           INTEGRATE)
     e_steps: int = option(1, "Encoder steps per minibatch (--adversary alternate).", INTEGRATE)
+    composition_clusters: int = option(10, "Clusters of the latent space within which the "
+                                       "adversary counts every domain at its share of all "
+                                       "cells, so that domains holding cell types in different "
+                                       "proportions are not pushed to merge them (0: off).",
+                                       INTEGRATE)
     beta_kl: float = option(0.25, "Weight of the KL term (reached after the warm-up).",
                             INTEGRATE)
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",
@@ -237,7 +242,8 @@ class IntegrationConfig(LatentModelConfig):
         super().check()
         _positive(d_steps=self.d_steps, e_steps=self.e_steps)
         _non_negative(grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
-                      adv_start_epoch=self.adv_start_epoch)
+                      adv_start_epoch=self.adv_start_epoch,
+                      composition_clusters=self.composition_clusters)
         for name in ("adv_warmup_epochs", "kl_warmup_epochs"):
             if getattr(self, name) is not None:
                 _non_negative(**{name: getattr(self, name)})

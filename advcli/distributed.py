@@ -88,6 +88,15 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def broadcast_tensors(tensors: Sequence[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank (in place): state that each rank computes
+    alike, made identical to the bit."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        dist.broadcast(t, src=0)
+
+
 def average_gradients(params: Sequence[torch.Tensor]) -> None:
     """Average the gradients of ``params`` across ranks in one all-reduce (a parameter
     without a gradient on this step counts as zero, as it does on every rank)."""

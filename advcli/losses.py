@@ -231,9 +231,18 @@ def mse_per_cell(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x_hat - x).pow(2).sum(dim=1).mean()
 
 
-def domain_ce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-    """The discriminator's cross-entropy for the true domains (what it minimises)."""
-    return F.cross_entropy(as_float(logits), domain)
+def cell_mean(values: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over cells, or mean of ``weight`` x value: weights whose mean over the data is 1
+    keep the loss's scale, and the mean (not a sum divided by the minibatch's weights) keeps
+    each cell's gradient the same however the minibatch is split across processes."""
+    return values.mean() if weight is None else (weight * values).mean()
+
+
+def domain_ce(logits: torch.Tensor, domain: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The discriminator's cross-entropy for the true domains (what it minimises), each cell
+    counted ``weight`` times (see ``cell_mean``)."""
+    return cell_mean(F.cross_entropy(as_float(logits), domain, reduction="none"), weight)
 
 
 def attribute_regularisation(dimension: torch.Tensor, attribute: torch.Tensor) -> torch.Tensor:
@@ -260,28 +269,33 @@ def sliced_wasserstein_normal(code: torch.Tensor, directions: torch.Tensor) -> t
     return ((projected.sort(dim=0).values - quantiles[:, None]) ** 2).mean()
 
 
-def negce(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+def negce(logits: torch.Tensor, domain: torch.Tensor,
+          weight: torch.Tensor | None = None) -> torch.Tensor:
     """Minus the discriminator's cross-entropy: the encoder maximises the discriminator's loss
     (the zero-sum game that gradient reversal plays). Its gradient fades where the discriminator
     is certain, which spares cell types that exist in one domain only."""
-    return -F.cross_entropy(as_float(logits), domain)
+    return -domain_ce(logits, domain, weight)
 
 
-def uniform(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+def uniform(logits: torch.Tensor, domain: torch.Tensor,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy to the uniform distribution, minus its minimum: zero at p = 1/K."""
-    return -F.log_softmax(as_float(logits), dim=1).mean(dim=1).mean() - math.log(logits.shape[1])
+    per_cell = -F.log_softmax(as_float(logits), dim=1).mean(dim=1)
+    return cell_mean(per_cell, weight) - math.log(logits.shape[1])
 
 
-def flip(logits: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+def flip(logits: torch.Tensor, domain: torch.Tensor,
+         weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy to every wrong domain, as scvi-tools' adversarial classifier trains its
     encoder."""
     log_p = F.log_softmax(as_float(logits), dim=1)
     wrong = torch.ones_like(log_p)
     wrong.scatter_(1, domain[:, None], 0.0)
     wrong = wrong / wrong.sum(dim=1, keepdim=True)
-    return -(wrong * log_p).sum(dim=1).mean()
+    return cell_mean(-(wrong * log_p).sum(dim=1), weight)
 
 
 # What an encoder minimises to fool a discriminator, by --adv-loss name; each decreases as the
-# discriminator's probability of the true class falls. A new loss is one function and one entry.
+# discriminator's probability of the true class falls, and takes optional per-cell weights.
+# A new loss is one function and one entry.
 ADV_LOSSES = {"negce": negce, "uniform": uniform, "flip": flip}

@@ -137,6 +137,7 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
             if state.step == 0:
                 state.sampler_rng = sampler.get_state()
                 strategy.reset(plan.fresh_optimizers)
+                model.begin_epoch()
             else:  # resuming mid-epoch: draw the same batches again
                 sampler.set_state(state.sampler_rng)
             strategy.scale_lr(plan.lr_scale)

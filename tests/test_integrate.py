@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from advcli import IntegrationModel
-from advcli.models.integrate import PairedVAE, neighbourhood_mixing
+from advcli.models.integrate import CompositionWeights, PairedVAE, neighbourhood_mixing
 from advcli.strategies import Simultaneous
 from conftest import SAMPLE
 
@@ -201,3 +201,74 @@ def test_an_epoch_shows_every_training_cell_once(tmp_path, integrate, backed, mo
     steps = len(model.batches(torch.Generator()))
     assert model.steps_per_epoch == math.ceil(len(training) / 64)
     assert steps == model.steps_per_epoch if not backed else steps <= model.steps_per_epoch + 3
+
+
+def _clusters(shares: list[list[int]], seed: int = 0):
+    """Posterior means in well-separated clusters; shares[c][d]: cells of domain d in c."""
+    rng = np.random.default_rng(seed)
+    means, domain, cluster = [], [], []
+    for c, counts in enumerate(shares):
+        for d, n in enumerate(counts):
+            means.append(rng.normal(0.0, 0.1, (n, 3)) + 10.0 * np.eye(3)[c % 3] * (1 + c // 3))
+            domain += [d] * n
+            cluster += [c] * n
+    return np.concatenate(means).astype(np.float32), np.array(domain), np.array(cluster)
+
+
+def _weighted_shares(weights, means, domain, cluster):
+    w = weights(torch.from_numpy(means), torch.from_numpy(domain)).numpy()
+    return w, {c: np.bincount(domain[cluster == c], w[cluster == c], minlength=2)
+               / w[cluster == c].sum() for c in np.unique(cluster)}
+
+
+def test_composition_weights_give_each_domain_its_overall_share_in_every_cluster():
+    """Two shared types held 4:1 and 1:4, a third in domain 0 only: weighted, both shared
+    clusters hold the domains at their overall shares, the private cluster keeps weight one
+    (also for a cell of the other domain that strays into it), and the weights average to one
+    over the cells."""
+    means, domain, cluster = _clusters([[2400, 600], [600, 2400], [1800, 0]])
+    weights = CompositionWeights.fit(means, domain, 2, k=3, seed=0)
+    w, shares = _weighted_shares(weights, means, domain, cluster)
+    overall = np.bincount(domain) / len(domain)
+    for c in (0, 1):
+        np.testing.assert_allclose(shares[c], overall, atol=0.02)
+    np.testing.assert_allclose(w[cluster == 2], 1.0, atol=1e-5)
+    assert abs(w.mean() - 1.0) < 1e-5
+    stray = torch.from_numpy(means[cluster == 2][:1])  # a domain-1 cell among domain 0's type
+    assert weights(stray, torch.tensor([1])).item() == 1.0
+
+
+def test_composition_weights_are_one_where_the_compositions_agree():
+    means, domain, cluster = _clusters([[300, 600], [200, 400], [100, 200]])
+    weights = CompositionWeights.fit(means, domain, 2, k=3, seed=0)
+    w, _ = _weighted_shares(weights, means, domain, cluster)
+    np.testing.assert_allclose(w, 1.0, atol=1e-5)
+
+
+def test_composition_weights_survive_a_checkpoint_and_fewer_cells_than_clusters():
+    means, domain, _ = _clusters([[3, 2]])
+    weights = CompositionWeights.fit(means, domain, 2, k=10, seed=0)
+    assert weights.table.shape == (2, 5)  # at most one cluster per cell
+    again = CompositionWeights.from_state(weights.state())
+    z, d = torch.from_numpy(means), torch.from_numpy(domain)
+    assert torch.equal(again(z, d), weights(z, d))
+
+
+def test_the_adversary_is_weighted_by_composition_unless_turned_off(integrate, tmp_path):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2).train()
+    assert model.module.composition.table.shape == (2, 10)
+    model.save(tmp_path / "m.pt")
+    loaded = IntegrationModel.load(tmp_path / "m.pt", integrate)
+    assert torch.equal(loaded.module.composition.table, model.module.composition.table)
+    off = IntegrationModel(integrate, latent_dim=4, max_epochs=2, composition_clusters=0).train()
+    assert off.module.composition is None
+
+
+def test_a_model_file_from_before_composition_weights_resumes_unweighted(integrate, tmp_path):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2, composition_clusters=0)
+    model.train().save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=False)
+    del payload["config"]["composition_clusters"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = IntegrationModel.load(tmp_path / "old.pt", integrate)
+    assert old.config.composition_clusters == 0

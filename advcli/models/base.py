@@ -248,6 +248,10 @@ class BaseModel:
     def _encoding(self) -> dict:
         raise NotImplementedError
 
+    def begin_epoch(self) -> None:
+        """Called by the loop before each epoch's first step (not when a run resumes in the
+        middle of an epoch: what this sets must then come back through ``_restore_extras``)."""
+
     def _train_extras(self) -> dict:
         """Model-specific training state a resumed run needs (beyond the loop's)."""
         return {}

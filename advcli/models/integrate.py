@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .. import keys, losses
+from .. import distributed, keys, losses
 from ..data import (CountRows, count_batch, count_rows, counts_anndata, encode_domains,
                     gene_order, in_file_order, set_uns, stratified_minibatches,
                     stratified_split)
@@ -35,6 +35,77 @@ SETTLED_CE = 0.01  # nats: a rise of the discriminator's validation loss smaller
 SETTLED_MIXING = 0.01  # a rise of the validation cells' neighbourhood mixing smaller than this
                        # (or than two of its standard errors over the validation cells) is noise
 MIXING_NEIGHBOURS, MIXING_VAL_CELLS = 15, 1500
+COMPOSITION_CELLS = 10_000  # training cells whose posterior means place the clusters each epoch
+COMPOSITION_PRIOR = 20.0  # cells added to a domain's count in a cluster, and to its expected count
+COMPOSITION_CLIP = 10.0  # no cell counts more than this many times, or less than its inverse
+
+
+class CompositionWeights:
+    """Per-cell weights of the adversary's cross-entropy under which every domain, within each
+    cluster of the latent space, holds its share of all cells.
+
+    Domains often hold the same cell types in different proportions. A discriminator that reads
+    those proportions (this cluster is 80 % domain A, against 50 % overall) pushes the encoder
+    to hide them, and the only way to hide them is to merge the cell types. Weighted, the
+    domains' shares are the same in every cluster that holds them, so the proportions carry no
+    signal, and the adversary's pull is left to what is batch effect: where in a cluster each
+    domain's cells lie. Each cluster keeps its total weight, so clusters of one domain (a cell
+    type the other domains lack, or domains not yet mixed) count as before.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, centres: torch.Tensor,
+                 table: torch.Tensor):
+        self.loc, self.scale, self.centres, self.table = loc, scale, centres, table
+
+    @classmethod
+    def fit(cls, means: np.ndarray, domain: np.ndarray, n_domains: int, k: int, seed: int,
+            start: "CompositionWeights | None" = None) -> "CompositionWeights":
+        """k-means (started from ``start``'s centres when given) on the standardised posterior
+        means of a sample of cells, then each (domain, cluster)'s weight: the number of the
+        domain's cells the cluster would hold at the domain's overall share, over the number
+        it holds, each plus COMPOSITION_PRIOR cells (few cells, little reweighting); scaled so
+        that each cluster keeps its cells' total weight, and clipped. A cell of a domain that
+        the sample found nowhere in its cluster weighs 1: were it weighted up, the adversary
+        would be drawn to the few cells that stray into a cluster of another domain."""
+        from sklearn.cluster import KMeans
+
+        loc, scale = means.mean(axis=0), means.std(axis=0) + 1e-6
+        z = (means - loc) / scale
+        k = min(k, len(z))
+        if start is not None and start.centres.shape[0] == k:
+            km = KMeans(k, init=start.centres.cpu().numpy().astype(z.dtype), n_init=1,
+                        random_state=seed).fit(z)
+        else:
+            km = KMeans(k, n_init=3, random_state=seed).fit(z)
+        n = np.zeros((n_domains, k))
+        np.add.at(n, (domain, km.labels_), 1.0)
+        at_share = n.sum(axis=1, keepdims=True) / n.sum() * n.sum(axis=0)
+        w = (at_share + COMPOSITION_PRIOR) / (n + COMPOSITION_PRIOR)
+        w *= n.sum(axis=0) / (n * w).sum(axis=0)
+        w = np.where(n > 0, np.clip(w, 1 / COMPOSITION_CLIP, COMPOSITION_CLIP), 1.0)
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+        return cls(as_tensor(loc), as_tensor(scale), as_tensor(km.cluster_centers_),
+                   as_tensor(w))
+
+    def __call__(self, mean: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """The weight of each cell: its domain's in the cluster nearest its posterior mean."""
+        z = (mean.detach().float() - self.loc) / self.scale
+        return self.table[domain, torch.cdist(z, self.centres).argmin(dim=1)]
+
+    def to(self, device) -> "CompositionWeights":
+        return CompositionWeights(*(t.to(device) for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.loc, self.scale, self.centres, self.table
+
+    def state(self) -> dict:
+        return {"loc": self.loc.tolist(), "scale": self.scale.tolist(),
+                "centres": self.centres.tolist(), "table": self.table.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "CompositionWeights":
+        return cls(*(torch.tensor(state[k], dtype=torch.float32)
+                     for k in ("loc", "scale", "centres", "table")))
 
 
 def neighbourhood_mixing(latent: torch.Tensor, domain: torch.Tensor, n_domains: int
@@ -114,6 +185,7 @@ class PairedVAE(torch.nn.Module):
         return [(("discriminator",), self.d_steps), (("vae",), self.e_steps)]
 
     d_steps = e_steps = 1
+    composition: CompositionWeights | None = None  # set each epoch by IntegrationModel
 
     @property
     def solo_steps(self) -> dict[str, int]:
@@ -170,20 +242,25 @@ class PairedVAE(torch.nn.Module):
         if "vae" in players:
             terms = self.elbo_terms(batch, ctx["kl_weight"])
             mean = terms["mean"]
+            weight = self._weight(mean, domain)
             logits = constant_call(self.discriminator, mean)
-            out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adv_loss(logits, domain)
+            out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adv_loss(logits, domain, weight)
             logs.update(elbo=terms["elbo"].detach(), recon=terms["recon"].detach(),
                         kl=terms["kl"].detach())
             mean = mean.detach()
         else:
             with torch.no_grad():
                 mean, _ = self.encode(batch["x_norm"], domain)
+            weight = self._weight(mean, domain)
         if "discriminator" in players:
             logits = self.discriminator(mean)
-            out["discriminator"] = losses.domain_ce(logits, domain)
+            out["discriminator"] = losses.domain_ce(logits, domain, weight)
             logs["disc_ce"] = out["discriminator"].detach()
         logs["disc_acc"] = (logits.detach().argmax(dim=1) == domain).float().mean()
         return out, logs
+
+    def _weight(self, mean: torch.Tensor, domain: torch.Tensor) -> torch.Tensor | None:
+        return None if self.composition is None else self.composition(mean, domain)
 
 
 class IntegrationModel(BaseModel):
@@ -207,8 +284,12 @@ class IntegrationModel(BaseModel):
         self.module = self._build(len(self.genes_)).to(self.device)
         self._rows = rows
         self._domain = torch.from_numpy(domain).to(self.device)
+        train = torch.cat(self._train_idx).numpy()
+        pick = np.random.default_rng(cfg.seed).choice(len(train), min(len(train), COMPOSITION_CELLS),
+                                                      replace=False)
+        self._composition_idx = torch.from_numpy(np.sort(train[pick]))
         if rows.backed:
-            rows.hold(self._val_idx.numpy())
+            rows.hold(np.union1d(self._val_idx.numpy(), self._composition_idx.numpy()))
             self._training = np.zeros(len(domain), dtype=bool)
             self._training[torch.cat(self._train_idx).numpy()] = True
 
@@ -224,6 +305,29 @@ class IntegrationModel(BaseModel):
         return module
 
     # ------------------------------------------------------------------ the loop's pieces
+
+    def begin_epoch(self) -> None:
+        """Cluster a sample of training cells' posterior means and weigh the adversary's
+        cross-entropy by the domains' shares in each cluster (``CompositionWeights``)."""
+        k = self.config.composition_clusters
+        if not k or len(self.domains_) < 2:
+            self.module.composition = None
+            return
+        idx = self._composition_idx
+        weights = CompositionWeights.fit(
+            self._posterior_means(idx), self._domain[idx.to(self.device)].cpu().numpy(),
+            len(self.domains_), k, self.config.seed, start=self.module.composition)
+        self.module.composition = weights = weights.to(self.device)
+        distributed.broadcast_tensors(weights.tensors())
+
+    def _train_extras(self) -> dict:
+        composition = self.module.composition
+        return {} if composition is None else {"composition": composition.state()}
+
+    def _restore_extras(self, extras: dict) -> None:
+        state = extras.get("composition")
+        self.module.composition = (None if state is None else
+                                   CompositionWeights.from_state(state).to(self.device))
 
     @property
     def strategy_name(self) -> str:
@@ -513,6 +617,12 @@ class IntegrationModel(BaseModel):
 
     def _encoding(self) -> dict:
         return {"domains": list(self.domains_)}
+
+    @staticmethod
+    def _upgrade_config(config: dict) -> dict:
+        config = dict(config)
+        config.setdefault("composition_clusters", 0)  # files from before: unweighted adversary
+        return config
 
     def _rebuild(self, payload: dict) -> None:
         self.domains_ = [str(d) for d in payload["encoding"]["domains"]]
