@@ -257,6 +257,8 @@ def test_composition_weights_survive_a_checkpoint_and_fewer_cells_than_clusters(
 def test_the_adversary_is_weighted_by_composition_unless_turned_off(integrate, tmp_path):
     model = IntegrationModel(integrate, latent_dim=4, max_epochs=2).train()
     assert model.module.composition.table.shape == (2, 10)
+    shown = model.fit_summary()["composition_weights"]
+    assert shown["clusters"] == 10 and 0.1 <= shown["min"] <= 1.0 <= shown["max"] <= 10.0
     model.save(tmp_path / "m.pt")
     loaded = IntegrationModel.load(tmp_path / "m.pt", integrate)
     assert torch.equal(loaded.module.composition.table, model.module.composition.table)

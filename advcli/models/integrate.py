@@ -466,6 +466,11 @@ class IntegrationModel(BaseModel):
             "warnings": []}
         mixing, fraction = self.mixing_scores()
         summary["mixing_ilisi"], summary["mixing_fraction"] = mixing, fraction
+        composition = self.module.composition
+        if composition is not None:  # how far the domains' compositions differed, last epoch
+            summary["composition_weights"] = {
+                "clusters": int(composition.table.shape[1]),
+                "min": float(composition.table.min()), "max": float(composition.table.max())}
         held_out = records[-1].get("val_disc_acc", math.nan)
         from ..metrics import PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI, partly_mixed_note
 
