@@ -575,6 +575,12 @@ def count_rows(adata, layer: str | None, device, columns: np.ndarray | None = No
     return CountRows(counts if columns is None else counts[:, columns], device, histogram)
 
 
+def seeded_subset(n: int, most: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random ``most`` of ``n`` items (all of them when n <= most):
+    the sample that metrics, plots and per-epoch statistics read on large data."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(n, most), replace=False))
+
+
 def minibatches(n: int, batch_size: int, generator, shuffle: bool = True) -> list:
     """Index tensors of one pass over ``n`` cells, in a seeded random order (no Dataset objects)."""
     import torch

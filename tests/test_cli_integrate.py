@@ -106,6 +106,12 @@ def test_bad_inputs(tmp_path, invoke, write, integrate_file):
                    "-o", tmp_path / "m.pt")
         expected = "must be a finite number" if bad == "nan" else "--dropout must be in [0, 1)"
         assert r.exit_code == 2 and expected in r.stderr
+    r = invoke("fit", integrate_file, "--mode", "integrate", "--composition-clusters", "-1",
+               "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "--composition-clusters must be zero or more" in r.stderr
+    r = invoke("fit", integrate_file, "--mode", "integrate", "--composition-clusters", "ten",
+               "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2
     assert not (tmp_path / "m.pt").exists()
 
 

@@ -28,7 +28,7 @@ import torch
 
 from .. import keys, losses
 from ..data import (CountRows, count_batch, counts_anndata, encode_domains, gene_order, load_counts,
-                    minibatches, set_uns, validate_counts)
+                    minibatches, seeded_subset, set_uns, validate_counts)
 from ..nn import Decoder, DomainDiscriminator, Encoder, mlp
 from ..strategies import constant_call
 from ..train import EpochPlan
@@ -305,7 +305,7 @@ def label_accuracies(s: np.ndarray, z: np.ndarray, label: np.ndarray,
 
     keep = np.arange(len(label))
     if len(keep) > max_cells:
-        keep = np.sort(np.random.default_rng(0).choice(len(keep), max_cells, replace=False))
+        keep = seeded_subset(len(keep), max_cells, 0)
     label = label[keep]
     counts = np.bincount(label)
     folds = int(np.clip(counts[counts > 0].min(), 2, 5))  # stratified folds need members

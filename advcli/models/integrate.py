@@ -21,8 +21,8 @@ import torch
 
 from .. import distributed, keys, losses
 from ..data import (CountRows, count_batch, count_rows, counts_anndata, encode_domains,
-                    gene_order, in_file_order, set_uns, stratified_minibatches,
-                    stratified_split)
+                    gene_order, in_file_order, seeded_subset, set_uns,
+                    stratified_minibatches, stratified_split)
 from ..errors import InputError
 from ..nn import Decoder, DomainDiscriminator, Encoder
 from ..strategies import constant_call
@@ -119,7 +119,7 @@ def neighbourhood_mixing(latent: torch.Tensor, domain: torch.Tensor, n_domains: 
     n = latent.shape[0]
     if n < 3 or n_domains < 2:
         return math.nan, math.nan
-    keep = np.sort(np.random.default_rng(0).choice(n, min(n, MIXING_VAL_CELLS), replace=False))
+    keep = seeded_subset(n, MIXING_VAL_CELLS, 0)
     _, idx = knn(latent.cpu().double().numpy()[keep], MIXING_NEIGHBOURS)
     per_cell = knn_domain_entropy(idx, domain.cpu().numpy()[keep], n_domains, per_cell=True)
     return float(per_cell.mean()), float(per_cell.std(ddof=1) / math.sqrt(len(per_cell)))
@@ -285,13 +285,12 @@ class IntegrationModel(BaseModel):
         self._rows = rows
         self._domain = torch.from_numpy(domain).to(self.device)
         train = torch.cat(self._train_idx).numpy()
-        pick = np.random.default_rng(cfg.seed).choice(len(train), min(len(train), COMPOSITION_CELLS),
-                                                      replace=False)
-        self._composition_idx = torch.from_numpy(np.sort(train[pick]))
+        self._composition_idx = torch.from_numpy(
+            np.sort(train[seeded_subset(len(train), COMPOSITION_CELLS, cfg.seed)]))
         if rows.backed:
             rows.hold(np.union1d(self._val_idx.numpy(), self._composition_idx.numpy()))
             self._training = np.zeros(len(domain), dtype=bool)
-            self._training[torch.cat(self._train_idx).numpy()] = True
+            self._training[train] = True
 
     def _data_summary(self) -> bytes:
         return self._rows.col_sums.tobytes() + self._domain.cpu().numpy().tobytes()
@@ -503,8 +502,7 @@ class IntegrationModel(BaseModel):
         from ..metrics import knn, lisi, mixing_fraction
 
         n = int(self._domain.shape[0])
-        keep = np.sort(np.random.default_rng(self.config.seed).choice(n, min(n, max_cells),
-                                                                       replace=False))
+        keep = seeded_subset(n, max_cells, self.config.seed)
         latent = self._posterior_means(torch.from_numpy(keep))
         domain = self._domain.cpu().numpy()[keep]
         if len(np.unique(domain)) < 2 or len(keep) < 10:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import keys
-from ..data import read_h5ad
+from ..data import read_h5ad, seeded_subset
 from ..errors import InputError
 from ..io import load_model, plain
 from .aae import aae_report
@@ -59,7 +59,7 @@ def diagnose(predicted: str | Path, out_dir: str | Path, model_path: str | Path 
         cells = np.arange(adata.n_obs)
         most = int(np.clip(BACKED_ENTRIES // max(adata.n_vars, 1), 5_000, 50_000))
         if adata.n_obs > most:
-            cells = np.sort(np.random.default_rng(0).choice(adata.n_obs, most, replace=False))
+            cells = seeded_subset(adata.n_obs, most, 0)
             notes.append(f"--backed: the report (correlations, effects, plots) uses a random "
                          f"{most:,} of the {adata.n_obs:,} cells.")
         adata = adata.to_memory(cells)

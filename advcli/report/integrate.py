@@ -10,7 +10,8 @@ import numpy as np
 
 from .. import keys
 from ..backed import read_rows
-from ..data import check_finite_obsm, count_source, counts_anndata, encode_domains
+from ..data import (check_finite_obsm, count_source, counts_anndata, encode_domains,
+                    seeded_subset)
 from ..errors import InputError
 from ..metrics import (PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI, integration_metrics,
                        partly_mixed_note)
@@ -88,7 +89,7 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
     embedding = check_finite_obsm(adata, keys.X_LATENT, "the embedding")
     cells = np.arange(adata.n_obs)
     if adata.n_obs > METRIC_CELLS:  # silhouettes are quadratic, and a backed file stays on disk
-        cells = np.sort(np.random.default_rng(0).choice(adata.n_obs, METRIC_CELLS, replace=False))
+        cells = seeded_subset(adata.n_obs, METRIC_CELLS, 0)
         embedding, batch = embedding[cells], batch[cells]
         labels = None if labels is None else labels[cells]
         notes.append(f"Metrics, the baseline and the map use a random {METRIC_CELLS:,} of the "
