@@ -182,6 +182,16 @@ DATASETS = [
                 [6000, 1800, 600], 1500, seed=13, missing={1: [0, 1], 2: [4, 5]})),
     Dataset("zi-strong", "second simulator, 2 domains, strength 2", lambda tmp: lineage_domains(
         [2500, 3500], 1500, seed=14, strength=2.0)),
+    # held out: added after the defaults were set, many more cell types than composition clusters
+    Dataset("zi-16types", "second simulator, 4 domains, 8 lineages x 2 subtypes, types missing "
+            "from two domains", lambda tmp: lineage_domains(
+                [2500, 2000, 1500, 1000], 1500, seed=21, lineages=8,
+                missing={1: [0, 1], 3: [6, 7, 8]})),
+    Dataset("zi-20types", "second simulator, 2 domains 5:1, 10 lineages x 2 subtypes, strength "
+            "1.5", lambda tmp: lineage_domains([4000, 800], 1000, seed=22, lineages=10,
+                                               strength=1.5)),
+    sim("types-12", "simulate integrate, 12 types, batch strength 2.5", n_a=2500, n_b=3000,
+        genes=1500, cell_types=12, batch_strength=2.5, seed=23),
     Dataset("pbmc", "PBMC, 3 chemistries (real)", lambda tmp: real("pbmc"), True),
     Dataset("cellbench", "CellBench CEL-seq2 vs Drop-seq, all genes (real)",
             lambda tmp: real("cellbench"), True),

@@ -21,7 +21,10 @@ Parts:
 * ``limit``: every matrix product one default confounder training runs (forward and backward,
   recorded with their shapes by a dispatch mode in a counting run), each timed alone at the best
   of seven rounds: the seconds those products need at torch.matmul's own speed, as a fraction
-  of the seconds the training takes (a second, uncounted run).
+  of the seconds the training takes (a second, uncounted run). Then where a step's time goes:
+  one minibatch of the default size stepped 60 times as a heads step and as a generator step,
+  with the wall time of the model's pieces (generator forward, NB head, the NB loss and its
+  count term, backward, Adam) taken by timing wrappers around them.
 * ``backed``: both modes in memory and with ``--backed`` (counts left on disk) at each size:
   fit / predict / diagnose time, peak RSS and diagnose's scores side by side, and the exponent
   of backed fit time in n (``--backed-sizes 10000,100000,1000000`` for the atlas case).
@@ -338,7 +341,8 @@ def part_limit(tmp: Path, n: int, genes: int) -> None:
                     "--n", str(n), "--genes", str(genes), "--setting", "general"], check=True,
                    capture_output=True)
     a = ad.read_h5ad(path)
-    timed = advcli.ConfounderModel(a).train().fit_summary()
+    timed_model = advcli.ConfounderModel(a).train()
+    timed = timed_model.fit_summary()
     shapes = MatmulShapes()
     with shapes:
         counted = advcli.ConfounderModel(a).train().fit_summary()
@@ -357,6 +361,63 @@ def part_limit(tmp: Path, n: int, genes: int) -> None:
           f"-> {per_epoch_limit * 1e3:.0f} ms per epoch")
     print(f"advcli: {per_epoch * 1e3:.0f} ms per epoch = {per_epoch_flops / per_epoch / 1e9:.2f} "
           f"GFLOP/s, {per_epoch_limit / per_epoch:.0%} of the matmul limit")
+    step_breakdown(a, per_epoch_limit / math.ceil(n / timed_model.config.batch_size))
+
+
+def step_breakdown(a: ad.AnnData, limit_per_step: float, repeats: int = 60) -> None:
+    """Wall milliseconds of a heads step and a generator step on one minibatch, by piece."""
+    from advcli import losses
+
+    model = advcli.ConfounderModel(a).train(max_epochs=3)
+    strategy = model._strategy()
+    batch = model.batch(torch.randperm(a.n_obs, generator=torch.Generator().manual_seed(0))
+                        [:model.config.batch_size])
+    spent: Counter = Counter()
+    originals, labels = [], []
+
+    def timed(owner, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+        originals.append((owner, name, inner))
+        if label not in labels:
+            labels.append(label)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            spent[label] += time.perf_counter() - start
+            return out
+        setattr(owner, name, wrapper)
+
+    timed(model.module, "z", "generator forward")
+    timed(model.module.nb, "forward", "NB head forward")
+    timed(losses, "nb_nll", "NB loss forward")
+    timed(losses, "nb_count_term", "  of which the count term")
+    timed(losses.CountHistogram, "of_pairs", "the minibatch's count histogram")
+    timed(torch.Tensor, "backward", "backward")
+    for optimizer in strategy.optimizers.values():
+        timed(optimizer, "step", "Adam")
+    ctx = {"phase": "heads", "temperature": model.config.temperature_end,
+           "weights": model.weights}
+    print(f"\n== one step of {model.config.batch_size} cells, wall ms; the matmul limit is "
+          f"{limit_per_step * 1e3:.2f} ms per step")
+    try:
+        for title, players in (("heads step", ("classifier", "nb")),
+                               ("generator step", ("generator",))):
+            for _ in range(5):
+                strategy.step(batch, players, ctx)
+            spent.clear()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                strategy.step(batch, players, ctx)
+            total = (time.perf_counter() - start) / repeats * 1e3
+            print(f"{title}: {total:.2f}")
+            for label in (name for name in labels if name in spent):
+                print(f"  {label:38s} {spent[label] / repeats * 1e3:6.2f}")
+            print(f"  {'the rest (Python, cat, classifier)':38s} "
+                  f"{total - sum(v for k, v in spent.items() if not k.startswith(' ')) / repeats * 1e3:6.2f}")
+    finally:
+        for owner, name, inner in reversed(originals):
+            setattr(owner, name, inner)
 
 
 def main(argv=None) -> int:
