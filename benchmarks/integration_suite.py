@@ -10,7 +10,8 @@ covariate, per-domain dispersion, Splatter-style logistic dropout, lineages of c
 across 2, 3 and 5 domains and unbalanced compositions (types missing from domains, 10:1 sizes);
 the log-normal-factor simulation a user first reported unmixed; and, when ../shared/data is
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
-`condition` as the domain.
+`condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
+than the composition clusters) were added after the defaults were set, as held-out checks.
 
 Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
 components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
