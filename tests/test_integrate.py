@@ -64,6 +64,18 @@ def test_training_goes_on_while_the_adversary_gains(integrate, rising):
     assert _drive(model, records) == 30 + 5
 
 
+def test_training_goes_on_while_the_validation_elbo_falls(integrate):
+    """From the first counted epoch on: the best validation ELBO starts at infinity, and a
+    margin taken from it would never let an epoch count as an improvement."""
+    model = IntegrationModel(integrate, max_epochs=200, patience=5, kl_warmup_epochs=1,
+                             adv_warmup_epochs=1)
+    bottom = FLAT["val_elbo"] - 0.1 * 29
+    records = [{**FLAT, "val_elbo": max(FLAT["val_elbo"] - 0.1 * i, bottom)} for i in range(100)]
+    assert _drive(model, records) == 30 + 5
+    creeping = [{**FLAT, "val_elbo": FLAT["val_elbo"] - 1e-6 * i} for i in range(100)]
+    assert _drive(model, creeping) == 6  # below the 1e-4 relative margin: stale
+
+
 def test_a_discriminator_worse_than_chance_is_not_progress(integrate):
     """Held-out CE rising above ln K means the encoders made the discriminator confidently
     wrong (overshoot), not the domains more mixed."""

@@ -408,7 +408,7 @@ class IntegrationModel(BaseModel):
             ce = min(ce, chance_ce)  # above chance the discriminator is wrong, not fooled
             if epoch >= max(kl_warm, cfg.adv_start_epoch + ramp) and math.isfinite(val):
                 stale += 1
-                if val < best_elbo - 1e-4 * abs(best_elbo):
+                if val < best_elbo - 1e-4 * abs(val):  # (best_elbo starts at inf)
                     best_elbo, stale = val, 0
                 if math.isfinite(ce) and ce > best_ce + SETTLED_CE:
                     best_ce, stale = ce, 0
