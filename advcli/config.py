@@ -194,7 +194,8 @@ class LatentModelConfig(TrainConfig):
                                     "counted.", TRAINING, shown="100, or enough for 1,500 steps "
                                     "(at most 400)")
     batch_size: int | None = option(None, "Cells per minibatch.", TRAINING,
-                                    shown="64-256, at least ~8 steps per epoch")
+                                    shown="64-128 in integrate mode, 64-256 in the "
+                                    "others; at least ~8 steps per epoch")
 
     def check(self) -> None:
         super().check()

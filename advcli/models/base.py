@@ -38,10 +38,11 @@ MIN_STEPS = 1500  # but at least this many optimizer steps: on a few hundred cel
                   # needs steps, not epochs, to act
 
 
-def default_batch_size(n_cells: int) -> int:
-    """A power of two between 64 and 256 giving at least ~8 steps per epoch: on a few hundred
-    cells, batches of 256 leave two steps an epoch and an adversary too few steps to act."""
-    return int(min(256, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
+def default_batch_size(n_cells: int, largest: int = 256) -> int:
+    """A power of two between 64 and ``largest`` giving at least ~8 steps per epoch: on a few
+    hundred cells, batches of 256 leave two steps an epoch and an adversary too few steps to
+    act."""
+    return int(min(largest, max(64, 2 ** math.floor(math.log2(max(n_cells / 8, 1))))))
 
 
 CELL_PASSES = 8_000_000  # on large data, epochs stop at about this many cells seen (scVI's

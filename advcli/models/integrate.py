@@ -35,6 +35,8 @@ SETTLED_CE = 0.01  # nats: a rise of the discriminator's validation loss smaller
 SETTLED_MIXING = 0.01  # a rise of the validation cells' neighbourhood mixing smaller than this
                        # (or than two of its standard errors over the validation cells) is noise
 MIXING_NEIGHBOURS, MIXING_VAL_CELLS = 15, 1500
+LARGEST_BATCH = 128  # on a few thousand cells, batches of 256 gave the adversarial game too few
+                     # steps: the fit was still gaining at its last epoch (docs/integrate.md)
 COMPOSITION_CELLS = 10_000  # training cells whose posterior means place the clusters each epoch
 COMPOSITION_PRIOR = 20.0  # cells added to a domain's count in a cluster, and to its expected count
 COMPOSITION_CLIP = 10.0  # no cell counts more than this many times, or less than its inverse
@@ -277,7 +279,7 @@ class IntegrationModel(BaseModel):
         domain, self.domains_ = encode_domains(adata, cfg.batch_key)
         if cfg.batch_size is None:
             n_train = int(round(len(domain) * (1 - cfg.val_fraction)))
-            self.config = cfg = replace(cfg, batch_size=default_batch_size(n_train))
+            self.config = cfg = replace(cfg, batch_size=default_batch_size(n_train, LARGEST_BATCH))
         self._train_idx, self._val_idx = stratified_split(
             domain, self.domains_, cfg.val_fraction, cfg.seed, cfg.batch_key)
         torch.manual_seed(cfg.seed)
