@@ -194,8 +194,7 @@ class LatentModelConfig(TrainConfig):
                                     "counted.", TRAINING, shown="100, or enough for 1,500 steps "
                                     "(at most 400)")
     batch_size: int | None = option(None, "Cells per minibatch.", TRAINING,
-                                    shown="64-128 in integrate mode, 64-256 in the "
-                                    "others; at least ~8 steps per epoch")
+                                    shown="64-256, at least ~8 steps per epoch")
 
     def check(self) -> None:
         super().check()
@@ -227,6 +226,8 @@ class IntegrationConfig(LatentModelConfig):
                           "come before the joint one).",
                           INTEGRATE)
     e_steps: int = option(1, "Encoder steps per minibatch (--adversary alternate).", INTEGRATE)
+    batch_size: int | None = option(None, "Cells per minibatch.", TRAINING,
+                                    shown="64-128, at least ~8 steps per epoch")
     composition_clusters: int = option(10, "Clusters of the latent space within which the "
                                        "adversary counts every domain at its share of all "
                                        "cells, so that domains holding cell types in different "

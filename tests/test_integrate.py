@@ -76,6 +76,16 @@ def test_training_goes_on_while_the_validation_elbo_falls(integrate):
     assert _drive(model, creeping) == 6  # below the 1e-4 relative margin: stale
 
 
+def test_minibatches_hold_at_most_128_cells(integrate):
+    """The adversarial game needs steps: 256-cell batches left a few thousand cells about 17
+    steps an epoch. Small data keep at least ~8 steps an epoch."""
+    rng = np.random.default_rng(0)
+    many = ad.AnnData(rng.poisson(2.0, (4000, 30)).astype(np.float32))
+    many.obs["batch"] = np.repeat(["a", "b"], 2000)
+    assert IntegrationModel(many).config.batch_size == 128
+    assert IntegrationModel(integrate).config.batch_size == 64  # 540 training cells
+
+
 def test_a_discriminator_worse_than_chance_is_not_progress(integrate):
     """Held-out CE rising above ln K means the encoders made the discriminator confidently
     wrong (overshoot), not the domains more mixed."""
