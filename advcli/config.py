@@ -233,6 +233,9 @@ class IntegrationConfig(LatentModelConfig):
                                        "cells, so that domains holding cell types in different "
                                        "proportions are not pushed to merge them (0: off).",
                                        INTEGRATE)
+    decoder_layers: int = option(2, "Hidden layers of the decoder. One keeps cell types "
+                                 "further apart but leaves strong batch effects less mixed "
+                                 "(docs/integrate.md).", INTEGRATE)
     beta_kl: float = option(0.25, "Weight of the KL term (reached after the warm-up).",
                             INTEGRATE)
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",
@@ -242,7 +245,7 @@ class IntegrationConfig(LatentModelConfig):
 
     def check(self) -> None:
         super().check()
-        _positive(d_steps=self.d_steps, e_steps=self.e_steps)
+        _positive(d_steps=self.d_steps, e_steps=self.e_steps, decoder_layers=self.decoder_layers)
         _non_negative(grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
                       adv_start_epoch=self.adv_start_epoch,
                       composition_clusters=self.composition_clusters)

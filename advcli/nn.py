@@ -177,13 +177,13 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, latent_dim: int, n_genes: int, hidden: int, likelihood: str,
-                 n_conditions: int = 0):
+                 n_conditions: int = 0, layers: int = 2):
         super().__init__()
         self.likelihood = likelihood
         self.n_conditions = n_conditions
-        self.hidden = nn.Sequential(nn.Linear(latent_dim + n_conditions, hidden),
-                                    nn.LayerNorm(hidden), nn.ReLU(),
-                                    nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU())
+        widths = [latent_dim + n_conditions] + [hidden] * layers
+        self.hidden = nn.Sequential(*(part for a, b in zip(widths, widths[1:])
+                                      for part in (nn.Linear(a, b), nn.LayerNorm(b), nn.ReLU())))
         self.out = nn.Linear(hidden + n_conditions, n_genes)
 
     def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from advcli import IntegrationModel
+from advcli.errors import InputError
 from advcli.models.integrate import CompositionWeights, PairedVAE, neighbourhood_mixing
 from advcli.strategies import Simultaneous
 from conftest import SAMPLE
@@ -74,6 +75,19 @@ def test_training_goes_on_while_the_validation_elbo_falls(integrate):
     assert _drive(model, records) == 30 + 5
     creeping = [{**FLAT, "val_elbo": FLAT["val_elbo"] - 1e-6 * i} for i in range(100)]
     assert _drive(model, creeping) == 6  # below the 1e-4 relative margin: stale
+
+
+def test_a_fit_cut_off_by_its_epoch_cap_while_gaining_says_so(integrate):
+    model = IntegrationModel(integrate, max_epochs=20, patience=5, kl_warmup_epochs=1,
+                             adv_warmup_epochs=1)
+    falling = [{**FLAT, "val_elbo": FLAT["val_elbo"] - i} for i in range(20)]
+    assert _drive(model, falling) == 20 and model.still_gaining_  # ran to the cap
+    model.train_state_ = type("State", (), {"records": falling})()
+    summary = model._summarise(1.0, 1.0)
+    assert summary["still_gaining"] and "--max-epochs" in summary["warnings"][-1]
+    settled = IntegrationModel(integrate, max_epochs=20, patience=5, kl_warmup_epochs=1,
+                               adv_warmup_epochs=1)
+    assert _drive(settled, [dict(FLAT)] * 20) == 6 and not settled.still_gaining_
 
 
 def test_minibatches_hold_at_most_128_cells(integrate):
@@ -296,3 +310,25 @@ def test_a_model_file_from_before_composition_weights_resumes_unweighted(integra
     torch.save(payload, tmp_path / "old.pt")
     old = IntegrationModel.load(tmp_path / "old.pt", integrate)
     assert old.config.composition_clusters == 0
+
+
+def test_the_decoder_has_two_hidden_layers_unless_asked(integrate):
+    def hidden_layers(model):
+        return sum(isinstance(m, torch.nn.Linear) for m in model.module.decoders[0].hidden)
+
+    assert hidden_layers(IntegrationModel(integrate, latent_dim=4)) == 2
+    assert hidden_layers(IntegrationModel(integrate, latent_dim=4, decoder_layers=1)) == 1
+    with pytest.raises(InputError, match="--decoder-layers must be positive"):
+        IntegrationModel(integrate, decoder_layers=0)
+
+
+def test_a_model_file_from_before_the_decoder_option_predicts_with_two_layers(integrate, tmp_path):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2)
+    model.train().save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=False)
+    del payload["config"]["decoder_layers"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = IntegrationModel.load(tmp_path / "old.pt")
+    assert old.config.decoder_layers == 2
+    np.testing.assert_allclose(old.get_latent_representation(integrate),
+                               model.get_latent_representation(integrate), atol=1e-5)

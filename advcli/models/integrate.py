@@ -140,7 +140,7 @@ class PairedVAE(torch.nn.Module):
 
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_domains: int,
                  likelihood: str, paired: bool = False, dropout: float = 0.0,
-                 adv_loss: str = "negce", tie: float = 0.0):
+                 adv_loss: str = "negce", tie: float = 0.0, decoder_layers: int = 2):
         super().__init__()
         self.tie = tie
         shared_decoder = not paired
@@ -148,7 +148,8 @@ class PairedVAE(torch.nn.Module):
                                             for _ in range(n_domains if paired else 1))
         n_dec = 1 if shared_decoder else n_domains
         self.decoders = torch.nn.ModuleList(
-            Decoder(latent_dim, n_genes, hidden, likelihood, n_domains if shared_decoder else 0)
+            Decoder(latent_dim, n_genes, hidden, likelihood, n_domains if shared_decoder else 0,
+                    layers=decoder_layers)
             for _ in range(n_dec))
         for module in list(self.encoders[1:]) + list(self.decoders[1:]):  # a tied start
             module.load_state_dict((self.encoders if module in self.encoders else self.decoders)[0]
@@ -301,7 +302,7 @@ class IntegrationModel(BaseModel):
         cfg = self.config
         module = PairedVAE(n_genes, cfg.latent_dim, cfg.hidden, len(self.domains_),
                            cfg.likelihood, paired=cfg.design == "paired", dropout=cfg.dropout,
-                           adv_loss=cfg.adv_loss, tie=cfg.tie)
+                           adv_loss=cfg.adv_loss, tie=cfg.tie, decoder_layers=cfg.decoder_layers)
         module.d_steps, module.e_steps = cfg.d_steps, cfg.e_steps
         return module
 
@@ -382,6 +383,8 @@ class IntegrationModel(BaseModel):
         idx = idx.to(self.device)
         return {**count_batch(rows, idx), "domain": domain[idx]}
 
+    still_gaining_ = False  # set by the schedule: the epoch cap came before training settled
+
     def schedule(self) -> Iterator[EpochPlan]:
         """The KL weight warms up over the first quarter of the epochs; the adversary acts from
         the first epoch (ramped in over a twentieth), so that the domains never part: a
@@ -421,7 +424,9 @@ class IntegrationModel(BaseModel):
                 if record.get("val_disc_acc", 0.0) >= SEPARATED_ACC:
                     stale = 0  # the domains are still apart: the adversary has work to do
                 if cfg.patience and stale >= cfg.patience:
+                    self.still_gaining_ = False
                     return
+            self.still_gaining_ = bool(cfg.patience) and math.isfinite(val) and stale < cfg.patience
 
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
@@ -485,6 +490,12 @@ class IntegrationModel(BaseModel):
                 f"domains equally){told}. The adversary lost. {UNMIXED_ADVICE}")
         elif fraction < PARTLY_MIXED:
             summary["warnings"].append(partly_mixed_note(fraction))
+        if summary["still_gaining"]:
+            summary["warnings"].append(
+                f"Training reached its cap of {self.max_epochs} epochs while the fit was still "
+                "improving (the validation ELBO, the discriminator's loss or the mixing had "
+                f"gained within the last {self.config.patience} epochs); a refit with a higher "
+                "--max-epochs may mix or fit better.")
         return summary
 
     def _stopping(self, records: list[dict]) -> dict[str, Any]:
@@ -494,7 +505,8 @@ class IntegrationModel(BaseModel):
         finite = [v for v in values if math.isfinite(v)]
         best = values.index(min(finite)) + 1 if finite else None
         return {"stopped_early": len(records) < self.max_epochs, "best_val_epoch": best,
-                "max_epochs": self.max_epochs}
+                "max_epochs": self.max_epochs,
+                "still_gaining": len(records) >= self.max_epochs and self.still_gaining_}
 
     def mixing_scores(self, max_cells: int = MIXING_CELLS) -> tuple[float, float]:
         """Median iLISI (scIB-normalised) and ``metrics.mixing_fraction`` of the training cells'
@@ -627,6 +639,7 @@ class IntegrationModel(BaseModel):
     def _upgrade_config(config: dict) -> dict:
         config = dict(config)
         config.setdefault("composition_clusters", 0)  # files from before: unweighted adversary
+        config.setdefault("decoder_layers", 2)  # and a decoder of two hidden layers
         return config
 
     def _rebuild(self, payload: dict) -> None:
