@@ -423,10 +423,9 @@ class IntegrationModel(BaseModel):
                     best_mixing, stale = mixing, 0
                 if record.get("val_disc_acc", 0.0) >= SEPARATED_ACC:
                     stale = 0  # the domains are still apart: the adversary has work to do
-                if cfg.patience and stale >= cfg.patience:
-                    self.still_gaining_ = False
-                    return
             self.still_gaining_ = bool(cfg.patience) and math.isfinite(val) and stale < cfg.patience
+            if cfg.patience and stale >= cfg.patience:
+                return
 
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
