@@ -219,7 +219,7 @@ class IntegrationConfig(LatentModelConfig):
     adv_start_epoch: int = option(0, "Epoch at which the adversary starts acting.", INTEGRATE)
     adv_warmup_epochs: int | None = option(None, "Epochs over which the adversarial weight "
                                            "ramps in.", INTEGRATE, shown="a twentieth of the "
-                                           "epochs")
+                                           "planned epochs")
     grl_lambda: float = option(1.0, "Gradient-reversal factor (multiplies --adv-weight under "
                                "--adversary grl).", INTEGRATE)
     d_steps: int = option(3, "Discriminator steps per minibatch (under grl, the extra steps "
@@ -228,18 +228,25 @@ class IntegrationConfig(LatentModelConfig):
     e_steps: int = option(1, "Encoder steps per minibatch (--adversary alternate).", INTEGRATE)
     batch_size: int | None = option(None, "Cells per minibatch.", TRAINING,
                                     shown="64-128, at least ~8 steps per epoch")
+    max_epochs: int | None = option(None, "Upper bound on passes over the data; the warm-ups "
+                                    "are laid out over it when given.", TRAINING,
+                                    shown="twice the planned epochs (100, or enough for 1,500 "
+                                    "steps, at most 400); the stopping rule ends most fits "
+                                    "before")
     composition_clusters: int = option(10, "Clusters of the latent space within which the "
                                        "adversary counts every domain at its share of all "
                                        "cells, so that domains holding cell types in different "
                                        "proportions are not pushed to merge them (0: off).",
                                        INTEGRATE)
+    dropout: float = option(0.2, "Dropout after the encoder's hidden layers.", LATENT)
     decoder_layers: int = option(2, "Hidden layers of the decoder. One keeps cell types "
                                  "further apart but leaves strong batch effects less mixed "
                                  "(docs/integrate.md).", INTEGRATE)
     beta_kl: float = option(0.25, "Weight of the KL term (reached after the warm-up).",
                             INTEGRATE)
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",
-                                          INTEGRATE, shown="a quarter of the epochs")
+                                          INTEGRATE, shown="a quarter of the planned "
+                                          "epochs")
     val_fraction: float = option(0.1, "Held-out cells for early stopping on the validation "
                                  "ELBO (at most 10,000).", INTEGRATE)
 

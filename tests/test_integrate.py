@@ -90,6 +90,25 @@ def test_a_fit_cut_off_by_its_epoch_cap_while_gaining_says_so(integrate):
     assert _drive(settled, [dict(FLAT)] * 20) == 6 and not settled.still_gaining_
 
 
+def test_without_max_epochs_a_fit_still_gaining_may_run_to_twice_the_plan(integrate):
+    """The warm-ups are laid out over the planned epochs; the cap is twice that, so the
+    stopping rule, not the plan, ends a fit that still improves."""
+    model = IntegrationModel(integrate, patience=5)
+    plan = model.warmup_epochs
+    assert model.max_epochs == 2 * plan and model.planned_epochs == plan
+    schedule, kl = model.schedule(), []
+    kl.append(next(schedule).ctx["kl_weight"])
+    for i in range(3 * plan):
+        try:
+            kl.append(schedule.send({**FLAT, "val_elbo": FLAT["val_elbo"] - i}).ctx["kl_weight"])
+        except StopIteration:
+            break
+    assert len(kl) == 2 * plan  # ran to the cap
+    assert kl[plan // 4 - 2] < model.config.beta_kl == kl[plan // 4 - 1]  # warm over the plan
+    given = IntegrationModel(integrate, max_epochs=40)
+    assert given.max_epochs == given.warmup_epochs == 40  # --max-epochs is the cap
+
+
 def test_minibatches_hold_at_most_128_cells(integrate):
     """The adversarial game needs steps: 256-cell batches left a few thousand cells about 17
     steps an epoch. Small data keep at least ~8 steps an epoch."""

@@ -35,6 +35,7 @@ SETTLED_CE = 0.01  # nats: a rise of the discriminator's validation loss smaller
 SETTLED_MIXING = 0.01  # a rise of the validation cells' neighbourhood mixing smaller than this
                        # (or than two of its standard errors over the validation cells) is noise
 MIXING_NEIGHBOURS, MIXING_VAL_CELLS = 15, 1500
+EPOCH_CAP_FACTOR = 2  # without --max-epochs, training may run to twice the warm-up plan
 LARGEST_BATCH = 128  # on a few thousand cells, batches of 256 gave the adversarial game too few
                      # steps: the fit was still gaining at its last epoch (docs/integrate.md)
 COMPOSITION_CELLS = 10_000  # training cells whose posterior means place the clusters each epoch
@@ -348,9 +349,20 @@ class IntegrationModel(BaseModel):
         return math.ceil(self.n_train / self.config.batch_size)
 
     @property
-    def max_epochs(self) -> int:
+    def warmup_epochs(self) -> int:
+        """The epochs the KL and adversarial warm-ups are laid out over: --max-epochs, else
+        100 (or enough for 1,500 steps; fewer on large data)."""
         return default_epochs(self.config.max_epochs, self.steps_per_epoch,
                               n_cells=int(self._domain.shape[0]))
+
+    @property
+    def max_epochs(self) -> int:
+        """Without --max-epochs, twice the warm-up plan: the stopping rule ends training, and a
+        fit still gaining at the planned length (a regularised encoder on close subtypes) gets
+        room to settle instead of being cut off."""
+        if self.config.max_epochs is not None:
+            return self.config.max_epochs
+        return EPOCH_CAP_FACTOR * self.warmup_epochs
 
     @property
     def hvg_batch_key(self) -> str | None:
@@ -358,7 +370,7 @@ class IntegrationModel(BaseModel):
 
     @property
     def planned_epochs(self) -> int:
-        return self.max_epochs
+        return self.warmup_epochs  # the progress bar's length; it grows if training runs on
 
     def batches(self, sampler: torch.Generator) -> list[torch.Tensor]:
         """Every training cell once per epoch, seeded, each minibatch holding the domains in
@@ -386,8 +398,8 @@ class IntegrationModel(BaseModel):
     still_gaining_ = False  # set by the schedule: the epoch cap came before training settled
 
     def schedule(self) -> Iterator[EpochPlan]:
-        """The KL weight warms up over the first quarter of the epochs; the adversary acts from
-        the first epoch (ramped in over a twentieth), so that the domains never part: a
+        """The KL weight warms up over the first quarter of the planned epochs; the adversary
+        acts from the first epoch (ramped in over a twentieth), so that the domains never part: a
         discriminator that first meets an already-separated latent space is certain of every
         cell and the negative cross-entropy gives the encoders no gradient. Training stops when,
         for --patience epochs after both warm-ups, neither has the validation ELBO improved nor
@@ -397,13 +409,13 @@ class IntegrationModel(BaseModel):
         it stop while the discriminator still tells the domains of held-out cells apart: with a
         strong batch effect the domains start apart and mix late."""
         cfg = self.config
-        n = self.max_epochs
+        n = self.warmup_epochs
         kl_warm = max(1, n // 4) if cfg.kl_warmup_epochs is None else cfg.kl_warmup_epochs
         ramp = max(1, n // 20) if cfg.adv_warmup_epochs is None else cfg.adv_warmup_epochs
         factor = cfg.grl_lambda if cfg.adversary == "grl" else 1.0
         best_elbo, best_ce, best_mixing, stale = math.inf, -math.inf, -math.inf, 0
         chance_ce = math.log(len(self.domains_))
-        for epoch in range(1, n + 1):
+        for epoch in range(1, self.max_epochs + 1):
             kl = cfg.beta_kl * min(1.0, epoch / max(kl_warm, 1))
             adv = cfg.adv_weight * min(1.0, max(0.0, (epoch - cfg.adv_start_epoch) / max(ramp, 1)))
             record = yield EpochPlan(("vae", "discriminator"),
