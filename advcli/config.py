@@ -231,8 +231,8 @@ class IntegrationConfig(LatentModelConfig):
     max_epochs: int | None = option(None, "Upper bound on passes over the data; the warm-ups "
                                     "are laid out over it when given.", TRAINING,
                                     shown="twice the planned epochs (100, or enough for 1,500 "
-                                    "steps, at most 400); the stopping rule ends most fits "
-                                    "before")
+                                    "steps, at most 400), within ~8 x 10^6 cells seen; the "
+                                    "stopping rule ends most fits before")
     composition_clusters: int = option(10, "Clusters of the latent space within which the "
                                        "adversary counts every domain at its share of all "
                                        "cells, so that domains holding cell types in different "

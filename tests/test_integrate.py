@@ -11,6 +11,7 @@ import torch
 
 from advcli import IntegrationModel
 from advcli.errors import InputError
+from advcli.models.base import epoch_cap
 from advcli.models.integrate import CompositionWeights, PairedVAE, neighbourhood_mixing
 from advcli.strategies import Simultaneous
 from conftest import SAMPLE
@@ -107,6 +108,14 @@ def test_without_max_epochs_a_fit_still_gaining_may_run_to_twice_the_plan(integr
     assert kl[plan // 4 - 2] < model.config.beta_kl == kl[plan // 4 - 1]  # warm over the plan
     given = IntegrationModel(integrate, max_epochs=40)
     assert given.max_epochs == given.warmup_epochs == 40  # --max-epochs is the cap
+
+
+def test_the_room_past_the_plan_stays_within_the_cells_seen_budget():
+    """An atlas's few planned epochs are not doubled: no patience could end them early."""
+    assert epoch_cap(100, 6_000) == 200
+    assert epoch_cap(100, 60_000) == 134  # 8 x 10^6 cells seen
+    assert epoch_cap(8, 1_000_000) == 8  # the plan itself, never less
+    assert epoch_cap(375, 450) == 750
 
 
 def test_minibatches_hold_at_most_128_cells(integrate):

@@ -60,6 +60,13 @@ def default_epochs(max_epochs: int | None, steps_per_epoch: int, min_steps: int 
     return int(min(most, max(epochs, math.ceil(min_steps / steps_per_epoch))))
 
 
+def epoch_cap(planned: int, n_cells: int, factor: int = 2) -> int:
+    """Room past the ``planned`` epochs for a stopping rule to end training: ``factor`` times
+    the plan, but no more than CELL_PASSES cells seen (nor less than the plan), so that an
+    atlas, whose few planned epochs no patience can cut short, is not trained twice as long."""
+    return int(min(factor * planned, max(planned, math.ceil(CELL_PASSES / max(n_cells, 1)))))
+
+
 def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

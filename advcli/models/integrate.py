@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..nn import Decoder, DomainDiscriminator, Encoder
 from ..strategies import constant_call
 from ..train import EpochPlan
-from .base import BaseModel, default_batch_size, default_epochs, resolve_device
+from .base import BaseModel, default_batch_size, default_epochs, epoch_cap, resolve_device
 
 MIXING_CELLS = 5000
 SEPARATED_ACC = 0.9  # held-out discriminator accuracy at which the domains are called apart
@@ -35,7 +35,6 @@ SETTLED_CE = 0.01  # nats: a rise of the discriminator's validation loss smaller
 SETTLED_MIXING = 0.01  # a rise of the validation cells' neighbourhood mixing smaller than this
                        # (or than two of its standard errors over the validation cells) is noise
 MIXING_NEIGHBOURS, MIXING_VAL_CELLS = 15, 1500
-EPOCH_CAP_FACTOR = 2  # without --max-epochs, training may run to twice the warm-up plan
 LARGEST_BATCH = 128  # on a few thousand cells, batches of 256 gave the adversarial game too few
                      # steps: the fit was still gaining at its last epoch (docs/integrate.md)
 COMPOSITION_CELLS = 10_000  # training cells whose posterior means place the clusters each epoch
@@ -357,12 +356,12 @@ class IntegrationModel(BaseModel):
 
     @property
     def max_epochs(self) -> int:
-        """Without --max-epochs, twice the warm-up plan: the stopping rule ends training, and a
-        fit still gaining at the planned length (a regularised encoder on close subtypes) gets
-        room to settle instead of being cut off."""
+        """Without --max-epochs, up to twice the warm-up plan: the stopping rule ends training,
+        and a fit still gaining at the planned length (a regularised encoder on close subtypes)
+        gets room to settle instead of being cut off."""
         if self.config.max_epochs is not None:
             return self.config.max_epochs
-        return EPOCH_CAP_FACTOR * self.warmup_epochs
+        return epoch_cap(self.warmup_epochs, int(self._domain.shape[0]))
 
     @property
     def hvg_batch_key(self) -> str | None:
