@@ -11,7 +11,9 @@ across 2, 3 and 5 domains and unbalanced compositions (types missing from domain
 the log-normal-factor simulation a user first reported unmixed; and, when ../shared/data is
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
-than the composition clusters) were added after the defaults were set, as held-out checks.
+than the composition clusters) were added after the defaults were set, as held-out checks;
+`--held-out` runs seven more datasets that no default was chosen on (new generator seeds and
+shapes, a 10:1 pair, and Kang's real counts with a planted capture effect and a missing type).
 
 Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
 components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
@@ -201,6 +203,49 @@ DATASETS = [
 ]
 
 
+def kang_planted(seed: int) -> ad.AnnData:
+    """Semi-synthetic batch effect with known truth: Kang's cells (both conditions) split at random
+    into two domains; B's counts are binomially thinned with a per-gene capture efficiency
+    min(1, exp(N(-0.4, 0.5))), and B loses the second most common cell type."""
+    a = real("kang")
+    rng = np.random.default_rng(seed)
+    X = sp.csr_matrix(a.X).astype(np.int64)
+    in_b = rng.random(a.n_obs) < 0.5
+    efficiency = np.minimum(1.0, np.exp(rng.normal(-0.4, 0.5, a.n_vars)))
+    thinned = X[in_b].tocoo()
+    thinned.data = rng.binomial(thinned.data, efficiency[thinned.col])
+    types = a.obs["cell_type"].astype(str).to_numpy()
+    out = _anndata(sp.vstack([X[~in_b], thinned.tocsr()]).tocsr().astype(np.float32),
+                   ["A"] * int((~in_b).sum()) + ["B"] * int(in_b.sum()),
+                   list(np.r_[types[~in_b], types[in_b]]))
+    dropped = out.obs["cell_type"].value_counts().index[1]
+    return out[~((out.obs["batch"] == "B") & (out.obs["cell_type"] == dropped))].copy()
+
+
+# Held out: datasets no default was chosen on, run after the defaults were set (--held-out).
+HELD_OUT = [
+    Dataset("ho-lognormal-5", "log-normal gene factor, generator seed 5",
+            lambda tmp: lognormal_factor_pair(5)),
+    Dataset("ho-lognormal-7", "log-normal gene factor, generator seed 7",
+            lambda tmp: lognormal_factor_pair(7)),
+    sim("ho-sim-4500", "simulate integrate, 4,500 x 1,000, 7 types, batch strength 1.5",
+        n_a=2000, n_b=2500, genes=1000, cell_types=7, batch_strength=1.5, seed=11),
+    Dataset("ho-zi-4x3", "second simulator, 3 domains 3:2:1, 4 lineages x 3 subtypes, strength "
+            "1.5, two subtypes of lineage 0 missing from D2", lambda tmp: lineage_domains(
+                [3000, 2000, 1000], 1200, seed=21, strength=1.5, lineages=4, subtypes=3,
+                missing={2: [0, 1]})),
+    Dataset("ho-zi-6x2-mild", "second simulator, 2 domains, 6 lineages x 2 subtypes, strength "
+            "0.6", lambda tmp: lineage_domains([2500, 2500], 800, seed=33, strength=0.6,
+                                               lineages=6, subtypes=2)),
+    Dataset("ho-zi-10to1", "second simulator, 2 domains 10:1, 5 lineages x 2 subtypes, the "
+            "last lineage missing from the small domain", lambda tmp: lineage_domains(
+                [3000, 300], 1500, seed=41, lineages=5, subtypes=2, missing={1: [8, 9]})),
+    Dataset("ho-kang-planted", "Kang's cells split at random, per-gene capture thinning in one "
+            "half, a cell type removed from it (real counts)", lambda tmp: kang_planted(44),
+            True),
+]
+
+
 # ---------------------------------------------------------------- methods
 
 def run_advcli(a: ad.AnnData, seed: int, **options) -> tuple[np.ndarray, dict]:
@@ -323,12 +368,15 @@ def main(argv=None) -> int:
     parser.add_argument("--options", default="",
                         help='JSON of IntegrationModel options for a variant, e.g. '
                              '\'{"d_steps": 1}\': run as method "advcli <options>"')
+    parser.add_argument("--held-out", action="store_true",
+                        help="run the held-out datasets (no default was chosen on them) instead")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--tables", nargs="*", default=None,
                         help="print the table and verdicts from earlier --csv files; train nothing")
     args = parser.parse_args(argv)
+    datasets = HELD_OUT if args.held_out else DATASETS
     if args.list:
-        for d in DATASETS:
+        for d in datasets:
             print(f"{d.name:16s} {d.what}")
         return 0
     if args.tables:
@@ -346,7 +394,7 @@ def main(argv=None) -> int:
         METHODS[variant] = lambda a, seed: run_advcli(a, seed, **options)
         methods = [variant if m == "advcli" else m for m in methods]
     rows = []
-    for dataset in DATASETS:
+    for dataset in datasets:
         if (only and dataset.name not in only) or dataset.name in skip:
             continue
         if dataset.real and not SHARED.is_dir():
