@@ -387,6 +387,10 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     only = [s for s in args.only.split(",") if s]
     skip = [s for s in args.skip.split(",") if s]
+    unknown = set(only + skip) - {d.name for d in datasets}
+    if unknown:
+        parser.error(f"not in this list of datasets: {', '.join(sorted(unknown))} (see --list"
+                     f"{'' if args.held_out else '; held-out ones need --held-out'})")
     methods = [m for m in args.methods.split(",") if m]
     if args.options:
         options = json.loads(args.options)
