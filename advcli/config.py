@@ -170,14 +170,18 @@ class ConfounderConfig(TrainConfig):
             _non_negative(nb_weight=self.nb_weight)
 
 
+LIKELIHOOD_HELP = ("nb (learned dispersion per gene), zinb (integrate mode: NB with a "
+                   "probability per cell and gene that a count is an extra zero) or mse (on "
+                   "log1p-normalised values).")
+
+
 @dataclass
 class LatentModelConfig(TrainConfig):
     """What the count autoencoders (integrate, aae, disentangle) share: a latent space, a
     likelihood, an adversary and its loss."""
 
     latent_dim: int = option(10, "Latent dimensions.", LATENT)
-    likelihood: str = option("nb", "nb (learned dispersion per gene) or mse (on "
-                             "log1p-normalised values).", LATENT, choices=("nb", "mse"))
+    likelihood: str = option("nb", LIKELIHOOD_HELP, LATENT, choices=("nb", "mse"))
     adversary: str = option("grl", "grl (gradient reversal: one backward, every player steps) "
                             "or alternate (the discriminator steps with the encoder frozen, then "
                             "the encoder with the discriminator frozen).", LATENT,
@@ -239,6 +243,7 @@ class IntegrationConfig(LatentModelConfig):
                                        "proportions are not pushed to merge them (0: off).",
                                        INTEGRATE)
     dropout: float = option(0.2, "Dropout after the encoder's hidden layers.", LATENT)
+    likelihood: str = option("nb", LIKELIHOOD_HELP, LATENT, choices=("nb", "zinb", "mse"))
     decoder_layers: int = option(2, "Hidden layers of the decoder. One keeps cell types "
                                  "further apart but leaves strong batch effects less mixed "
                                  "(docs/integrate.md).", INTEGRATE)

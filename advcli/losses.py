@@ -175,6 +175,24 @@ def nb_reconstruction(counts: torch.Tensor, log_prop: torch.Tensor, library: tor
     return -_cell_log_lik(counts, log_mu, theta, rows, log_factorial).mean()
 
 
+def zinb_reconstruction(counts: torch.Tensor, log_prop: torch.Tensor,
+                        zero_logits: torch.Tensor, library: torch.Tensor, theta: torch.Tensor,
+                        rows: torch.Tensor | None = None,
+                        log_factorial: torch.Tensor | None = None) -> torch.Tensor:
+    """As nb_reconstruction, for the zero-inflated NB (scVI's default likelihood): each count
+    is zero with probability sigmoid(``zero_logits``), NB otherwise. Written as the NB term plus
+    a correction on the zero entries, log(pi + (1 - pi) NB(0)) - log NB(0), and log(1 - pi) on
+    every entry, so the NB part keeps its fast gradient."""
+    log_mu = as_float(log_prop) + torch.log(library)[:, None]
+    logits = as_float(zero_logits)
+    nb = _cell_log_lik(counts, log_mu, theta, rows, log_factorial)
+    theta_b = theta[rows] if rows is not None else theta
+    log_nb_zero = -theta_b * F.softplus(log_mu - torch.log(theta_b))
+    correction = torch.where(counts == 0, torch.logaddexp(logits, log_nb_zero) - log_nb_zero,
+                             torch.zeros_like(logits))
+    return -(nb + (correction - F.softplus(logits)).sum(dim=1)).mean()
+
+
 def nb_nll(y: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor,
            log_factorial: torch.Tensor | None = None,
            histogram: CountHistogram | None = None) -> torch.Tensor:

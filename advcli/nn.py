@@ -169,7 +169,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent -> per-gene output: log proportions (NB) or log1p-normalised values (MSE).
+    """Latent -> per-gene output: log proportions (NB, and the NB part of the zero-inflated NB,
+    whose per-gene zero logits come from a second head on the same hidden layers) or
+    log1p-normalised values (MSE).
 
     With ``n_conditions`` > 0 the decoder is shared by the domains and the domain's one-hot code
     enters its input and output layers (scVI's covariate injection), so a latent position means
@@ -185,14 +187,21 @@ class Decoder(nn.Module):
         self.hidden = nn.Sequential(*(part for a, b in zip(widths, widths[1:])
                                       for part in (nn.Linear(a, b), nn.LayerNorm(b), nn.ReLU())))
         self.out = nn.Linear(hidden + n_conditions, n_genes)
+        self.zero_logits = (nn.Linear(hidden + n_conditions, n_genes) if likelihood == "zinb"
+                            else None)
 
-    def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None,
+                with_zero_logits: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The per-gene output; with ``with_zero_logits`` (zinb), also the zero logits."""
         if self.n_conditions:
             code = F.one_hot(condition, self.n_conditions).to(z.dtype)
-            out = self.out(torch.cat([self.hidden(torch.cat([z, code], dim=1)), code], dim=1))
+            h = torch.cat([self.hidden(torch.cat([z, code], dim=1)), code], dim=1)
         else:
-            out = self.out(self.hidden(z))
-        return F.log_softmax(out, dim=-1) if self.likelihood == "nb" else out
+            h = self.hidden(z)
+        out = self.out(h)
+        out = out if self.likelihood == "mse" else F.log_softmax(out, dim=-1)
+        return (out, self.zero_logits(h)) if with_zero_logits else out
 
 
 class DomainDiscriminator(nn.Module):

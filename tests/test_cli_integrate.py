@@ -69,6 +69,29 @@ def test_mse_likelihood_writes_no_nb_mean(tmp_path, invoke, integrate_file):
     assert "nb_mean" not in ad.read_h5ad(tmp_path / "p.h5ad").layers
 
 
+@pytest.mark.parametrize("design", ["shared", "paired"])
+def test_zero_inflated_likelihood_end_to_end(design, tmp_path, invoke, integrate_file):
+    r = invoke("fit", integrate_file, "--mode", "integrate", "-o", tmp_path / "m.pt",
+               "--likelihood", "zinb", "--design", design, "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["likelihood"] == "zinb"
+    state = torch.load(tmp_path / "m.pt", weights_only=True)["state"]
+    assert state["decoders.0.zero_logits.weight"].shape[0] == ad.read_h5ad(integrate_file).n_vars
+    r = invoke("predict", tmp_path / "m.pt", integrate_file, "-o", tmp_path / "p.h5ad",
+               "--decode-as", "B")
+    assert r.exit_code == 0, r.output
+    a = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert np.isfinite(a.layers["nb_mean"]).all() and (a.layers["nb_mean"] > 0).all()
+    assert a.layers["decoded_as_B"].shape == a.shape
+
+
+def test_aae_mode_refuses_the_zero_inflated_likelihood(tmp_path, invoke, integrate_file):
+    r = invoke("fit", integrate_file, "--mode", "aae", "-o", tmp_path / "m.pt",
+               "--likelihood", "zinb", *FAST)
+    assert r.exit_code == 2 and "zinb" in r.output
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_training_mixes_well_separated_domains(tmp_path):
     """On strongly separated domains, iLISI of the trained embedding beats that of the data."""
     from sklearn.decomposition import PCA

@@ -227,3 +227,38 @@ def test_training_nb_likelihood_and_its_gradient_match_the_elementwise_form(zero
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(
         lambda m, t: losses._cell_log_lik(y, m, t, rows, None), (log_mu, theta))
+
+
+def _zinb_by_hand(y, log_mu, logits, theta):
+    nb = torch.distributions.NegativeBinomial(total_count=theta, logits=log_mu - torch.log(theta))
+    pi = torch.sigmoid(logits)
+    return torch.where(y == 0, torch.log(pi + (1 - pi) * nb.log_prob(y).exp()),
+                       torch.log1p(-pi) + nb.log_prob(y))
+
+
+def test_zinb_reconstruction_is_the_zero_inflated_nb_per_domain():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.poisson(torch.rand(6, 5, generator=gen) * 3)
+    y[0, :3] = 0
+    log_prop = torch.log_softmax(torch.randn(6, 5, generator=gen), dim=1)
+    logits = torch.randn(6, 5, generator=gen)
+    library = torch.tensor([50.0, 10.0, 3.0, 20.0, 8.0, 30.0])
+    theta = torch.rand(2, 5, generator=gen) + 0.5
+    rows = torch.tensor([0, 1, 0, 1, 1, 0])
+    log_mu = log_prop + torch.log(library)[:, None]
+    expected = -_zinb_by_hand(y, log_mu, logits, theta[rows]).sum(dim=1).mean()
+    got = losses.zinb_reconstruction(y, log_prop, logits, library, theta, rows=rows)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    never_zero = losses.zinb_reconstruction(y, log_prop, torch.full_like(logits, -40.0),
+                                            library, theta, rows=rows)
+    nb = losses.nb_reconstruction(y, log_prop, library, theta, rows=rows)
+    assert never_zero.item() == pytest.approx(nb.item(), rel=1e-5)
+
+
+def test_zinb_probabilities_sum_to_one():
+    y = torch.arange(0.0, 400.0)[:, None]
+    n = len(y)
+    nll = [losses.zinb_reconstruction(y[i:i + 1], torch.zeros(1, 1), torch.tensor([[0.7]]),
+                                      torch.tensor([12.0]), torch.tensor([1.5])).item()
+           for i in range(n)]
+    assert sum(math.exp(-v) for v in nll) == pytest.approx(1.0, abs=1e-5)

@@ -37,6 +37,7 @@ SETTLED_MIXING = 0.01  # a rise of the validation cells' neighbourhood mixing sm
 MIXING_NEIGHBOURS, MIXING_VAL_CELLS = 15, 1500
 LARGEST_BATCH = 128  # on a few thousand cells, batches of 256 gave the adversarial game too few
                      # steps: the fit was still gaining at its last epoch (docs/integrate.md)
+COUNT_LIKELIHOODS = ("nb", "zinb")  # decoders of counts: their NB means are an output
 COMPOSITION_CELLS = 10_000  # training cells whose posterior means place the clusters each epoch
 COMPOSITION_PRIOR = 20.0  # cells added to a domain's count in a cluster, and to its expected count
 COMPOSITION_CLIP = 10.0  # no cell counts more than this many times, or less than its inverse
@@ -209,30 +210,38 @@ class PairedVAE(torch.nn.Module):
                 logvar = logvar.index_put((rows,), lv)
         return mean, logvar
 
-    def decode(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        """Decoder output of each cell as a cell of ``domain``."""
+    def decode(self, z: torch.Tensor, domain: torch.Tensor, with_zero_logits: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decoder output of each cell as a cell of ``domain`` (and the zero logits, zinb)."""
         if self.shared_decoder:
-            return self.decoders[0](z, domain)
-        out = None
+            return self.decoders[0](z, domain, with_zero_logits)
+        outs = None
         for k, decoder in enumerate(self.decoders):
             rows = domain == k
             if rows.any():
-                part = decoder(z[rows])
-                out = part.new_empty(z.shape[0], part.shape[1]) if out is None else out
-                out = out.index_put((rows,), part)
-        return out
+                parts = decoder(z[rows], with_zero_logits=with_zero_logits)
+                parts = parts if with_zero_logits else (parts,)
+                outs = outs or [p.new_empty(z.shape[0], p.shape[1]) for p in parts]
+                outs = [o.index_put((rows,), p) for o, p in zip(outs, parts)]
+        return tuple(outs) if with_zero_logits else outs[0]
 
     def elbo_terms(self, batch: dict, beta_kl: float) -> dict[str, torch.Tensor]:
         """Negative ELBO per cell (reconstruction + beta * KL) and the posterior means."""
         mean, logvar = self.encode(batch["x_norm"], batch["domain"])
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-        out = self.decode(z, batch["domain"])
-        if self.likelihood == "nb":
+        if self.likelihood == "zinb":
+            out, zero_logits = self.decode(z, batch["domain"], with_zero_logits=True)
+            recon = losses.zinb_reconstruction(batch["counts"], out, zero_logits,
+                                               batch["library"], self.theta(),
+                                               rows=batch["domain"],
+                                               log_factorial=batch.get("log_factorial"))
+        elif self.likelihood == "nb":
+            out = self.decode(z, batch["domain"])
             recon = losses.nb_reconstruction(batch["counts"], out, batch["library"],
                                              self.theta(), rows=batch["domain"],
                                              log_factorial=batch.get("log_factorial"))
         else:
-            recon = losses.mse_per_cell(out, batch["x_norm"])
+            recon = losses.mse_per_cell(self.decode(z, batch["domain"]), batch["x_norm"])
         kl = losses.gaussian_kl(mean, logvar)
         return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * kl,
                 "mean": mean}
@@ -556,9 +565,9 @@ class IntegrationModel(BaseModel):
                 decode_as: str | None = None, inplace: bool = False, nb_mean: bool = True
                 ) -> dict[str, np.ndarray] | list[str]:
         """Posterior means, the discriminator's probability of each cell's own domain and, with
-        the NB likelihood, the NB means (unless ``nb_mean=False``); ``decode_as`` decodes every
-        cell with that domain's decoder; ``inplace``: written into ``adata`` (obsm['X_advcli']
-        for scanpy)."""
+        a count likelihood, the NB means (zinb: of its NB part, the counts without dropout;
+        unless ``nb_mean=False``); ``decode_as`` decodes every cell with that domain's decoder;
+        ``inplace``: written into ``adata`` (obsm['X_advcli'] for scanpy)."""
         if inplace:
             return self._predict_inplace(adata, batch_size=batch_size, device=device,
                                          decode_as=decode_as, nb_mean=nb_mean)
@@ -587,7 +596,7 @@ class IntegrationModel(BaseModel):
         if rows.backed:
             rows.sequential_plan()
         module = self.module.eval()
-        nb = self.config.likelihood == "nb"
+        nb = self.config.likelihood in COUNT_LIKELIHOODS
         n = rows.shape[0]
         for start in range(0, n, batch_size):
             with torch.inference_mode():
@@ -619,7 +628,7 @@ class IntegrationModel(BaseModel):
         from ..backed import LayerSink
 
         layers = {}
-        if nb_mean and self.config.likelihood == "nb":
+        if nb_mean and self.config.likelihood in COUNT_LIKELIHOODS:
             layers["nb_mean"] = keys.NB_MEAN
         if decode_as is not None:
             layers["decoded"] = f"{keys.DECODED_AS}{decode_as}"
