@@ -186,8 +186,10 @@ def zinb_reconstruction(counts: torch.Tensor, log_prop: torch.Tensor,
     log_mu = as_float(log_prop) + torch.log(library)[:, None]
     logits = as_float(zero_logits)
     nb = _cell_log_lik(counts, log_mu, theta, rows, log_factorial)
-    theta_b = theta[rows] if rows is not None else theta
-    log_nb_zero = -theta_b * F.softplus(log_mu - torch.log(theta_b))
+    log_theta = torch.log(theta)  # once per group, as in nb_log_prob, then a row per cell
+    if rows is not None:
+        theta, log_theta = theta[rows], log_theta[rows]
+    log_nb_zero = -theta * F.softplus(log_mu - log_theta)
     correction = torch.where(counts == 0, torch.logaddexp(logits, log_nb_zero) - log_nb_zero,
                              torch.zeros_like(logits))
     return -(nb + (correction - F.softplus(logits)).sum(dim=1)).mean()

@@ -194,6 +194,8 @@ class Decoder(nn.Module):
                 with_zero_logits: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The per-gene output; with ``with_zero_logits`` (zinb), also the zero logits."""
+        if with_zero_logits and self.zero_logits is None:
+            raise ValueError(f"a {self.likelihood} decoder has no zero logits (zinb only)")
         if self.n_conditions:
             code = F.one_hot(condition, self.n_conditions).to(z.dtype)
             h = torch.cat([self.hidden(torch.cat([z, code], dim=1)), code], dim=1)

@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/advcli_latent_geometry")
     args = parser.parse_args(argv)
     datasets = {d.name: d for d in suite.DATASETS + suite.HELD_OUT}
+    if args.options and args.method != "advcli":
+        parser.error("--options are advcli's; leave out --method or give --method advcli")
     if args.dataset not in datasets:
         parser.error(f"unknown dataset {args.dataset!r}; one of: {', '.join(datasets)}")
     workdir = Path(args.workdir)

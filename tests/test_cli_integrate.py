@@ -85,8 +85,10 @@ def test_zero_inflated_likelihood_end_to_end(design, tmp_path, invoke, integrate
     assert a.layers["decoded_as_B"].shape == a.shape
 
 
-def test_aae_mode_refuses_the_zero_inflated_likelihood(tmp_path, invoke, integrate_file):
-    r = invoke("fit", integrate_file, "--mode", "aae", "-o", tmp_path / "m.pt",
+@pytest.mark.parametrize("mode", ["aae", "disentangle"])
+def test_other_modes_refuse_the_zero_inflated_likelihood(mode, tmp_path, invoke,
+                                                         integrate_file):
+    r = invoke("fit", integrate_file, "--mode", mode, "-o", tmp_path / "m.pt",
                "--likelihood", "zinb", *FAST)
     assert r.exit_code == 2 and "zinb" in r.output
     assert not (tmp_path / "m.pt").exists()
