@@ -252,6 +252,9 @@ class IntegrationConfig(LatentModelConfig):
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",
                                           INTEGRATE, shown="a quarter of the planned "
                                           "epochs")
+    kl_free_bits: float = option(1.0, "Nats of KL per latent dimension (averaged over a "
+                                 "minibatch) that are not penalised, so the KL term switches "
+                                 "off no dimension (0: the plain KL).", INTEGRATE)
     val_fraction: float = option(0.1, "Held-out cells for early stopping on the validation "
                                  "ELBO (at most 10,000).", INTEGRATE)
 
@@ -259,7 +262,7 @@ class IntegrationConfig(LatentModelConfig):
         super().check()
         _positive(d_steps=self.d_steps, e_steps=self.e_steps, decoder_layers=self.decoder_layers)
         _non_negative(grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
-                      adv_start_epoch=self.adv_start_epoch,
+                      kl_free_bits=self.kl_free_bits, adv_start_epoch=self.adv_start_epoch,
                       composition_clusters=self.composition_clusters)
         for name in ("adv_warmup_epochs", "kl_warmup_epochs"):
             if getattr(self, name) is not None:

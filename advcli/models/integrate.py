@@ -189,6 +189,7 @@ class PairedVAE(torch.nn.Module):
         return [(("discriminator",), self.d_steps), (("vae",), self.e_steps)]
 
     d_steps = e_steps = 1
+    kl_free_bits = 0.0
     composition: CompositionWeights | None = None  # set each epoch by IntegrationModel
 
     @property
@@ -243,7 +244,8 @@ class PairedVAE(torch.nn.Module):
         else:
             recon = losses.mse_per_cell(self.decode(z, batch["domain"]), batch["x_norm"])
         kl = losses.gaussian_kl(mean, logvar)
-        return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * kl,
+        penalised = losses.gaussian_kl(mean, logvar, self.kl_free_bits) if self.kl_free_bits else kl
+        return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * penalised,
                 "mean": mean}
 
     def objective(self, batch: dict, players, ctx: dict) -> tuple[dict, dict]:
@@ -313,6 +315,7 @@ class IntegrationModel(BaseModel):
                            cfg.likelihood, paired=cfg.design == "paired", dropout=cfg.dropout,
                            adv_loss=cfg.adv_loss, tie=cfg.tie, decoder_layers=cfg.decoder_layers)
         module.d_steps, module.e_steps = cfg.d_steps, cfg.e_steps
+        module.kl_free_bits = cfg.kl_free_bits
         return module
 
     # ------------------------------------------------------------------ the loop's pieces
@@ -659,6 +662,7 @@ class IntegrationModel(BaseModel):
         config = dict(config)
         config.setdefault("composition_clusters", 0)  # files from before: unweighted adversary
         config.setdefault("decoder_layers", 2)  # and a decoder of two hidden layers
+        config.setdefault("kl_free_bits", 0.0)  # and the plain KL
         return config
 
     def _rebuild(self, payload: dict) -> None:
