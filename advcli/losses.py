@@ -239,16 +239,26 @@ def dbpr_terms(d_logit: torch.Tensor, d_logit_base: torch.Tensor, d: torch.Tenso
     return w, v
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, averaged over cells.
+def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) of each cell (rows) and latent dimension (columns)."""
+    mu, logvar = as_float(mu, logvar)
+    return -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())
+
+
+def kl_with_free_bits(per_dim: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
+    """The KL of ``gaussian_kl_per_dim``, summed over dimensions and averaged over cells.
 
     ``free_bits`` > 0: each dimension's KL, averaged over the cells, counts as at least that many
     nats, so a dimension below it gets no gradient toward the prior (Kingma et al. 2016)."""
-    mu, logvar = as_float(mu, logvar)
-    per_dim = -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())
     if free_bits <= 0:
         return per_dim.sum(dim=1).mean()
     return per_dim.mean(dim=0).clamp(min=free_bits).sum()
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, averaged over cells
+    (``free_bits``: see ``kl_with_free_bits``)."""
+    return kl_with_free_bits(gaussian_kl_per_dim(mu, logvar), free_bits)
 
 
 def mse_per_cell(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

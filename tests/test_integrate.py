@@ -330,13 +330,20 @@ def test_the_adversary_is_weighted_by_composition_unless_turned_off(integrate, t
     assert off.module.composition is None
 
 
-def test_a_model_file_from_before_composition_weights_resumes_unweighted(integrate, tmp_path):
-    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2, composition_clusters=0)
-    model.train().save(tmp_path / "m.pt")
+def _saved_without(key: str, adata, tmp_path, **options):
+    """A trained model and the path of its file with ``key`` taken out of the saved config, as
+    a file written before that option existed."""
+    model = IntegrationModel(adata, latent_dim=4, max_epochs=2, **options).train()
+    model.save(tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=False)
-    del payload["config"]["composition_clusters"]
+    del payload["config"][key]
     torch.save(payload, tmp_path / "old.pt")
-    old = IntegrationModel.load(tmp_path / "old.pt", integrate)
+    return model, tmp_path / "old.pt"
+
+
+def test_a_model_file_from_before_composition_weights_resumes_unweighted(integrate, tmp_path):
+    _, path = _saved_without("composition_clusters", integrate, tmp_path, composition_clusters=0)
+    old = IntegrationModel.load(path, integrate)
     assert old.config.composition_clusters == 0
 
 
@@ -351,12 +358,8 @@ def test_the_decoder_has_two_hidden_layers_unless_asked(integrate):
 
 
 def test_a_model_file_from_before_the_decoder_option_predicts_with_two_layers(integrate, tmp_path):
-    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2)
-    model.train().save(tmp_path / "m.pt")
-    payload = torch.load(tmp_path / "m.pt", weights_only=False)
-    del payload["config"]["decoder_layers"]
-    torch.save(payload, tmp_path / "old.pt")
-    old = IntegrationModel.load(tmp_path / "old.pt")
+    model, path = _saved_without("decoder_layers", integrate, tmp_path)
+    old = IntegrationModel.load(path)
     assert old.config.decoder_layers == 2
     np.testing.assert_allclose(old.get_latent_representation(integrate),
                                model.get_latent_representation(integrate), atol=1e-5)
@@ -384,13 +387,11 @@ def test_every_latent_dimension_has_free_bits_unless_asked(integrate):
     assert IntegrationModel(integrate, latent_dim=4, kl_free_bits=0).module.kl_free_bits == 0.0
     with pytest.raises(InputError, match="--kl-free-bits"):
         IntegrationModel(integrate, kl_free_bits=-1)
+    with pytest.raises(InputError, match="--kl-free-bits"):
+        IntegrationModel(integrate, kl_free_bits=float("nan"))
 
 
 def test_a_model_file_from_before_free_bits_resumes_without_them(integrate, tmp_path):
-    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2)
-    model.train().save(tmp_path / "m.pt")
-    payload = torch.load(tmp_path / "m.pt", weights_only=False)
-    del payload["config"]["kl_free_bits"]
-    torch.save(payload, tmp_path / "old.pt")
-    old = IntegrationModel.load(tmp_path / "old.pt", integrate)
+    _, path = _saved_without("kl_free_bits", integrate, tmp_path)
+    old = IntegrationModel.load(path, integrate)
     assert old.config.kl_free_bits == 0.0 and old.module.kl_free_bits == 0.0

@@ -243,8 +243,9 @@ class PairedVAE(torch.nn.Module):
                                              log_factorial=batch.get("log_factorial"))
         else:
             recon = losses.mse_per_cell(self.decode(z, batch["domain"]), batch["x_norm"])
-        kl = losses.gaussian_kl(mean, logvar)
-        penalised = losses.gaussian_kl(mean, logvar, self.kl_free_bits) if self.kl_free_bits else kl
+        per_dim = losses.gaussian_kl_per_dim(mean, logvar)
+        kl = losses.kl_with_free_bits(per_dim)
+        penalised = losses.kl_with_free_bits(per_dim, self.kl_free_bits) if self.kl_free_bits else kl
         return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * penalised,
                 "mean": mean}
 
