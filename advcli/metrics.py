@@ -62,11 +62,33 @@ def ols_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 # ---------------------------------------------------------------- integrate mode (scIB definitions)
 
-# Below this median iLISI the domains are called unmixed: failed integrations measured 0.00-0.04,
-# working ones 0.2-0.8, and an unadversarial shared VAE 0.27 (docs/integrate.md).
+# Below this share of the iLISI that random mixing of the same domain sizes gives, the domains
+# are called unmixed: failed integrations measured 0.00-0.04 (of 1 for equal domains), working
+# ones 0.2-0.8, and an unadversarial shared VAE 0.27 (docs/integrate.md).
 UNMIXED_ILISI = 0.1
 UNMIXED_ADVICE = ("Refit with a higher --adv-weight or --adversary alternate, or --n-top-genes "
                   "2000 on data with many genes, and check the result with `advcli diagnose`.")
+
+
+def random_mixing_ilisi(codes: np.ndarray, n_domains: int) -> float:
+    """The scIB-normalised iLISI that random mixing of domains of these sizes gives (the inverse
+    Simpson index of their overall shares): 1 for equal domains, 0.20 for a 10:1 pair. Unequal
+    domains cannot reach 1, so a fit is judged against this, not against 1."""
+    if n_domains < 2:
+        return float("nan")
+    shares = np.bincount(codes, minlength=n_domains) / len(codes)
+    return float((1.0 / (shares ** 2).sum() - 1.0) / (n_domains - 1.0))
+
+
+def is_unmixed(ilisi: float, random_mixing: float) -> bool:
+    """Whether a median iLISI is below UNMIXED_ILISI of what random mixing would give."""
+    return bool(ilisi < UNMIXED_ILISI * random_mixing)
+
+
+def unmixed_description(ilisi: float, random_mixing: float) -> str:
+    """The figures behind an unmixed verdict, for the fit summary and diagnose."""
+    return (f"iLISI {ilisi:.2f}, where random mixing of these domains' sizes would give "
+            f"{random_mixing:.2f} and 0 means each cell's neighbours all come from its own domain")
 
 
 def knn(embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +203,7 @@ def integration_metrics(embedding: np.ndarray, batch: np.ndarray, labels: np.nda
     ilisi = np.median(lisi(dist, idx, batch))
     out["ilisi"] = float((ilisi - 1.0) / (n_batches - 1.0)) if n_batches > 1 else float("nan")
     batch_codes = np.unique(batch, return_inverse=True)[1]
+    out["ilisi_random_mixing"] = random_mixing_ilisi(batch_codes, n_batches)
     out["knn_batch_entropy"] = knn_domain_entropy(idx[:, :50], batch_codes, n_batches)
     out["mixing_fraction"] = mixing_fraction(idx[:, :50], batch_codes, n_batches)
     if labels is not None:

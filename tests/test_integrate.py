@@ -244,6 +244,37 @@ def test_mixing_fraction_is_relative_to_the_domains_sizes():
     assert mixing_fraction(idx, np.r_[codes, np.zeros(500, int)], 3) > 0.85
 
 
+def test_unmixed_is_judged_against_random_mixing_of_the_domains_sizes():
+    """A 10:1 pair mixed at random reaches an iLISI of about 0.2, not 1: that is mixed, and the
+    same pair held apart is not."""
+    from advcli.metrics import integration_metrics, is_unmixed, random_mixing_ilisi
+
+    assert random_mixing_ilisi(np.r_[np.zeros(50, int), np.ones(50, int)], 2) == pytest.approx(1)
+    rng = np.random.default_rng(0)
+    codes = np.r_[np.zeros(2000, int), np.ones(200, int)]
+    assert random_mixing_ilisi(codes, 2) == pytest.approx(1 / (1 - 2 * 10 / 121) - 1)
+    batch = np.array(["big", "small"])[codes]
+    points = rng.normal(size=(len(codes), 3))
+    mixed = integration_metrics(points, batch, None)
+    assert mixed["ilisi"] < 0.25 and mixed["ilisi_random_mixing"] == pytest.approx(0.198, abs=1e-3)
+    assert not is_unmixed(mixed["ilisi"], mixed["ilisi_random_mixing"])
+    apart = integration_metrics(points + codes[:, None] * 100.0, batch, None)
+    assert is_unmixed(apart["ilisi"], apart["ilisi_random_mixing"])
+
+
+def test_the_summary_judges_mixing_by_the_domains_sizes(integrate):
+    """The same iLISI is a warning for equal domains and a mixed fit for a 10:1 pair."""
+    a = integrate[np.r_[0:300, 300:330]].copy()  # domains of 300 and 30 cells
+    model = IntegrationModel(a, latent_dim=4, max_epochs=2, val_fraction=0.0).train()
+    model.mixing_scores = lambda: (0.09, 0.9)
+    summary = model._summarise(1.0, 1.0)
+    assert summary["mixing_ilisi_random"] == pytest.approx(1 / (1 - 2 * 300 * 30 / 330 ** 2) - 1)
+    assert not summary["warnings"]
+    model.mixing_scores = lambda: (0.01, 0.9)
+    assert any("not mixed" in w and "would give 0.20" in w
+               for w in model._summarise(1.0, 1.0)["warnings"])
+
+
 @pytest.mark.parametrize("backed", [False, True])
 def test_an_epoch_shows_every_training_cell_once(tmp_path, integrate, backed, monkeypatch):
     """Minibatches follow the data: each training cell once per epoch, none of the held-out

@@ -493,24 +493,27 @@ class IntegrationModel(BaseModel):
             "design": self.config.design, "latent_dim": self.config.latent_dim,
             **self._stopping(records),
             "warnings": []}
+        from ..metrics import (PARTLY_MIXED, UNMIXED_ADVICE, is_unmixed, partly_mixed_note,
+                               random_mixing_ilisi, unmixed_description)
+
         mixing, fraction = self.mixing_scores()
+        random_mixing = random_mixing_ilisi(self._domain.cpu().numpy(), len(self.domains_))
         summary["mixing_ilisi"], summary["mixing_fraction"] = mixing, fraction
+        summary["mixing_ilisi_random"] = random_mixing
         composition = self.module.composition
         if composition is not None:  # how far the domains' compositions differed, last epoch
             summary["composition_weights"] = {
                 "clusters": int(composition.table.shape[1]),
                 "min": float(composition.table.min()), "max": float(composition.table.max())}
         held_out = records[-1].get("val_disc_acc", math.nan)
-        from ..metrics import PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI, partly_mixed_note
-
-        if mixing < UNMIXED_ILISI or held_out >= SEPARATED_ACC:
-            told = (f" and the discriminator tells the domain of {held_out:.0%} of held-out "
+        if is_unmixed(mixing, random_mixing) or held_out >= SEPARATED_ACC:
+            told = (f"; the discriminator tells the domain of {held_out:.0%} of held-out "
                     f"cells (chance {1 / len(self.domains_):.0%})"
                     if math.isfinite(held_out) else "")
             summary["warnings"].append(
-                f"The domains are not mixed: the embedding's iLISI is {mixing:.2f} (0 = each "
-                f"cell's neighbours all from its own domain, 1 = every neighbourhood holds all "
-                f"domains equally){told}. The adversary lost. {UNMIXED_ADVICE}")
+                f"The domains are not mixed: the embedding's "
+                f"{unmixed_description(mixing, random_mixing)}{told}. The adversary lost. "
+                f"{UNMIXED_ADVICE}")
         elif fraction < PARTLY_MIXED:
             summary["warnings"].append(partly_mixed_note(fraction))
         if summary["still_gaining"]:

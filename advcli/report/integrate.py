@@ -13,8 +13,8 @@ from ..backed import read_rows
 from ..data import (check_finite_obsm, count_source, counts_anndata, encode_domains,
                     seeded_subset)
 from ..errors import InputError
-from ..metrics import (PARTLY_MIXED, UNMIXED_ADVICE, UNMIXED_ILISI, integration_metrics,
-                       partly_mixed_note)
+from ..metrics import (PARTLY_MIXED, UNMIXED_ADVICE, integration_metrics, is_unmixed,
+                       partly_mixed_note, unmixed_description)
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -127,9 +127,10 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                     training_markers(payload["history"]))
     else:
         notes.append("No --model given: loss_curves.png needs the model file's history.")
-    if metrics.get("ilisi", 1.0) < UNMIXED_ILISI:
-        notes.append(f"The domains are not mixed (iLISI {metrics['ilisi']:.2f}): each cell's "
-                     f"neighbours come from its own domain. {UNMIXED_ADVICE}")
+    if is_unmixed(metrics.get("ilisi", 1.0), metrics.get("ilisi_random_mixing", 1.0)):
+        notes.append(f"The domains are not mixed ("
+                     f"{unmixed_description(metrics['ilisi'], metrics['ilisi_random_mixing'])}). "
+                     f"{UNMIXED_ADVICE}")
     elif metrics.get("mixing_fraction", 1.0) < PARTLY_MIXED:
         notes.append(partly_mixed_note(metrics["mixing_fraction"]))
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
