@@ -511,7 +511,7 @@ class IntegrationModel(BaseModel):
                     f"cells (chance {1 / len(self.domains_):.0%})"
                     if math.isfinite(held_out) else "")
             summary["warnings"].append(
-                f"The domains are not mixed: the embedding's "
+                f"The domains are not mixed: the embedding has "
                 f"{unmixed_description(mixing, random_mixing)}{told}. The adversary lost. "
                 f"{UNMIXED_ADVICE}")
         elif fraction < PARTLY_MIXED:
