@@ -12,9 +12,9 @@ the log-normal-factor simulation a user first reported unmixed; and, when ../sha
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
 than the composition clusters) were added after the defaults were set, as held-out checks;
-`--held-out` runs eleven more datasets that no default was chosen on (new generator seeds and
-shapes, a 10:1 pair, four and three domains, and Kang's real counts with a planted capture
-effect and a missing type).
+`--held-out` runs thirteen more datasets that no default was chosen on (new generator seeds and
+shapes, a 10:1 pair, four and three domains, Kang's real counts with a planted capture effect
+and a missing type, and Kang with its samples or its donors as the domains).
 
 Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
 components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
@@ -135,14 +135,15 @@ def simulated(tmp: Path, **kwargs) -> ad.AnnData:
     return ad.read_h5ad(path)
 
 
-def real(name: str) -> ad.AnnData:
+def real(name: str, domain: str = "condition") -> ad.AnnData:
+    """A set from ../shared/data; for Kang, ``domain`` names the obs column used as the domain."""
     if name == "pbmc":
         return ad.read_h5ad(SHARED / "pbmc_3chem_symphony_small.h5ad")
     if name == "cellbench":
         a = ad.read_h5ad(SHARED / "cellbench_3cl_celseq2_dropseq.h5ad")
         return a[a.obs["demuxlet_cls"] != "DBL"].copy()
     a = ad.read_h5ad(SHARED / "kang2018_muscat_subset.h5ad")
-    a.obs["batch"] = a.obs["condition"].astype(str)
+    a.obs["batch"] = a.obs[domain].astype(str)
     return a
 
 
@@ -256,6 +257,10 @@ HELD_OUT = [
     Dataset("ho-zi-4dom-3x3", "second simulator, 4 equal domains, 3 lineages x 3 subtypes",
             lambda tmp: lineage_domains([2000] * 4, 1000, seed=55, strength=1.0, lineages=3,
                                         subtypes=3)),
+    Dataset("ho-kang-sample", "Kang 2018, the four samples (2 donors x ctrl / IFN-beta) as the "
+            "domains (real)", lambda tmp: real("kang", "batch"), True),
+    Dataset("ho-kang-donor", "Kang 2018, the two donors as the domains, stimulation left in "
+            "(real)", lambda tmp: real("kang", "donor"), True),
 ]
 
 
