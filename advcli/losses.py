@@ -255,10 +255,9 @@ def kl_with_free_bits(per_dim: torch.Tensor, free_bits: float = 0.0) -> torch.Te
     return per_dim.mean(dim=0).clamp(min=free_bits).sum()
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, averaged over cells
-    (``free_bits``: see ``kl_with_free_bits``)."""
-    return kl_with_free_bits(gaussian_kl_per_dim(mu, logvar), free_bits)
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, averaged over cells."""
+    return kl_with_free_bits(gaussian_kl_per_dim(mu, logvar))
 
 
 def mse_per_cell(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

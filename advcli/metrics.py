@@ -70,13 +70,18 @@ UNMIXED_ADVICE = ("Refit with a higher --adv-weight or --adversary alternate, or
                   "2000 on data with many genes, and check the result with `advcli diagnose`.")
 
 
+def domain_shares(codes: np.ndarray, n_domains: int) -> np.ndarray:
+    """Each domain's share of the cells (domain codes 0..n_domains-1)."""
+    return np.bincount(codes, minlength=n_domains) / len(codes)
+
+
 def random_mixing_ilisi(codes: np.ndarray, n_domains: int) -> float:
     """The scIB-normalised iLISI that random mixing of domains of these sizes gives (the inverse
     Simpson index of their overall shares): 1 for equal domains, 0.20 for a 10:1 pair. Unequal
     domains cannot reach 1, so a fit is judged against this, not against 1."""
     if n_domains < 2:
         return float("nan")
-    shares = np.bincount(codes, minlength=n_domains) / len(codes)
+    shares = domain_shares(codes, n_domains)
     return float((1.0 / (shares ** 2).sum() - 1.0) / (n_domains - 1.0))
 
 
@@ -85,10 +90,12 @@ def is_unmixed(ilisi: float, random_mixing: float) -> bool:
     return bool(ilisi < UNMIXED_ILISI * random_mixing)
 
 
-def unmixed_description(ilisi: float, random_mixing: float) -> str:
-    """The figures behind an unmixed verdict, for the fit summary and diagnose."""
-    return (f"iLISI {ilisi:.2f}, where random mixing of these domains' sizes would give "
-            f"{random_mixing:.2f} and 0 means each cell's neighbours all come from its own domain")
+def unmixed_note(ilisi: float, random_mixing: float, detail: str = "") -> str:
+    """What the fit summary and diagnose say when ``is_unmixed``; ``detail`` adds to the
+    figures before the advice."""
+    return (f"The domains are not mixed: the embedding has iLISI {ilisi:.2f}, where random "
+            f"mixing of these domains' sizes would give {random_mixing:.2f} and 0 means each "
+            f"cell's neighbours all come from its own domain{detail}. {UNMIXED_ADVICE}")
 
 
 def knn(embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +141,7 @@ def mixing_fraction(idx: np.ndarray, codes: np.ndarray, n_domains: int) -> float
     one domain only, which should not mix."""
     if n_domains < 2:
         return float("nan")
-    shares = np.bincount(codes, minlength=n_domains) / len(codes)
+    shares = domain_shares(codes, n_domains)
     shares = shares[shares > 0]
     random_mixing = -(shares * np.log(shares)).sum() / np.log(n_domains)
     per_cell = knn_domain_entropy(idx, codes, n_domains, per_cell=True)

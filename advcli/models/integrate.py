@@ -245,7 +245,7 @@ class PairedVAE(torch.nn.Module):
             recon = losses.mse_per_cell(self.decode(z, batch["domain"]), batch["x_norm"])
         per_dim = losses.gaussian_kl_per_dim(mean, logvar)
         kl = losses.kl_with_free_bits(per_dim)
-        penalised = losses.kl_with_free_bits(per_dim, self.kl_free_bits) if self.kl_free_bits else kl
+        penalised = losses.kl_with_free_bits(per_dim, self.kl_free_bits)
         return {"recon": recon, "kl": kl, "elbo": recon + kl, "loss": recon + beta_kl * penalised,
                 "mean": mean}
 
@@ -493,8 +493,8 @@ class IntegrationModel(BaseModel):
             "design": self.config.design, "latent_dim": self.config.latent_dim,
             **self._stopping(records),
             "warnings": []}
-        from ..metrics import (PARTLY_MIXED, UNMIXED_ADVICE, is_unmixed, partly_mixed_note,
-                               random_mixing_ilisi, unmixed_description)
+        from ..metrics import (PARTLY_MIXED, is_unmixed, partly_mixed_note, random_mixing_ilisi,
+                               unmixed_note)
 
         mixing, fraction = self.mixing_scores()
         random_mixing = random_mixing_ilisi(self._domain.cpu().numpy(), len(self.domains_))
@@ -511,9 +511,7 @@ class IntegrationModel(BaseModel):
                     f"cells (chance {1 / len(self.domains_):.0%})"
                     if math.isfinite(held_out) else "")
             summary["warnings"].append(
-                f"The domains are not mixed: the embedding has "
-                f"{unmixed_description(mixing, random_mixing)}{told}. The adversary lost. "
-                f"{UNMIXED_ADVICE}")
+                unmixed_note(mixing, random_mixing, f"{told}. The adversary lost"))
         elif fraction < PARTLY_MIXED:
             summary["warnings"].append(partly_mixed_note(fraction))
         if summary["still_gaining"]:

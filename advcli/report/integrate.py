@@ -13,8 +13,8 @@ from ..backed import read_rows
 from ..data import (check_finite_obsm, count_source, counts_anndata, encode_domains,
                     seeded_subset)
 from ..errors import InputError
-from ..metrics import (PARTLY_MIXED, UNMIXED_ADVICE, integration_metrics, is_unmixed,
-                       partly_mixed_note, unmixed_description)
+from ..metrics import (PARTLY_MIXED, integration_metrics, is_unmixed, partly_mixed_note,
+                       unmixed_note)
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -128,9 +128,7 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
     else:
         notes.append("No --model given: loss_curves.png needs the model file's history.")
     if is_unmixed(metrics.get("ilisi", 1.0), metrics.get("ilisi_random_mixing", 1.0)):
-        notes.append(f"The domains are not mixed ("
-                     f"{unmixed_description(metrics['ilisi'], metrics['ilisi_random_mixing'])}). "
-                     f"{UNMIXED_ADVICE}")
+        notes.append(unmixed_note(metrics["ilisi"], metrics["ilisi_random_mixing"]))
     elif metrics.get("mixing_fraction", 1.0) < PARTLY_MIXED:
         notes.append(partly_mixed_note(metrics["mixing_fraction"]))
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
