@@ -247,6 +247,10 @@ class IntegrationConfig(LatentModelConfig):
     decoder_layers: int = option(2, "Hidden layers of the decoder. One keeps cell types "
                                  "further apart but leaves strong batch effects less mixed "
                                  "(docs/integrate.md).", INTEGRATE)
+    norm: str = option("layer", "Normalisation after the hidden layers of the encoder and "
+                       "decoder: layer (each cell on its own) or batch (each unit over the "
+                       "minibatch's cells, running statistics at inference).", INTEGRATE,
+                       choices=("layer", "batch"))
     beta_kl: float = option(0.25, "Weight of the KL term (reached after the warm-up).",
                             INTEGRATE)
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",

@@ -143,6 +143,34 @@ class NBRegression(nn.Module):
 # ---------------------------------------------------------------- integrate mode
 
 
+class MinibatchNorm(nn.BatchNorm1d):
+    """BatchNorm that normalises a group of fewer than ``MIN_CELLS`` cells (a minibatch's tail,
+    a small domain's share of it under the paired design, one rank's shard) with the running
+    statistics instead: two cells give no usable mean and spread, and one gives none."""
+
+    MIN_CELLS = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < self.MIN_CELLS:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, eps=self.eps)
+        return super().forward(x)
+
+
+def hidden_norm(kind: str, width: int) -> nn.Module:
+    """The normalisation after a hidden layer of the encoders and decoders.
+
+    ``layer`` normalises each cell's hidden units on their own; ``batch`` normalises each unit
+    over the cells of the minibatch (running statistics at inference), as scVI's networks do,
+    so differences in the overall size of a cell's hidden response are kept.
+    """
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    if kind == "batch":
+        return MinibatchNorm(width)
+    raise ValueError(f"unknown normalisation {kind!r}; choose layer or batch")
+
+
 class Encoder(nn.Module):
     """log1p of library-normalised counts -> posterior mean and log-variance.
 
@@ -151,12 +179,12 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, dropout: float = 0.0,
-                 variational: bool = True):
+                 variational: bool = True, norm: str = "layer"):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(n_genes, hidden), nn.LayerNorm(hidden), nn.ReLU(),
-                                 nn.Dropout(dropout),
-                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(),
-                                 nn.Dropout(dropout))
+        self.net = nn.Sequential(nn.Linear(n_genes, hidden), hidden_norm(norm, hidden),
+                                 nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, hidden), hidden_norm(norm, hidden),
+                                 nn.ReLU(), nn.Dropout(dropout))
         self.mean = nn.Linear(hidden, latent_dim)
         self.logvar = nn.Linear(hidden, latent_dim) if variational else None
 
@@ -179,13 +207,14 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, latent_dim: int, n_genes: int, hidden: int, likelihood: str,
-                 n_conditions: int = 0, layers: int = 2):
+                 n_conditions: int = 0, layers: int = 2, norm: str = "layer"):
         super().__init__()
         self.likelihood = likelihood
         self.n_conditions = n_conditions
         widths = [latent_dim + n_conditions] + [hidden] * layers
         self.hidden = nn.Sequential(*(part for a, b in zip(widths, widths[1:])
-                                      for part in (nn.Linear(a, b), nn.LayerNorm(b), nn.ReLU())))
+                                      for part in (nn.Linear(a, b), hidden_norm(norm, b),
+                                                   nn.ReLU())))
         self.out = nn.Linear(hidden + n_conditions, n_genes)
         self.zero_logits = (nn.Linear(hidden + n_conditions, n_genes) if likelihood == "zinb"
                             else None)

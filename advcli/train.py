@@ -162,6 +162,9 @@ def run(model, strategy: Strategy, state: TrainState, on_epoch: EpochCallback | 
                         checkpoint(state)
                     raise TrainingInterrupted(signum, epoch, checkpoint is not None)
             _check_parameters(module, epoch)
+            # running statistics (BatchNorm, the discriminator's input scaling) follow each
+            # rank's own shard: every rank takes rank 0's, as DistributedDataParallel does
+            distributed.broadcast_tensors(list(module.buffers()))
             record = {k: v / max(state.step, 1) for k, v in state.sums.items()}
             record.update(distributed.average_values(model.validate()))
             record.update(plan.log)

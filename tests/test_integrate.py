@@ -426,3 +426,35 @@ def test_a_model_file_from_before_free_bits_resumes_without_them(integrate, tmp_
     _, path = _saved_without("kl_free_bits", integrate, tmp_path)
     old = IntegrationModel.load(path, integrate)
     assert old.config.kl_free_bits == 0.0 and old.module.kl_free_bits == 0.0
+
+
+def test_batch_norm_trains_saves_and_predicts_like_the_saved_model(integrate, tmp_path):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2, norm="batch").train()
+    norms = [m for m in model.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 4 and all(m.num_batches_tracked > 0 for m in norms)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.module.modules())
+    model.save(tmp_path / "m.pt")
+    loaded = IntegrationModel.load(tmp_path / "m.pt")
+    assert loaded.config.norm == "batch"
+    np.testing.assert_allclose(loaded.get_latent_representation(integrate),
+                               model.get_latent_representation(integrate), atol=1e-5)
+    with pytest.raises(InputError, match="--norm"):
+        IntegrationModel(integrate, norm="group")
+
+
+def test_batch_norm_with_paired_encoders_and_a_one_cell_tail(integrate):
+    """Per-domain encoders see their domain's share of each minibatch, which can be one cell."""
+    n_train = IntegrationModel(integrate, latent_dim=4).n_train
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=1, norm="batch",
+                             design="paired", batch_size=n_train - 1)
+    assert [len(b) for b in model.batches(torch.Generator().manual_seed(0))] == [n_train - 1, 1]
+    model.train()
+    assert np.isfinite(model.get_latent_representation(integrate)).all()
+
+
+def test_a_model_file_from_before_the_norm_option_loads_with_layer_norm(integrate, tmp_path):
+    model, path = _saved_without("norm", integrate, tmp_path)
+    old = IntegrationModel.load(path)
+    assert old.config.norm == "layer"
+    np.testing.assert_allclose(old.get_latent_representation(integrate),
+                               model.get_latent_representation(integrate), atol=1e-5)

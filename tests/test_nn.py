@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from advcli.nn import Encoder, represent_z, straight_through
+from advcli.nn import Decoder, Encoder, MinibatchNorm, hidden_norm, represent_z, straight_through
 
 
 def test_straight_through_forward_is_binary_and_gradient_is_sigmoids():
@@ -33,3 +34,34 @@ def test_encoder_dropout_acts_in_training_only():
     assert not torch.allclose(encoder(x)[0], encoder(x)[0])
     encoder.eval()
     assert torch.equal(encoder(x)[0], encoder(x)[0])
+
+
+def test_batch_norm_couples_a_cell_to_its_minibatch_and_layer_norm_does_not():
+    torch.manual_seed(0)
+    x = torch.rand(8, 20)
+    for norm, coupled in (("layer", False), ("batch", True)):
+        encoder = Encoder(20, 4, 16, norm=norm).train()
+        alone = encoder(x[:4])[0]
+        with_others = encoder(torch.cat([x[:4], 5 * x[4:]]))[0][:4]
+        assert torch.allclose(alone, with_others) is not coupled
+
+
+def test_batch_norm_uses_running_statistics_at_inference_and_for_tiny_groups():
+    torch.manual_seed(0)
+    norm = MinibatchNorm(6).train()
+    for _ in range(50):
+        norm(3.0 + 2.0 * torch.randn(64, 6))
+    assert torch.allclose(norm.running_mean, torch.full((6,), 3.0), atol=0.3)
+    cell = torch.full((1, 6), 5.0)
+    want = (cell - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(norm(cell), want)  # one cell in training: no error, no update
+    torch.testing.assert_close(norm(cell.repeat(2, 1))[:1], want)
+    torch.testing.assert_close(norm.eval()(cell), want)
+    decoder = Decoder(4, 10, 16, "nb", n_conditions=2, norm="batch").train()
+    assert decoder(torch.randn(1, 4), torch.tensor([1])).shape == (1, 10)
+
+
+def test_unknown_normalisation_is_refused():
+    assert isinstance(hidden_norm("layer", 5), torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="layer or batch"):
+        hidden_norm("group", 5)

@@ -141,16 +141,18 @@ class PairedVAE(torch.nn.Module):
 
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_domains: int,
                  likelihood: str, paired: bool = False, dropout: float = 0.0,
-                 adv_loss: str = "negce", tie: float = 0.0, decoder_layers: int = 2):
+                 adv_loss: str = "negce", tie: float = 0.0, decoder_layers: int = 2,
+                 norm: str = "layer"):
         super().__init__()
         self.tie = tie
         shared_decoder = not paired
-        self.encoders = torch.nn.ModuleList(Encoder(n_genes, latent_dim, hidden, dropout)
+        self.encoders = torch.nn.ModuleList(Encoder(n_genes, latent_dim, hidden, dropout,
+                                                    norm=norm)
                                             for _ in range(n_domains if paired else 1))
         n_dec = 1 if shared_decoder else n_domains
         self.decoders = torch.nn.ModuleList(
             Decoder(latent_dim, n_genes, hidden, likelihood, n_domains if shared_decoder else 0,
-                    layers=decoder_layers)
+                    layers=decoder_layers, norm=norm)
             for _ in range(n_dec))
         for module in list(self.encoders[1:]) + list(self.decoders[1:]):  # a tied start
             module.load_state_dict((self.encoders if module in self.encoders else self.decoders)[0]
@@ -314,7 +316,8 @@ class IntegrationModel(BaseModel):
         cfg = self.config
         module = PairedVAE(n_genes, cfg.latent_dim, cfg.hidden, len(self.domains_),
                            cfg.likelihood, paired=cfg.design == "paired", dropout=cfg.dropout,
-                           adv_loss=cfg.adv_loss, tie=cfg.tie, decoder_layers=cfg.decoder_layers)
+                           adv_loss=cfg.adv_loss, tie=cfg.tie, decoder_layers=cfg.decoder_layers,
+                           norm=cfg.norm)
         module.d_steps, module.e_steps = cfg.d_steps, cfg.e_steps
         module.kl_free_bits = cfg.kl_free_bits
         return module
@@ -665,6 +668,7 @@ class IntegrationModel(BaseModel):
         config.setdefault("composition_clusters", 0)  # files from before: unweighted adversary
         config.setdefault("decoder_layers", 2)  # and a decoder of two hidden layers
         config.setdefault("kl_free_bits", 0.0)  # and the plain KL
+        config.setdefault("norm", "layer")  # and LayerNorm in the encoder and decoder
         return config
 
     def _rebuild(self, payload: dict) -> None:
