@@ -12,9 +12,10 @@ the log-normal-factor simulation a user first reported unmixed; and, when ../sha
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
 than the composition clusters) were added after the defaults were set, as held-out checks;
-`--held-out` runs thirteen more datasets that no default was chosen on (new generator seeds and
-shapes, a 10:1 pair, four and three domains, Kang's real counts with a planted capture effect
-and a missing type, and Kang with its samples or its donors as the domains).
+`--held-out` runs fifteen more datasets that no default was chosen on (new generator seeds and
+shapes, a 10:1 pair, four and three domains, the real counts of Kang, PBMC and CellBench with a
+planted capture effect and a missing type, and Kang with its samples or its donors as the
+domains).
 
 Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
 components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
@@ -205,11 +206,12 @@ DATASETS = [
 ]
 
 
-def kang_planted(seed: int) -> ad.AnnData:
-    """Semi-synthetic batch effect with known truth: Kang's cells (both conditions) split at random
-    into two domains; B's counts are binomially thinned with a per-gene capture efficiency
-    min(1, exp(N(-0.4, 0.5))), and B loses the second most common cell type."""
-    a = real("kang")
+def planted(name: str, seed: int) -> ad.AnnData:
+    """Semi-synthetic batch effect with known truth: a real set's cells split at random into two
+    domains; B's counts are binomially thinned with a per-gene capture efficiency
+    min(1, exp(N(-0.4, 0.5))), and B loses the second most common cell type. The set's own
+    batches (Kang's conditions, PBMC's chemistries) stay in both domains alike."""
+    a = real(name)
     rng = np.random.default_rng(seed)
     X = sp.csr_matrix(a.X).astype(np.int64)
     in_b = rng.random(a.n_obs) < 0.5
@@ -243,7 +245,7 @@ HELD_OUT = [
             "last lineage missing from the small domain", lambda tmp: lineage_domains(
                 [3000, 300], 1500, seed=41, lineages=5, subtypes=2, missing={1: [8, 9]})),
     Dataset("ho-kang-planted", "Kang's cells split at random, per-gene capture thinning in one "
-            "half, a cell type removed from it (real counts)", lambda tmp: kang_planted(44),
+            "half, a cell type removed from it (real counts)", lambda tmp: planted("kang", 44),
             True),
     # added after free bits became a default, as new held-out checks of it
     Dataset("ho-zi-3dom-strong", "second simulator, 3 domains 5:2:1, strength 2, 5 lineages x 2 "
@@ -261,6 +263,13 @@ HELD_OUT = [
             "domains (real)", lambda tmp: real("kang", "batch"), True),
     Dataset("ho-kang-donor", "Kang 2018, the two donors as the domains, stimulation left in "
             "(real)", lambda tmp: real("kang", "donor"), True),
+    # added with the --norm option, as new held-out checks of the defaults
+    Dataset("ho-pbmc-planted", "PBMC's cells split at random, per-gene capture thinning in one "
+            "half, a cell type removed from it, the chemistries left in (real counts)",
+            lambda tmp: planted("pbmc", 45), True),
+    Dataset("ho-cellbench-planted", "CellBench's cells split at random, per-gene capture "
+            "thinning in one half, a cell line removed from it, the protocols left in (real "
+            "counts)", lambda tmp: planted("cellbench", 46), True),
 ]
 
 
