@@ -160,9 +160,9 @@ class MinibatchNorm(nn.BatchNorm1d):
 def hidden_norm(kind: str, width: int) -> nn.Module:
     """The normalisation after a hidden layer of the encoders and decoders.
 
-    ``layer`` normalises each cell's hidden units on their own; ``batch`` normalises each unit
-    over the cells of the minibatch (running statistics at inference), as scVI's networks do,
-    so differences in the overall size of a cell's hidden response are kept.
+    ``layer`` normalises each cell's hidden units on their own, so a cell's code does not
+    depend on the other cells of its minibatch; ``batch`` normalises each unit over the cells of
+    the minibatch (running statistics at inference), as scVI's networks do.
     """
     if kind == "layer":
         return nn.LayerNorm(width)

@@ -137,3 +137,21 @@ def test_fit_nproc_bad_input_exits_2_with_nothing_written(tmp_path):
     run = _advcli("fit", "i.h5ad", "--mode", "integrate", "-o", "m.pt", "--nproc", "0",
                   cwd=tmp_path)
     assert run.returncode == 2 and "--nproc" in run.stderr
+
+
+def test_fit_nproc_2_with_batch_norm_integrates_and_predicts(tmp_path):
+    """BatchNorm's running statistics come from each rank's share of a minibatch; the ranks
+    share rank 0's after each epoch, and the saved model predicts from them."""
+    run = _advcli("simulate", "integrate", "-o", "i.h5ad", "--n-a", "200", "--n-b", "200",
+                  "--genes", "40", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    run = _advcli("fit", "i.h5ad", "--mode", "integrate", "--norm", "batch", "-o", "m.pt",
+                  "--max-epochs", "3", "--nproc", "2", "--json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["epochs"] == 3
+    state = torch.load(tmp_path / "m.pt", weights_only=False)["state"]
+    running = [v for k, v in state.items() if k.endswith("running_var")]
+    assert len(running) == 4 and all(torch.isfinite(v).all() and (v > 0).all() for v in running)
+    run = _advcli("predict", "m.pt", "i.h5ad", "-o", "p.h5ad", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert np.isfinite(ad.read_h5ad(tmp_path / "p.h5ad").obsm["X_advcli"]).all()
