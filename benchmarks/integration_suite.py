@@ -12,10 +12,10 @@ the log-normal-factor simulation a user first reported unmixed; and, when ../sha
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
 than the composition clusters) were added after the defaults were set, as held-out checks;
-`--held-out` runs fifteen more datasets that no default was chosen on (new generator seeds and
-shapes, a 10:1 pair, four and three domains, the real counts of Kang, PBMC and CellBench with a
-planted capture effect and a missing type, and Kang with its samples or its donors as the
-domains).
+`--held-out` runs sixteen more datasets that no default was chosen on (new generator seeds and
+shapes, a 10:1 pair, eight, four and three domains, the real counts of Kang, PBMC and CellBench
+with a planted capture effect and a missing type, and Kang with its samples or its donors as
+the domains).
 
 Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
 components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
@@ -267,6 +267,9 @@ HELD_OUT = [
     Dataset("ho-pbmc-planted", "PBMC's cells split at random, per-gene capture thinning in one "
             "half, a cell type removed from it, the chemistries left in (real counts)",
             lambda tmp: planted("pbmc", 45), True),
+    Dataset("ho-zi-8dom-small", "second simulator, 8 domains of 400 cells, 4 lineages x 2 "
+            "subtypes", lambda tmp: lineage_domains([400] * 8, 1000, seed=88, strength=1.0,
+                                                    lineages=4, subtypes=2)),
     Dataset("ho-cellbench-planted", "CellBench's cells split at random, per-gene capture "
             "thinning in one half, a cell line removed from it, the protocols left in (real "
             "counts)", lambda tmp: planted("cellbench", 46), True),
