@@ -134,6 +134,29 @@ def partly_mixed_note(fraction: float) -> str:
             f"finish its work. {UNMIXED_ADVICE}")
 
 
+TYPES_KEPT_TOLERANCE = 0.01  # label ASW and cLISI may fall this far below the PCA's
+LABEL_METRIC_NAMES = {"clisi": "cLISI", "label_asw": "label ASW"}
+
+
+def types_less_separated(metrics: dict, baseline: dict) -> list[str]:
+    """The label metrics (cLISI, label ASW) on which an integrated embedding falls more than
+    TYPES_KEPT_TOLERANCE below the unintegrated PCA: cell types that the counts keep apart
+    came together, the known failure of adversarial integration."""
+    return [k for k in LABEL_METRIC_NAMES if k in metrics and k in baseline
+            and metrics[k] < baseline[k] - TYPES_KEPT_TOLERANCE]
+
+
+def types_mixed_note(metrics: dict, baseline: dict, names: list[str]) -> str:
+    """What diagnose says when ``types_less_separated`` names any metric."""
+    shown = ", ".join(f"{LABEL_METRIC_NAMES[k]} {metrics[k]:.3f} against {baseline[k]:.3f}"
+                      for k in names)
+    return (f"Cell types are less separated than in the unintegrated PCA ({shown}): the "
+            "integration brought together cell types that the counts keep apart. This happens "
+            "when the domains hold different cell types or proportions and the adversary pulls "
+            "them onto each other. Refit with a lower --adv-weight, and with --design shared "
+            "if this fit was paired.")
+
+
 def mixing_fraction(idx: np.ndarray, codes: np.ndarray, n_domains: int) -> float:
     """Median over cells of the kNN domain entropy, as a fraction of the entropy of the domains'
     overall shares (what random mixing gives): 1 when neighbourhoods are as diverse as the

@@ -177,3 +177,26 @@ def test_diagnose_compares_with_the_unintegrated_pca(fitted, tmp_path, invoke):
     assert set(baseline) == set(summary["metrics"])
     assert summary["metrics"]["overall_score"] < baseline["overall_score"]
     assert any("scores below the unintegrated PCA" in n for n in summary["notes"])
+
+
+def test_diagnose_says_when_cell_types_came_together(fitted, tmp_path, invoke):
+    """An embedding that scatters the cell types over each other: they are less separated than
+    in PCA of the counts, and the report says so; one that holds each type at its own point
+    does not get the note."""
+    import json
+
+    a = ad.read_h5ad(fitted / "p.h5ad")
+    noise = np.random.default_rng(0).normal(size=a.obsm["X_advcli"].shape)
+    types = a.obs["cell_type"].astype("category").cat.codes.to_numpy()
+    for name, embedding in (("mixed", noise), ("kept", noise * 0.1 + 5.0 * types[:, None])):
+        a.obsm["X_advcli"] = embedding
+        a.write_h5ad(tmp_path / f"{name}.h5ad")
+    said = {}
+    for name, noted in (("mixed", True), ("kept", False)):
+        report = tmp_path / f"report_{name}"
+        r = invoke("diagnose", tmp_path / f"{name}.h5ad", "-o", report)
+        assert r.exit_code == 0, r.stderr
+        summary = json.loads((report / "summary.json").read_text())
+        said[noted] = [n for n in summary["notes"] if "less separated than in the unintegrated" in n]
+        assert bool(said[noted]) is noted, summary["notes"]
+    assert "cLISI" in said[True][0] and "--adv-weight" in said[True][0]

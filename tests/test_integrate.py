@@ -458,3 +458,16 @@ def test_a_model_file_from_before_the_norm_option_loads_with_layer_norm(integrat
     assert old.config.norm == "layer"
     np.testing.assert_allclose(old.get_latent_representation(integrate),
                                model.get_latent_representation(integrate), atol=1e-5)
+
+
+def test_cell_types_count_as_less_separated_only_beyond_the_tolerance():
+    from advcli.metrics import TYPES_KEPT_TOLERANCE, types_less_separated, types_mixed_note
+
+    pca = {"clisi": 0.980, "label_asw": 0.60}
+    assert types_less_separated({"clisi": 0.978, "label_asw": 0.65}, pca) == []
+    assert types_less_separated({"clisi": 0.929, "label_asw": 0.65}, pca) == ["clisi"]
+    worse = {"clisi": 0.9, "label_asw": 0.60 - 2 * TYPES_KEPT_TOLERANCE}
+    assert types_less_separated(worse, pca) == ["clisi", "label_asw"]
+    assert types_less_separated({"ilisi": 0.5}, pca) == []  # no labels, nothing to judge
+    note = types_mixed_note(worse, pca, ["clisi", "label_asw"])
+    assert "cLISI 0.900 against 0.980" in note and "label ASW 0.580 against 0.600" in note

@@ -14,7 +14,7 @@ from ..data import (check_finite_obsm, count_source, counts_anndata, encode_doma
                     seeded_subset)
 from ..errors import InputError
 from ..metrics import (PARTLY_MIXED, integration_metrics, is_unmixed, partly_mixed_note,
-                       unmixed_note)
+                       types_less_separated, types_mixed_note, unmixed_note)
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -106,6 +106,8 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                      f"{metrics['overall_score']:.3f} against {baseline['overall_score']:.3f}): "
                      "the fit made things worse. Check the loss curves; try --adversary "
                      "alternate or another --seed.")
+    if baseline is not None and (worse := types_less_separated(metrics, baseline)):
+        notes.append(types_mixed_note(metrics, baseline, worse))
     (folder / "integration_metrics.json").write_text(json.dumps(
         plain({**metrics, "unintegrated_pca": baseline}, json_safe=True), indent=2))
     plt = pyplot()
