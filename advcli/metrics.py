@@ -146,10 +146,10 @@ def types_less_separated(metrics: dict, baseline: dict) -> list[str]:
             and metrics[k] < baseline[k] - TYPES_KEPT_TOLERANCE]
 
 
-def types_mixed_note(metrics: dict, baseline: dict, names: list[str]) -> str:
+def types_mixed_note(metrics: dict, baseline: dict) -> str:
     """What diagnose says when ``types_less_separated`` names any metric."""
     shown = ", ".join(f"{LABEL_METRIC_NAMES[k]} {metrics[k]:.3f} against {baseline[k]:.3f}"
-                      for k in names)
+                      for k in types_less_separated(metrics, baseline))
     return (f"Cell types are less separated than in the unintegrated PCA ({shown}): the "
             "integration brought together cell types that the counts keep apart. This happens "
             "when the domains hold different cell types or proportions and the adversary pulls "

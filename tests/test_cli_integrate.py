@@ -339,3 +339,10 @@ def test_predict_with_a_raw_model_checks_the_raw_genes(scanpy_style_file, integr
     assert not (tmp_path / "p.h5ad").exists()
     r = invoke("predict", model, integrate_file, "-o", tmp_path / "p.h5ad")  # no .raw at all
     assert r.exit_code == 2 and "adata.raw" in r.stderr and not (tmp_path / "p.h5ad").exists()
+
+
+def test_an_unknown_norm_exits_2_with_nothing_written(tmp_path, invoke, integrate_file):
+    r = invoke("fit", integrate_file, "--mode", "integrate", "--norm", "group",
+               "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "--norm" in r.stderr and "batch" in r.stderr
+    assert not list(tmp_path.iterdir())

@@ -469,5 +469,5 @@ def test_cell_types_count_as_less_separated_only_beyond_the_tolerance():
     worse = {"clisi": 0.9, "label_asw": 0.60 - 2 * TYPES_KEPT_TOLERANCE}
     assert types_less_separated(worse, pca) == ["clisi", "label_asw"]
     assert types_less_separated({"ilisi": 0.5}, pca) == []  # no labels, nothing to judge
-    note = types_mixed_note(worse, pca, ["clisi", "label_asw"])
+    note = types_mixed_note(worse, pca)
     assert "cLISI 0.900 against 0.980" in note and "label ASW 0.580 against 0.600" in note

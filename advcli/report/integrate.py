@@ -106,8 +106,8 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                      f"{metrics['overall_score']:.3f} against {baseline['overall_score']:.3f}): "
                      "the fit made things worse. Check the loss curves; try --adversary "
                      "alternate or another --seed.")
-    if baseline is not None and (worse := types_less_separated(metrics, baseline)):
-        notes.append(types_mixed_note(metrics, baseline, worse))
+    if baseline is not None and types_less_separated(metrics, baseline):
+        notes.append(types_mixed_note(metrics, baseline))
     (folder / "integration_metrics.json").write_text(json.dumps(
         plain({**metrics, "unintegrated_pca": baseline}, json_safe=True), indent=2))
     plt = pyplot()
