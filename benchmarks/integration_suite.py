@@ -121,6 +121,46 @@ def lognormal_factor_pair(seed: int) -> ad.AnnData:
                     [f"t{t}" for t in np.r_[types_a, types_b]])
 
 
+def typed_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0,
+                  cell_types: int = 8, missing: dict[int, list[int]] | None = None
+                  ) -> ad.AnnData:
+    """A third batch-effect model: the domain effect depends on the cell type. Each domain
+    shifts every gene (log-normal, sd 0.4 x strength) and, within each cell type, a tenth of
+    the genes again (sd 0.6 x strength), as chemistries and dissociation act differently on
+    different cells; its library sizes and dispersions differ too. Within each type a
+    continuous, unlabelled programme (activation-like, 5 % of the genes) varies from cell to
+    cell, so there is real structure inside the labels. ``missing[d]``: types absent from d."""
+    rng = np.random.default_rng(seed)
+    K, G, D = cell_types, genes, len(sizes)
+    base = rng.normal(0.0, 1.6, G)
+    profiles = base + rng.normal(0.0, 0.2, (K, G))
+    for t in range(K):
+        markers = rng.choice(G, max(1, G // 15), replace=False)
+        profiles[t, markers] += rng.normal(1.5, 0.5, len(markers)) * rng.choice([-1, 1], len(markers))
+    programme = np.where(rng.random(G) < 0.05, rng.normal(0.0, 0.8, G), 0.0)
+    shift = rng.normal(0.0, 0.4 * strength, (D, G))
+    typed = np.where(rng.random((D, K, G)) < 0.1, rng.normal(0.0, 0.6 * strength, (D, K, G)), 0.0)
+    shift[0], typed[0] = 0.0, 0.0
+    theta = np.exp(rng.normal(np.log(4.0), 0.5, G))
+    blocks, domains, types = [], [], []
+    for d, n in enumerate(sizes):
+        props = rng.dirichlet(np.full(K, 5.0))
+        for t in (missing or {}).get(d, []):
+            props[t] = 0.0
+        t = rng.choice(K, n, p=props / props.sum())
+        activity = rng.normal(0.0, 1.0, n)
+        logits = profiles[t] + shift[d] + typed[d, t] + activity[:, None] * programme
+        rho = np.exp(logits - logits.max(axis=1, keepdims=True))
+        rho /= rho.sum(axis=1, keepdims=True)
+        lib = np.exp(rng.normal(np.log(1500.0) - 0.3 * strength * d, 0.4, n))
+        theta_d = theta * np.exp(rng.normal(0.0, 0.3 * strength, G)) if d else theta
+        y = rng.poisson(rng.gamma(theta_d, rho * lib[:, None] / theta_d))
+        blocks.append(sp.csr_matrix(y.astype(np.float32)))
+        domains += [f"D{d}"] * n
+        types += [f"t{ti}" for ti in t]
+    return _anndata(sp.vstack(blocks).tocsr(), domains, types)
+
+
 def _anndata(X: sp.csr_matrix, domains: list[str], types: list[str]) -> ad.AnnData:
     obs = pd.DataFrame({"batch": pd.Categorical(domains), "cell_type": pd.Categorical(types)},
                        index=[f"c{i}" for i in range(X.shape[0])])
@@ -273,6 +313,13 @@ HELD_OUT = [
     Dataset("ho-cellbench-planted", "CellBench's cells split at random, per-gene capture "
             "thinning in one half, a cell line removed from it, the protocols left in (real "
             "counts)", lambda tmp: planted("cellbench", 46), True),
+    # a third batch-effect model, added as new held-out checks of the defaults
+    Dataset("ho-typed-3dom", "third simulator (domain effects that depend on the cell type, "
+            "a continuous programme within types), 3 domains 3:2:1, a type missing from D2",
+            lambda tmp: typed_domains([3000, 2000, 1000], 1200, seed=101, missing={2: [7]})),
+    Dataset("ho-typed-strong", "third simulator, 2 domains, strength 2, 10 types",
+            lambda tmp: typed_domains([2500, 2500], 1500, seed=102, strength=2.0,
+                                      cell_types=10)),
 ]
 
 
