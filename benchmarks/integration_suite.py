@@ -12,10 +12,10 @@ the log-normal-factor simulation a user first reported unmixed; and, when ../sha
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
 than the composition clusters) were added after the defaults were set, as held-out checks;
-`--held-out` runs sixteen more datasets that no default was chosen on (new generator seeds and
+`--held-out` runs eighteen more datasets that no default was chosen on (new generator seeds and
 shapes, a 10:1 pair, eight, four and three domains, the real counts of Kang, PBMC and CellBench
-with a planted capture effect and a missing type, and Kang with its samples or its donors as
-the domains).
+with a planted capture effect and a missing type, Kang with its samples or its donors as the
+domains, and a third simulator whose domain effects depend on the cell type).
 
 Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
 components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
