@@ -86,7 +86,7 @@ def _names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i:0{width}d}" for i in range(n)]
 
 
-def _nb_counts(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def nb_counts(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Gamma-Poisson draws with mean ``mu`` and inverse dispersion ``theta`` (broadcast per gene)."""
     lam = rng.gamma(shape=theta, scale=mu / theta)
     return rng.poisson(lam).astype(np.float32)
@@ -123,7 +123,7 @@ def simulate_confounder(cfg: ConfounderSimulation, path: str | Path) -> dict:
         for start in range(0, n, SIM_BLOCK):
             stop = min(start + SIM_BLOCK, n)
             log_mu = XD[start:stop] @ beta_2 + Z[start:stop] @ gamma_2
-            counts = _nb_counts(rng, np.exp(log_mu), theta)
+            counts = nb_counts(rng, np.exp(log_mu), theta)
             yield sp.csr_matrix(counts), {keys.LOG_MU_TRUE: log_mu.astype(np.float32)}
 
     cov_keys = [f"{keys.COVARIATE_PREFIX}{j}" for j in range(d)]
@@ -179,7 +179,7 @@ def simulate_integration(cfg: IntegrationSimulation, path: str | Path) -> dict:
             rho = np.exp(logits - logits.max(axis=1, keepdims=True))
             rho /= rho.sum(axis=1, keepdims=True)
             library = np.exp(rng.normal(cfg.library_log_mean + library_shift[dom], 0.35))
-            counts = _nb_counts(rng, rho * library[:, None], theta)
+            counts = nb_counts(rng, rho * library[:, None], theta)
             counts[rng.random(counts.shape) < dropout[dom][:, None]] = 0.0
             yield sp.csr_matrix(counts), {}
 

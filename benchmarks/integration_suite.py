@@ -42,7 +42,7 @@ import scipy.sparse as sp
 
 from advcli import IntegrationModel
 from advcli.metrics import integration_metrics, types_less_separated
-from advcli.simulate import IntegrationSimulation, simulate_integration
+from advcli.simulate import IntegrationSimulation, nb_counts, simulate_integration
 from integration_vs_scvi import pca  # the same unintegrated PCA-30 as the other benchmark
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -50,6 +50,15 @@ SCVI_EPOCHS = 100
 
 
 # ---------------------------------------------------------------- a second simulator
+
+def _draw_types(rng: np.random.Generator, n: int, k: int, concentration: float,
+                absent: list[int]) -> np.ndarray:
+    """n cells' types from Dirichlet(concentration) proportions over k types, none of
+    ``absent``: each domain's own composition."""
+    props = rng.dirichlet(np.full(k, concentration))
+    props[list(absent)] = 0.0
+    return rng.choice(k, n, p=props / props.sum())
+
 
 def lineage_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0,
                     lineages: int = 3, subtypes: int = 2,
@@ -85,14 +94,10 @@ def lineage_domains(sizes: list[int], genes: int, seed: int, strength: float = 1
     library = np.log(2500.0) + np.r_[0.0, rng.normal(0.0, 0.4 * strength, D - 1)]
     blocks, domains, types = [], [], []
     for d, n in enumerate(sizes):
-        props = rng.dirichlet(np.full(K, 4.0))
-        for t in (missing or {}).get(d, []):
-            props[t] = 0.0
-        props /= props.sum()
-        t = rng.choice(K, n, p=props)
+        t = _draw_types(rng, n, K, 4.0, (missing or {}).get(d, []))
         lib = np.exp(rng.normal(library[d], 0.35, n))
         mu = lib[:, None] * profiles[t] * np.exp(capture[d])
-        y = rng.poisson(rng.gamma(thetas[d], mu / thetas[d]))
+        y = nb_counts(rng, mu, thetas[d])
         drop = rng.random(y.shape) < 1.0 / (1.0 + np.exp(1.5 * (np.log(mu) - midpoint[d])))
         y[drop] = 0
         blocks.append(sp.csr_matrix(y.astype(np.float32)))
@@ -112,7 +117,7 @@ def lognormal_factor_pair(seed: int) -> ad.AnnData:
 
     def draw(types, factor, lib, drop):
         mu = np.exp(profile[types] + factor) * lib * rng.lognormal(0, 0.3, len(types))[:, None]
-        y = rng.poisson(rng.gamma(2.0, mu / 2.0))
+        y = nb_counts(rng, mu, 2.0)
         y[rng.random(y.shape) < drop] = 0
         return y
 
@@ -136,7 +141,8 @@ def typed_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0
     profiles = base + rng.normal(0.0, 0.2, (K, G))
     for t in range(K):
         markers = rng.choice(G, max(1, G // 15), replace=False)
-        profiles[t, markers] += rng.normal(1.5, 0.5, len(markers)) * rng.choice([-1, 1], len(markers))
+        effect = rng.normal(1.5, 0.5, len(markers))
+        profiles[t, markers] += effect * rng.choice([-1, 1], len(markers))
     programme = np.where(rng.random(G) < 0.05, rng.normal(0.0, 0.8, G), 0.0)
     shift = rng.normal(0.0, 0.4 * strength, (D, G))
     typed = np.where(rng.random((D, K, G)) < 0.1, rng.normal(0.0, 0.6 * strength, (D, K, G)), 0.0)
@@ -144,18 +150,14 @@ def typed_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0
     theta = np.exp(rng.normal(np.log(4.0), 0.5, G))
     blocks, domains, types = [], [], []
     for d, n in enumerate(sizes):
-        props = rng.dirichlet(np.full(K, 5.0))
-        for t in (missing or {}).get(d, []):
-            props[t] = 0.0
-        t = rng.choice(K, n, p=props / props.sum())
+        t = _draw_types(rng, n, K, 5.0, (missing or {}).get(d, []))
         activity = rng.normal(0.0, 1.0, n)
         logits = profiles[t] + shift[d] + typed[d, t] + activity[:, None] * programme
         rho = np.exp(logits - logits.max(axis=1, keepdims=True))
         rho /= rho.sum(axis=1, keepdims=True)
         lib = np.exp(rng.normal(np.log(1500.0) - 0.3 * strength * d, 0.4, n))
         theta_d = theta * np.exp(rng.normal(0.0, 0.3 * strength, G)) if d else theta
-        y = rng.poisson(rng.gamma(theta_d, rho * lib[:, None] / theta_d))
-        blocks.append(sp.csr_matrix(y.astype(np.float32)))
+        blocks.append(sp.csr_matrix(nb_counts(rng, rho * lib[:, None], theta_d)))
         domains += [f"D{d}"] * n
         types += [f"t{ti}" for ti in t]
     return _anndata(sp.vstack(blocks).tocsr(), domains, types)
