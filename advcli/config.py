@@ -259,12 +259,20 @@ class IntegrationConfig(LatentModelConfig):
     kl_free_bits: float = option(1.0, "Nats of KL per latent dimension (averaged over a "
                                  "minibatch) that are not penalised, so the KL term switches "
                                  "off no dimension (0: the plain KL).", INTEGRATE)
+    input_thinning: float = option(0.0, "In training, the encoder reads each cell's counts "
+                                   "binomially thinned to a depth fraction drawn between 1 - "
+                                   "this and 1, so the latent position cannot follow sequencing "
+                                   "depth (0: off; the reconstruction keeps the observed "
+                                   "counts).", INTEGRATE)
     val_fraction: float = option(0.1, "Held-out cells for early stopping on the validation "
                                  "ELBO (at most 10,000).", INTEGRATE)
 
     def check(self) -> None:
         super().check()
         _positive(d_steps=self.d_steps, e_steps=self.e_steps, decoder_layers=self.decoder_layers)
+        if not 0.0 <= self.input_thinning < 1.0:
+            raise InputError(f"--input-thinning must be at least 0 and below 1 "
+                             f"(got {self.input_thinning}).")
         _non_negative(grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
                       kl_free_bits=self.kl_free_bits, adv_start_epoch=self.adv_start_epoch,
                       composition_clusters=self.composition_clusters)

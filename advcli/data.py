@@ -601,7 +601,16 @@ def count_batch(rows: "CountRows", idx) -> dict:
     library = counts.sum(dim=1).clamp_min(1.0)
     return {"counts": counts, "library": library,
             "log_factorial": rows.log_factorial[idx.to(rows.log_factorial.device)],
-            "x_norm": torch.log1p(counts / library[:, None] * TARGET_SUM)}
+            "x_norm": log_normalised(counts, library)}
+
+
+def log_normalised(counts, library=None):
+    """log1p(counts / library x 1e4), each row by its own library size (its total when None)."""
+    import torch
+
+    if library is None:
+        library = counts.sum(dim=1).clamp_min(1.0)
+    return torch.log1p(counts / library[:, None] * TARGET_SUM)
 
 
 COVARIANCE_GENES = 4096  # up to this many genes the PCs come from the exact covariance; above,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from advcli import IntegrationModel
+from advcli.data import log_normalised
 from advcli.errors import InputError
 from advcli.models.base import epoch_cap
 from advcli.models.integrate import CompositionWeights, PairedVAE, neighbourhood_mixing
@@ -426,6 +427,37 @@ def test_a_model_file_from_before_free_bits_resumes_without_them(integrate, tmp_
     _, path = _saved_without("kl_free_bits", integrate, tmp_path)
     old = IntegrationModel.load(path, integrate)
     assert old.config.kl_free_bits == 0.0 and old.module.kl_free_bits == 0.0
+
+
+def test_input_thinning_reads_a_shallower_copy_of_each_cell_in_training_only():
+    module = PairedVAE(200, 4, 16, 3, "nb")
+    torch.manual_seed(0)
+    counts = torch.poisson(torch.full((48, 200), 3.0))
+    batch = {"counts": counts, "library": counts.sum(1), "x_norm": log_normalised(counts),
+             "domain": torch.arange(48) % 3}
+    assert module.train().encoder_input(batch) is batch["x_norm"]  # off by default here
+    module.input_thinning = 0.5
+    assert module.eval().encoder_input(batch) is batch["x_norm"]  # inference: the observed cell
+    torch.manual_seed(1)
+    thinned = module.train().encoder_input(batch)
+    torch.manual_seed(1)
+    assert torch.equal(module.encoder_input(batch), thinned)  # seeded
+    assert not torch.allclose(thinned, batch["x_norm"])
+    # thinning only takes counts away: no gene the cell lacked appears, and fewer are detected
+    assert not thinned[batch["x_norm"] == 0].any()
+    assert ((thinned > 0).sum(1) <= (batch["x_norm"] > 0).sum(1)).all()
+    assert ((thinned > 0).sum() < (batch["x_norm"] > 0).sum())
+
+
+def test_input_thinning_is_checked_and_absent_from_older_model_files(integrate, tmp_path):
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(InputError, match="--input-thinning"):
+            IntegrationModel(integrate, input_thinning=bad)
+    model = IntegrationModel(integrate, latent_dim=4, input_thinning=0.3)
+    assert model.module.input_thinning == 0.3
+    _, path = _saved_without("input_thinning", integrate, tmp_path, input_thinning=0.3)
+    old = IntegrationModel.load(path, integrate)
+    assert old.config.input_thinning == 0.0 and old.module.input_thinning == 0.0
 
 
 def test_batch_norm_trains_saves_and_predicts_like_the_saved_model(integrate, tmp_path):

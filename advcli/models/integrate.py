@@ -21,7 +21,7 @@ import torch
 
 from .. import distributed, keys, losses
 from ..data import (CountRows, count_batch, count_rows, counts_anndata, encode_domains,
-                    gene_order, in_file_order, seeded_subset, set_uns,
+                    gene_order, in_file_order, log_normalised, seeded_subset, set_uns,
                     stratified_minibatches, stratified_split)
 from ..errors import InputError
 from ..nn import Decoder, DomainDiscriminator, Encoder
@@ -192,6 +192,7 @@ class PairedVAE(torch.nn.Module):
 
     d_steps = e_steps = 1
     kl_free_bits = 0.0
+    input_thinning = 0.0
     composition: CompositionWeights | None = None  # set each epoch by IntegrationModel
 
     @property
@@ -228,9 +229,22 @@ class PairedVAE(torch.nn.Module):
                 outs = [o.index_put((rows,), p) for o, p in zip(outs, parts)]
         return tuple(outs) if with_zero_logits else outs[0]
 
+    def encoder_input(self, batch: dict) -> torch.Tensor:
+        """What the encoders read: log-normalised counts. In training, with ``input_thinning``,
+        each cell's counts are first binomially thinned to a depth fraction drawn from
+        U(1 - input_thinning, 1): the same cell as if sequenced less deeply, so that where a
+        cell lands cannot depend on its depth. The reconstruction targets stay the observed
+        counts."""
+        if not (self.training and self.input_thinning):
+            return batch["x_norm"]
+        counts = batch["counts"]
+        keep = 1.0 - self.input_thinning * torch.rand(counts.shape[0], 1, device=counts.device,
+                                                      dtype=counts.dtype)
+        return log_normalised(torch.binomial(counts, keep.expand_as(counts)))
+
     def elbo_terms(self, batch: dict, beta_kl: float) -> dict[str, torch.Tensor]:
         """Negative ELBO per cell (reconstruction + beta * KL) and the posterior means."""
-        mean, logvar = self.encode(batch["x_norm"], batch["domain"])
+        mean, logvar = self.encode(self.encoder_input(batch), batch["domain"])
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         if self.likelihood == "zinb":
             out, zero_logits = self.decode(z, batch["domain"], with_zero_logits=True)
@@ -267,7 +281,7 @@ class PairedVAE(torch.nn.Module):
             mean = mean.detach()
         else:
             with torch.no_grad():
-                mean, _ = self.encode(batch["x_norm"], domain)
+                mean, _ = self.encode(self.encoder_input(batch), domain)
             weight = self._weight(mean, domain)
         if "discriminator" in players:
             logits = self.discriminator(mean)
@@ -320,6 +334,7 @@ class IntegrationModel(BaseModel):
                            norm=cfg.norm)
         module.d_steps, module.e_steps = cfg.d_steps, cfg.e_steps
         module.kl_free_bits = cfg.kl_free_bits
+        module.input_thinning = cfg.input_thinning
         return module
 
     # ------------------------------------------------------------------ the loop's pieces
@@ -668,6 +683,7 @@ class IntegrationModel(BaseModel):
         config.setdefault("composition_clusters", 0)  # files from before: unweighted adversary
         config.setdefault("decoder_layers", 2)  # and a decoder of two hidden layers
         config.setdefault("kl_free_bits", 0.0)  # and the plain KL
+        config.setdefault("input_thinning", 0.0)  # and the encoder read the observed counts
         config.setdefault("norm", "layer")  # and LayerNorm in the encoder and decoder
         return config
 
