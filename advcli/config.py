@@ -261,9 +261,9 @@ class IntegrationConfig(LatentModelConfig):
                                  "off no dimension (0: the plain KL).", INTEGRATE)
     input_thinning: float = option(0.0, "In training, the encoder reads each cell's counts "
                                    "binomially thinned to a depth fraction drawn between 1 - "
-                                   "this and 1, so the latent position cannot follow sequencing "
-                                   "depth (0: off; the reconstruction keeps the observed "
-                                   "counts).", INTEGRATE)
+                                   "this and 1 (0: off). Tightens the cell types' clusters but "
+                                   "mixes strong batch effects less (docs/integrate.md).",
+                                   INTEGRATE)
     val_fraction: float = option(0.1, "Held-out cells for early stopping on the validation "
                                  "ELBO (at most 10,000).", INTEGRATE)
 

@@ -604,7 +604,8 @@ def count_batch(rows: "CountRows", idx) -> dict:
             "x_norm": log_normalised(counts, library)}
 
 
-def log_normalised(counts, library=None):
+def log_normalised(counts: "torch.Tensor", library: "torch.Tensor | None" = None
+                   ) -> "torch.Tensor":
     """log1p(counts / library x 1e4), each row by its own library size (its total when None)."""
     import torch
 

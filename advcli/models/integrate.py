@@ -232,9 +232,9 @@ class PairedVAE(torch.nn.Module):
     def encoder_input(self, batch: dict) -> torch.Tensor:
         """What the encoders read: log-normalised counts. In training, with ``input_thinning``,
         each cell's counts are first binomially thinned to a depth fraction drawn from
-        U(1 - input_thinning, 1): the same cell as if sequenced less deeply, so that where a
-        cell lands cannot depend on its depth. The reconstruction targets stay the observed
-        counts."""
+        U(1 - input_thinning, 1), the same cell as if sequenced less deeply: an augmentation
+        that keeps the encoder from relying on any one cell's sampling noise. The
+        reconstruction targets stay the observed counts."""
         if not (self.training and self.input_thinning):
             return batch["x_norm"]
         counts = batch["counts"]
