@@ -206,8 +206,7 @@ class LatentModelConfig(TrainConfig):
         _non_negative(adv_weight=self.adv_weight)
         if self.lr_discriminator is not None:
             _positive(lr_discriminator=self.lr_discriminator)
-        if not 0.0 <= self.dropout < 1.0:
-            raise InputError(f"--dropout must be in [0, 1) (got {self.dropout}).")
+        _fraction(dropout=self.dropout)
 
 
 @dataclass
@@ -270,9 +269,7 @@ class IntegrationConfig(LatentModelConfig):
     def check(self) -> None:
         super().check()
         _positive(d_steps=self.d_steps, e_steps=self.e_steps, decoder_layers=self.decoder_layers)
-        if not 0.0 <= self.input_thinning < 1.0:
-            raise InputError(f"--input-thinning must be at least 0 and below 1 "
-                             f"(got {self.input_thinning}).")
+        _fraction(input_thinning=self.input_thinning)
         _non_negative(grl_lambda=self.grl_lambda, beta_kl=self.beta_kl,
                       kl_free_bits=self.kl_free_bits, adv_start_epoch=self.adv_start_epoch,
                       composition_clusters=self.composition_clusters)
@@ -410,3 +407,9 @@ def _non_negative(**values) -> None:
     for name, value in values.items():
         if not value >= 0:
             raise InputError(f"{_option(name)} must be zero or more (got {value}).")
+
+
+def _fraction(**values) -> None:
+    for name, value in values.items():
+        if not 0.0 <= value < 1.0:
+            raise InputError(f"{_option(name)} must be in [0, 1) (got {value}).")

@@ -133,6 +133,12 @@ def test_bad_inputs(tmp_path, invoke, write, integrate_file):
                    "-o", tmp_path / "m.pt")
         expected = "must be a finite number" if bad == "nan" else "--dropout must be in [0, 1)"
         assert r.exit_code == 2 and expected in r.stderr
+    for bad in ("1", "-0.1", "nan", "half"):
+        r = invoke("fit", integrate_file, "--mode", "integrate", "--input-thinning", bad,
+                   "-o", tmp_path / "m.pt")
+        assert r.exit_code == 2
+        if bad in ("1", "-0.1"):
+            assert "--input-thinning must be in [0, 1)" in r.stderr
     r = invoke("fit", integrate_file, "--mode", "integrate", "--composition-clusters", "-1",
                "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "--composition-clusters must be zero or more" in r.stderr
