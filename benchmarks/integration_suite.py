@@ -163,6 +163,56 @@ def typed_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0
     return _anndata(sp.vstack(blocks).tocsr(), domains, types)
 
 
+def dispersion_domains(sizes: list[int], genes: int, seed: int, thetas: list[float],
+                       depths: list[float], cell_types: int = 8,
+                       missing: dict[int, list[int]] | None = None) -> ad.AnnData:
+    """A fourth batch-effect model: the domains differ in how overdispersed their counts are
+    (one inverse dispersion per domain, e.g. 20 against 0.7: a sparse, bursty protocol beside
+    a smooth one), in sequencing depth, and by a per-gene log-normal factor (sd 0.5).
+    Each type differs from the common profile in 6 % of the genes."""
+    rng = np.random.default_rng(seed)
+    K, G = cell_types, genes
+    base = np.log(rng.lognormal(-0.5, 1.3, G))
+    profiles = np.repeat(base[None], K, axis=0)
+    for t in range(K):
+        markers = rng.choice(G, int(0.06 * G), replace=False)
+        profiles[t, markers] += rng.normal(0.0, 1.5, len(markers))
+    blocks, domains, types = [], [], []
+    for d, n in enumerate(sizes):
+        t = _draw_types(rng, n, K, 3.0, (missing or {}).get(d, []))
+        rho = np.exp(profiles[t] + rng.normal(0.0, 0.5, G))
+        rho /= rho.sum(axis=1, keepdims=True)
+        lib = rng.lognormal(np.log(3000.0 * depths[d]), 0.35, n)
+        blocks.append(sp.csr_matrix(nb_counts(rng, rho * lib[:, None], np.full(G, thetas[d]))))
+        domains += [f"D{d}"] * n
+        types += [f"t{ti}" for ti in t]
+    return _anndata(sp.vstack(blocks).tocsr(), domains, types)
+
+
+def skewed_domains(n_domains: int, cells: int, genes: int, seed: int, cell_types: int = 15,
+                   missing: dict[int, list[int]] | None = None) -> ad.AnnData:
+    """Many types whose abundances differ wildly between the domains (each domain's
+    proportions drawn from Dirichlet(0.5): a type common in one domain is rare in the next),
+    a per-gene log-normal factor (sd 0.8) per domain; 5 % marker genes per type."""
+    rng = np.random.default_rng(seed)
+    K, G = cell_types, genes
+    base = np.log(rng.lognormal(-0.5, 1.3, G))
+    profiles = np.repeat(base[None], K, axis=0)
+    for t in range(K):
+        markers = rng.choice(G, int(0.05 * G), replace=False)
+        profiles[t, markers] += rng.normal(0.0, 1.6, len(markers))
+    blocks, domains, types = [], [], []
+    for d in range(n_domains):
+        t = _draw_types(rng, cells, K, 0.5, (missing or {}).get(d, []))
+        rho = np.exp(profiles[t] + rng.normal(0.0, 0.8, G))
+        rho /= rho.sum(axis=1, keepdims=True)
+        lib = rng.lognormal(np.log(2500.0), 0.4, cells)
+        blocks.append(sp.csr_matrix(nb_counts(rng, rho * lib[:, None], np.full(G, 5.0))))
+        domains += [f"D{d}"] * cells
+        types += [f"t{ti}" for ti in t]
+    return _anndata(sp.vstack(blocks).tocsr(), domains, types)
+
+
 def _anndata(X: sp.csr_matrix, domains: list[str], types: list[str]) -> ad.AnnData:
     obs = pd.DataFrame({"batch": pd.Categorical(domains), "cell_type": pd.Categorical(types)},
                        index=[f"c{i}" for i in range(X.shape[0])])
@@ -268,6 +318,28 @@ def planted(name: str, seed: int) -> ad.AnnData:
     return out[~((out.obs["batch"] == "B") & (out.obs["cell_type"] == dropped))].copy()
 
 
+def ambient_planted(name: str, seed: int) -> ad.AnnData:
+    """Semi-synthetic ambient RNA: a real set's cells split at random into two domains; each of
+    B's cells keeps 70 % of its counts (binomial) and gains ambient counts drawn from the pooled
+    profile of all cells, 7.5-22.5 % of its depth; B loses the most common cell type. The set's
+    own batches stay in both domains alike."""
+    a = real(name)
+    rng = np.random.default_rng(seed)
+    X = sp.csr_matrix(a.X).astype(np.int64)
+    in_b = rng.random(a.n_obs) < 0.5
+    soup = np.asarray(X.sum(axis=0)).ravel() / X.sum()
+    kept = X[in_b].tocoo()
+    kept.data = rng.binomial(kept.data, 0.7)
+    depth = np.asarray(X[in_b].sum(axis=1)) * rng.uniform(0.075, 0.225, (int(in_b.sum()), 1))
+    b = kept.tocsr() + sp.csr_matrix(rng.poisson(depth * soup))
+    types = a.obs["cell_type"].astype(str).to_numpy()
+    out = _anndata(sp.vstack([X[~in_b], b]).tocsr().astype(np.float32),
+                   ["A"] * int((~in_b).sum()) + ["B"] * int(in_b.sum()),
+                   list(np.r_[types[~in_b], types[in_b]]))
+    dropped = out.obs["cell_type"].value_counts().index[0]
+    return out[~((out.obs["batch"] == "B") & (out.obs["cell_type"] == dropped))].copy()
+
+
 # Held out: datasets no default was chosen on, run after the defaults were set (--held-out).
 HELD_OUT = [
     Dataset("ho-lognormal-5", "log-normal gene factor, generator seed 5",
@@ -322,6 +394,19 @@ HELD_OUT = [
     Dataset("ho-typed-strong", "third simulator, 2 domains, strength 2, 10 types",
             lambda tmp: typed_domains([2500, 2500], 1500, seed=102, strength=2.0,
                                       cell_types=10)),
+    # a fourth batch-effect model, wildly skewed compositions and ambient RNA, added as new
+    # held-out checks of the defaults
+    Dataset("ho-dispersion-3dom", "fourth simulator (domains differ in dispersion, 20 / 3 / "
+            "0.7, and depth), 3 domains 5:3:2, a type missing from D2",
+            lambda tmp: dispersion_domains([2500, 1500, 1000], 2000, seed=2026,
+                                           thetas=[20.0, 3.0, 0.7], depths=[1.0, 0.5, 1.5],
+                                           missing={2: [7]})),
+    Dataset("ho-skewed-15types", "15 types in 4 domains of 600 cells, each domain's "
+            "proportions from Dirichlet(0.5), three types missing from D3",
+            lambda tmp: skewed_domains(4, 600, 1200, seed=4242, missing={3: [0, 1, 2]})),
+    Dataset("ho-pbmc-ambient", "PBMC's cells split at random, ambient RNA and 70 % capture in "
+            "one half, its most common type removed from it, the chemistries left in (real "
+            "counts)", lambda tmp: ambient_planted("pbmc", 77), True),
 ]
 
 
