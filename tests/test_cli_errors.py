@@ -200,3 +200,32 @@ def test_diagnose_says_when_cell_types_came_together(fitted, tmp_path, invoke):
         said[noted] = [n for n in summary["notes"] if "less separated than in the unintegrated" in n]
         assert bool(said[noted]) is noted, summary["notes"]
     assert "cLISI" in said[True][0] and "--adv-weight" in said[True][0]
+
+
+def test_diagnose_names_two_cell_types_laid_on_one_another(fitted, tmp_path, invoke):
+    """Each type at its own point but the two largest at one: cLISI and label ASW, averaged
+    over the types, may pass, but the report names the pair; with every type kept apart it
+    says nothing of the kind."""
+    import json
+
+    a = ad.read_h5ad(fitted / "p.h5ad")
+    noise = np.random.default_rng(0).normal(size=a.obsm["X_advcli"].shape) * 0.1
+    types = a.obs["cell_type"].astype(str).to_numpy()
+    first, second = a.obs["cell_type"].astype(str).value_counts().index[:2]
+    codes = np.unique(types, return_inverse=True)[1].astype(float)
+    joined = np.where(types == second, codes[types == first][0], codes)
+    said = {}
+    for name, position in (("joined", joined), ("kept", codes)):
+        a.obsm["X_advcli"] = noise + 5.0 * position[:, None]
+        a.write_h5ad(tmp_path / f"{name}.h5ad")
+        report = tmp_path / f"report_{name}"
+        r = invoke("diagnose", tmp_path / f"{name}.h5ad", "-o", report)
+        assert r.exit_code == 0, r.stderr
+        summary = json.loads((report / "summary.json").read_text())
+        said[name] = [n for n in summary["notes"] if "now lie on one another" in n]
+        pairs = json.loads((report / "integration_metrics.json").read_text())[
+            "types_brought_together"]
+        assert bool(pairs) is (name == "joined")
+    assert not said["kept"] and len(said["joined"]) == 1
+    assert first in said["joined"][0] and second in said["joined"][0]
+    assert "--decoder-layers 1" in said["joined"][0]

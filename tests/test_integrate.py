@@ -503,3 +503,20 @@ def test_cell_types_count_as_less_separated_only_beyond_the_tolerance():
     assert types_less_separated({"ilisi": 0.5}, pca) == []  # no labels, nothing to judge
     note = types_mixed_note(worse, pca)
     assert "cLISI 0.900 against 0.980" in note and "label ASW 0.580 against 0.600" in note
+
+
+def test_two_types_laid_on_one_another_are_named_and_small_or_kept_types_are_not():
+    from advcli.metrics import JOINED_NEIGHBOURS, types_brought_together
+
+    rng = np.random.default_rng(0)
+    tiny = JOINED_NEIGHBOURS - 5  # its neighbours are 5 or more other cells wherever it lies
+    labels = np.repeat(["a", "b", "c", "tiny"], [60, 80, 60, tiny])
+    apart = {"a": 0.0, "b": 10.0, "c": 20.0, "tiny": 40.0}
+    baseline = np.array([apart[t] for t in labels])[:, None] + rng.normal(size=(len(labels), 3))
+    assert types_brought_together(baseline, baseline, labels) == []
+    joined = baseline.copy()
+    joined[labels == "b"] -= 10.0  # b laid on a
+    joined[labels == "tiny"] -= 45.0  # the tiny type's nearest others are now a's, not c's
+    pairs = types_brought_together(joined, baseline, labels)
+    assert {(p["type"], p["with"]) for p in pairs} == {("a", "b"), ("b", "a")}
+    assert all(p["share"] >= 0.25 and p["share_unintegrated"] == 0.0 for p in pairs)

@@ -14,7 +14,8 @@ from ..data import (check_finite_obsm, count_source, counts_anndata, encode_doma
                     seeded_subset)
 from ..errors import InputError
 from ..metrics import (PARTLY_MIXED, integration_metrics, is_unmixed, partly_mixed_note,
-                       types_less_separated, types_mixed_note, unmixed_note)
+                       types_brought_together, types_joined_note, types_less_separated,
+                       types_mixed_note, unmixed_note)
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -108,8 +109,13 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                      "alternate or another --seed.")
     if baseline is not None and types_less_separated(metrics, baseline):
         notes.append(types_mixed_note(metrics, baseline))
+    joined = (types_brought_together(embedding, before, labels)
+              if before is not None and labels is not None else [])
+    if joined:
+        notes.append(types_joined_note(joined))
     (folder / "integration_metrics.json").write_text(json.dumps(
-        plain({**metrics, "unintegrated_pca": baseline}, json_safe=True), indent=2))
+        plain({**metrics, "unintegrated_pca": baseline, "types_brought_together": joined},
+              json_safe=True), indent=2))
     plt = pyplot()
     if _distinct_rows(embedding) < 10:
         notes.append("The embedding is (nearly) constant: every cell sits at a handful of "
