@@ -12,10 +12,12 @@ the log-normal-factor simulation a user first reported unmixed; and, when ../sha
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
 than the composition clusters) were added after the defaults were set, as held-out checks;
-`--held-out` runs eighteen more datasets that no default was chosen on (new generator seeds and
-shapes, a 10:1 pair, eight, four and three domains, the real counts of Kang, PBMC and CellBench
-with a planted capture effect and a missing type, Kang with its samples or its donors as the
-domains, and a third simulator whose domain effects depend on the cell type).
+`--held-out` runs twenty-one more datasets that no default was chosen on (new generator seeds
+and shapes, a 10:1 pair, eight, four and three domains, the real counts of Kang, PBMC and
+CellBench with a planted capture effect and a missing type, PBMC with planted ambient RNA, Kang
+with its samples or its donors as the domains, a third simulator whose domain effects depend on
+the cell type, and a fourth whose domains differ in dispersion or hold the types in wildly
+different proportions).
 
 Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
 components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
@@ -165,52 +167,32 @@ def typed_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0
     return _anndata(sp.vstack(blocks).tocsr(), domains, types)
 
 
-def dispersion_domains(sizes: list[int], genes: int, seed: int, thetas: list[float],
-                       depths: list[float], cell_types: int = 8,
-                       missing: dict[int, list[int]] | None = None) -> ad.AnnData:
-    """A fourth batch-effect model: the domains differ in how overdispersed their counts are
-    (one inverse dispersion per domain, e.g. 20 against 0.7: a sparse, bursty protocol beside
-    a smooth one), in sequencing depth, and by a per-gene log-normal factor (sd 0.5).
-    Each type differs from the common profile in 6 % of the genes."""
+def marker_domains(sizes: list[int], genes: int, seed: int, cell_types: int,
+                   marker_share: float, marker_sd: float, concentration: float,
+                   gene_factor_sd: float, library: float, library_sd: float,
+                   depths: list[float], thetas: list[float],
+                   missing: dict[int, list[int]] | None = None) -> ad.AnnData:
+    """A fourth simulator: each type differs from a common log-normal profile in
+    ``marker_share`` of the genes (log-fold changes with sd ``marker_sd``); each domain draws its
+    own type proportions from Dirichlet(``concentration``), its own per-gene log-normal factor
+    (sd ``gene_factor_sd``), its depth (``library`` x ``depths[d]``, log-normal sd
+    ``library_sd``) and one inverse dispersion for all its genes (``thetas[d]``: 20 against 0.7
+    is a smooth protocol beside a sparse, bursty one). ``missing[d]``: types absent from d."""
     rng = np.random.default_rng(seed)
     K, G = cell_types, genes
     base = np.log(rng.lognormal(-0.5, 1.3, G))
     profiles = np.repeat(base[None], K, axis=0)
     for t in range(K):
-        markers = rng.choice(G, int(0.06 * G), replace=False)
-        profiles[t, markers] += rng.normal(0.0, 1.5, len(markers))
+        markers = rng.choice(G, int(marker_share * G), replace=False)
+        profiles[t, markers] += rng.normal(0.0, marker_sd, len(markers))
     blocks, domains, types = [], [], []
     for d, n in enumerate(sizes):
-        t = _draw_types(rng, n, K, 3.0, (missing or {}).get(d, []))
-        rho = np.exp(profiles[t] + rng.normal(0.0, 0.5, G))
+        t = _draw_types(rng, n, K, concentration, (missing or {}).get(d, []))
+        rho = np.exp(profiles[t] + rng.normal(0.0, gene_factor_sd, G))
         rho /= rho.sum(axis=1, keepdims=True)
-        lib = rng.lognormal(np.log(3000.0 * depths[d]), 0.35, n)
+        lib = rng.lognormal(np.log(library * depths[d]), library_sd, n)
         blocks.append(sp.csr_matrix(nb_counts(rng, rho * lib[:, None], np.full(G, thetas[d]))))
         domains += [f"D{d}"] * n
-        types += [f"t{ti}" for ti in t]
-    return _anndata(sp.vstack(blocks).tocsr(), domains, types)
-
-
-def skewed_domains(n_domains: int, cells: int, genes: int, seed: int, cell_types: int = 15,
-                   missing: dict[int, list[int]] | None = None) -> ad.AnnData:
-    """Many types whose abundances differ wildly between the domains (each domain's
-    proportions drawn from Dirichlet(0.5): a type common in one domain is rare in the next),
-    a per-gene log-normal factor (sd 0.8) per domain; 5 % marker genes per type."""
-    rng = np.random.default_rng(seed)
-    K, G = cell_types, genes
-    base = np.log(rng.lognormal(-0.5, 1.3, G))
-    profiles = np.repeat(base[None], K, axis=0)
-    for t in range(K):
-        markers = rng.choice(G, int(0.05 * G), replace=False)
-        profiles[t, markers] += rng.normal(0.0, 1.6, len(markers))
-    blocks, domains, types = [], [], []
-    for d in range(n_domains):
-        t = _draw_types(rng, cells, K, 0.5, (missing or {}).get(d, []))
-        rho = np.exp(profiles[t] + rng.normal(0.0, 0.8, G))
-        rho /= rho.sum(axis=1, keepdims=True)
-        lib = rng.lognormal(np.log(2500.0), 0.4, cells)
-        blocks.append(sp.csr_matrix(nb_counts(rng, rho * lib[:, None], np.full(G, 5.0))))
-        domains += [f"D{d}"] * cells
         types += [f"t{ti}" for ti in t]
     return _anndata(sp.vstack(blocks).tocsr(), domains, types)
 
@@ -400,12 +382,18 @@ HELD_OUT = [
     # held-out checks of the defaults
     Dataset("ho-dispersion-3dom", "fourth simulator (domains differ in dispersion, 20 / 3 / "
             "0.7, and depth), 3 domains 5:3:2, a type missing from D2",
-            lambda tmp: dispersion_domains([2500, 1500, 1000], 2000, seed=2026,
-                                           thetas=[20.0, 3.0, 0.7], depths=[1.0, 0.5, 1.5],
-                                           missing={2: [7]})),
-    Dataset("ho-skewed-15types", "15 types in 4 domains of 600 cells, each domain's "
-            "proportions from Dirichlet(0.5), three types missing from D3",
-            lambda tmp: skewed_domains(4, 600, 1200, seed=4242, missing={3: [0, 1, 2]})),
+            lambda tmp: marker_domains([2500, 1500, 1000], 2000, seed=2026, cell_types=8,
+                                       marker_share=0.06, marker_sd=1.5, concentration=3.0,
+                                       gene_factor_sd=0.5, library=3000.0, library_sd=0.35,
+                                       depths=[1.0, 0.5, 1.5], thetas=[20.0, 3.0, 0.7],
+                                       missing={2: [7]})),
+    Dataset("ho-skewed-15types", "fourth simulator, 15 types in 4 domains of 600 cells, each "
+            "domain's proportions from Dirichlet(0.5), three types missing from D3",
+            lambda tmp: marker_domains([600] * 4, 1200, seed=4242, cell_types=15,
+                                       marker_share=0.05, marker_sd=1.6, concentration=0.5,
+                                       gene_factor_sd=0.8, library=2500.0, library_sd=0.4,
+                                       depths=[1.0] * 4, thetas=[5.0] * 4,
+                                       missing={3: [0, 1, 2]})),
     Dataset("ho-pbmc-ambient", "PBMC's cells split at random, ambient RNA and 70 % capture in "
             "one half, its most common type removed from it, the chemistries left in (real "
             "counts)", lambda tmp: ambient_planted("pbmc", 77), True),
