@@ -283,8 +283,7 @@ def _fit_parameters() -> tuple[list, dict]:
     for name, spec in _fit_option_specs().items():
         kind = _cli_type(spec["type"])
         flag = "--" + name.replace("_", "-")
-        switch_off = kind is bool and any(spec["defaults"].values())  # off by default: one flag
-        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if switch_off else [flag]
+        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
         from rich.markup import escape
 
         option_ = typer.Option(None, *decls, help=escape(_help_with_default(spec)),

@@ -80,13 +80,6 @@ def test_an_option_of_the_other_mode_is_bad_input(tmp_path, invoke):
     assert "--latent-dim applies to --mode integrate, aae or disentangle only" in r.stderr
 
 
-def test_encode_domain_with_paired_encoders_is_bad_input(tmp_path, invoke):
-    r = invoke("fit", SAMPLE / "integrate.h5ad", "--mode", "integrate", "--design", "paired",
-               "--encode-domain", "-o", tmp_path / "m.pt")
-    assert r.exit_code == 2 and "--encode-domain is for the shared design" in r.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_output_that_cannot_be_written_is_refused_before_training(tmp_path, invoke):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("x")
