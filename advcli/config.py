@@ -246,9 +246,6 @@ class IntegrationConfig(LatentModelConfig):
     decoder_layers: int = option(2, "Hidden layers of the decoder. One keeps cell types "
                                  "further apart but leaves strong batch effects less mixed "
                                  "(docs/integrate.md).", INTEGRATE)
-    encode_domain: bool = option(False, "The shared encoder also reads the cell's domain, so "
-                                 "it can undo the domain's batch effect on the way in "
-                                 "(docs/integrate.md).", INTEGRATE)
     norm: str = option("layer", "Normalisation after the hidden layers of the encoder and "
                        "decoder: layer (each cell on its own) or batch (each unit over the "
                        "minibatch's cells, running statistics at inference).", INTEGRATE,
@@ -281,9 +278,6 @@ class IntegrationConfig(LatentModelConfig):
                 _non_negative(**{name: getattr(self, name)})
         if not 0.0 <= self.tie <= 1.0:
             raise InputError(f"--tie must be between 0 and 1 (got {self.tie}).")
-        if self.encode_domain and self.design == "paired":
-            raise InputError("--encode-domain is for the shared design; under --design paired "
-                             "each domain already has its own encoder.")
         if not 0.0 <= self.val_fraction < 0.5:
             raise InputError(f"--val-fraction must be in [0, 0.5) (got {self.val_fraction}).")
 

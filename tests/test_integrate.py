@@ -397,39 +397,6 @@ def test_a_model_file_from_before_the_decoder_option_predicts_with_two_layers(in
                                model.get_latent_representation(integrate), atol=1e-5)
 
 
-def test_the_encoder_reads_the_domain_only_when_asked():
-    torch.manual_seed(0)
-    batch = _batch()
-    plain = PairedVAE(10, 4, 16, 3, "nb").eval()
-    assert plain.encoders[0].net[0].in_features == 10
-    mean, _ = plain.encode(batch["x_norm"], batch["domain"])
-    assert torch.equal(mean, plain.encode(batch["x_norm"], (batch["domain"] + 1) % 3)[0])
-    coded = PairedVAE(10, 4, 16, 3, "nb", encode_domain=True).eval()
-    assert coded.encoders[0].net[0].in_features == 13
-    mean, _ = coded.encode(batch["x_norm"], batch["domain"])
-    other, _ = coded.encode(batch["x_norm"], (batch["domain"] + 1) % 3)
-    assert not torch.allclose(mean, other)  # the same counts, another domain: another place
-
-
-def test_encode_domain_trains_saves_and_is_refused_with_paired_encoders(integrate, tmp_path):
-    model = IntegrationModel(integrate, latent_dim=4, max_epochs=1, encode_domain=True).train()
-    model.save(tmp_path / "m.pt")
-    loaded = IntegrationModel.load(tmp_path / "m.pt")
-    assert loaded.config.encode_domain and loaded.module.encode_domain
-    np.testing.assert_allclose(loaded.get_latent_representation(integrate),
-                               model.get_latent_representation(integrate), atol=1e-5)
-    with pytest.raises(InputError, match="--encode-domain is for the shared design"):
-        IntegrationModel(integrate, design="paired", encode_domain=True)
-
-
-def test_a_model_file_from_before_encode_domain_reads_the_counts_alone(integrate, tmp_path):
-    model, path = _saved_without("encode_domain", integrate, tmp_path, encode_domain=False)
-    old = IntegrationModel.load(path)
-    assert not old.config.encode_domain
-    np.testing.assert_allclose(old.get_latent_representation(integrate),
-                               model.get_latent_representation(integrate), atol=1e-5)
-
-
 def test_free_bits_change_the_training_loss_but_not_the_elbo():
     """The floor is on what is penalised; the ELBO the stopping rule and the summary read is the
     plain one."""

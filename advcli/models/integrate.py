@@ -142,14 +142,11 @@ class PairedVAE(torch.nn.Module):
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_domains: int,
                  likelihood: str, paired: bool = False, dropout: float = 0.0,
                  adv_loss: str = "negce", tie: float = 0.0, decoder_layers: int = 2,
-                 norm: str = "layer", encode_domain: bool = False):
+                 norm: str = "layer"):
         super().__init__()
         self.tie = tie
         shared_decoder = not paired
-        self.n_domains = n_domains
-        self.encode_domain = encode_domain and not paired
-        n_in = n_genes + (n_domains if self.encode_domain else 0)
-        self.encoders = torch.nn.ModuleList(Encoder(n_in, latent_dim, hidden, dropout,
+        self.encoders = torch.nn.ModuleList(Encoder(n_genes, latent_dim, hidden, dropout,
                                                     norm=norm)
                                             for _ in range(n_domains if paired else 1))
         n_dec = 1 if shared_decoder else n_domains
@@ -204,12 +201,8 @@ class PairedVAE(torch.nn.Module):
         return {"discriminator": self.d_steps - 1}
 
     def encode(self, x_norm: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance, each cell through its own domain's encoder (shared
-        design: one encoder, which with ``encode_domain`` also reads the domain's one-hot code)."""
+        """Posterior mean and log-variance, each cell through its own domain's encoder."""
         if len(self.encoders) == 1:
-            if self.encode_domain:
-                code = torch.nn.functional.one_hot(domain, self.n_domains).to(x_norm.dtype)
-                x_norm = torch.cat([x_norm, code], dim=1)
             return self.encoders[0](x_norm)
         mean = x_norm.new_empty(x_norm.shape[0], self.encoders[0].mean.out_features)
         logvar = torch.empty_like(mean)
@@ -338,7 +331,7 @@ class IntegrationModel(BaseModel):
         module = PairedVAE(n_genes, cfg.latent_dim, cfg.hidden, len(self.domains_),
                            cfg.likelihood, paired=cfg.design == "paired", dropout=cfg.dropout,
                            adv_loss=cfg.adv_loss, tie=cfg.tie, decoder_layers=cfg.decoder_layers,
-                           norm=cfg.norm, encode_domain=cfg.encode_domain)
+                           norm=cfg.norm)
         module.d_steps, module.e_steps = cfg.d_steps, cfg.e_steps
         module.kl_free_bits = cfg.kl_free_bits
         module.input_thinning = cfg.input_thinning
@@ -692,7 +685,6 @@ class IntegrationModel(BaseModel):
         config.setdefault("kl_free_bits", 0.0)  # and the plain KL
         config.setdefault("input_thinning", 0.0)  # and the encoder read the observed counts
         config.setdefault("norm", "layer")  # and LayerNorm in the encoder and decoder
-        config.setdefault("encode_domain", False)  # and the encoder read the counts alone
         return config
 
     def _rebuild(self, payload: dict) -> None:
