@@ -107,6 +107,11 @@ def knn(embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return dist[:, 1:], idx[:, 1:]
 
 
+def neighbour_shares(idx: np.ndarray, codes: np.ndarray, n_codes: int) -> np.ndarray:
+    """Each cell's share of neighbours (rows of ``idx``) carrying each code: cells x n_codes."""
+    return np.stack([(codes[idx] == b).mean(axis=1) for b in range(n_codes)], axis=1)
+
+
 def knn_domain_entropy(idx: np.ndarray, codes: np.ndarray, n_domains: int,
                        per_cell: bool = False):
     """Mean entropy of the domains among each cell's neighbours (``idx``), over log(n_domains):
@@ -114,7 +119,7 @@ def knn_domain_entropy(idx: np.ndarray, codes: np.ndarray, n_domains: int,
     (``per_cell``: each cell's value instead of the mean)."""
     if n_domains < 2:
         return np.full(len(idx), np.nan) if per_cell else float("nan")
-    shares = np.stack([(codes[idx] == b).mean(axis=1) for b in range(n_domains)], axis=1)
+    shares = neighbour_shares(idx, codes, n_domains)
     with np.errstate(divide="ignore", invalid="ignore"):
         ent = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1) / np.log(n_domains)
     return ent if per_cell else float(ent.mean())
@@ -165,26 +170,22 @@ JOINED_MIN_CELLS = 2 * JOINED_NEIGHBOURS  # a smaller type's neighbours are othe
 # types that the adversary aligned, 0.47 against 0.00; elsewhere the largest rise was 0.15)
 
 
-def neighbour_label_shares(embedding: np.ndarray, labels: np.ndarray
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """(label names, S) with S[a, b] the mean share, over the cells of label a, of their
-    JOINED_NEIGHBOURS nearest cells that carry label b."""
-    names, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-    _, idx = knn(np.asarray(embedding, dtype=np.float64), JOINED_NEIGHBOURS)
-    per_cell = np.stack([(codes[idx] == b).mean(axis=1) for b in range(len(names))], axis=1)
-    shares = np.stack([per_cell[codes == a].mean(axis=0) for a in range(len(names))])
-    return names, shares
-
-
 def types_brought_together(embedding: np.ndarray, baseline: np.ndarray, labels: np.ndarray
                            ) -> list[dict]:
     """Pairs of cell types that the integration laid on one another: at least JOINED_SHARE of
-    type a's neighbours are b's cells, JOINED_RISE more than in the unintegrated ``baseline``.
-    cLISI and label ASW average over all types and miss two of many types joined, the failure
-    when types are nearly exclusive to different domains and the adversary aligns them."""
-    names, after = neighbour_label_shares(embedding, labels)
-    _, before = neighbour_label_shares(baseline, labels)
-    sizes = np.unique(np.asarray(labels).astype(str), return_counts=True)[1]  # names' order
+    type a's cells' JOINED_NEIGHBOURS nearest cells are b's, JOINED_RISE more than in the
+    unintegrated ``baseline``. cLISI and label ASW average over all types and miss two of many
+    types joined, the failure when types are nearly exclusive to different domains and the
+    adversary aligns them."""
+    names, codes, sizes = np.unique(np.asarray(labels).astype(str), return_inverse=True,
+                                    return_counts=True)
+
+    def type_shares(points: np.ndarray) -> np.ndarray:  # [a, b]: mean over a's cells
+        _, idx = knn(np.asarray(points, dtype=np.float64), JOINED_NEIGHBOURS)
+        per_cell = neighbour_shares(idx, codes, len(names))
+        return np.stack([per_cell[codes == a].mean(axis=0) for a in range(len(names))])
+
+    after, before = type_shares(embedding), type_shares(baseline)
     out = []
     for a, b in zip(*np.nonzero((after >= JOINED_SHARE) & (after - before >= JOINED_RISE))):
         if a != b and sizes[a] >= JOINED_MIN_CELLS:
