@@ -12,12 +12,12 @@ the log-normal-factor simulation a user first reported unmixed; and, when ../sha
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
 than the composition clusters) were added after the defaults were set, as held-out checks;
-`--held-out` runs twenty-one more datasets that no default was chosen on (new generator seeds
-and shapes, a 10:1 pair, eight, four and three domains, the real counts of Kang, PBMC and
-CellBench with a planted capture effect and a missing type, PBMC with planted ambient RNA, Kang
-with its samples or its donors as the domains, a third simulator whose domain effects depend on
-the cell type, and a fourth whose domains differ in dispersion or hold the types in wildly
-different proportions).
+`--held-out` runs twenty-four more datasets that no default was chosen on (new generator seeds
+and shapes, a 10:1 pair, twelve, eight, four and three domains, the real counts of Kang, PBMC
+and CellBench with a planted capture effect and a missing type, PBMC with planted ambient RNA,
+Kang with its samples or its donors as the domains, a third simulator whose domain effects
+depend on the cell type, a fourth whose domains differ in dispersion, depth or hold the types in
+wildly different proportions, and a fifth without discrete types: a branching trajectory).
 
 Methods: advcli's defaults (`--design shared`, and `--design paired`), the unintegrated PCA (30
 components), and with the `bench` extra Harmony on that PCA and scVI with scvi-tools' adversarial
@@ -195,6 +195,52 @@ def marker_domains(sizes: list[int], genes: int, seed: int, cell_types: int,
         domains += [f"D{d}"] * n
         types += [f"t{ti}" for ti in t]
     return _anndata(sp.vstack(blocks).tocsr(), domains, types)
+
+
+def trajectory_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0,
+                       library: float = 2000.0, missing: dict[int, list[str]] | None = None
+                       ) -> ad.AnnData:
+    """A fifth simulator, without discrete types: cells lie on a branching trajectory (a stem
+    that splits into two branches), each gene's log mean interpolated linearly between the
+    profiles of the root, the branch point and the two tips (8 % of genes move between each
+    pair). The labels are the six halves of the three segments, so neighbouring labels grade
+    into one another. Each domain has a per-gene log-normal factor (sd 0.5 x strength), a
+    depth factor and per-gene dispersions of its own. ``missing[d]``: labels absent from d."""
+    rng = np.random.default_rng(seed)
+    G = genes
+    base = rng.normal(-0.5, 1.3, G)
+
+    def moved(profile: np.ndarray) -> np.ndarray:
+        out = profile.copy()
+        genes_moved = rng.choice(G, int(0.08 * G), replace=False)
+        out[genes_moved] += rng.normal(0.0, 1.5, len(genes_moved))
+        return out
+
+    root = base
+    fork = moved(root)
+    tips = [moved(fork), moved(fork)]
+    theta = np.exp(rng.normal(np.log(3.0), 0.5, G))
+    blocks, domains, labels = [], [], []
+    for d, n in enumerate(sizes):
+        segment = rng.choice(3, n, p=[0.4, 0.3, 0.3])  # stem, branch 1, branch 2
+        s = rng.random(n)
+        start = np.where(segment[:, None] == 0, root, fork)
+        end = np.select([segment[:, None] == 0, segment[:, None] == 1], [fork, tips[0]], tips[1])
+        label = np.array([f"{('stem', 'b1', 'b2')[g]}-{('early', 'late')[int(x >= 0.5)]}"
+                          for g, x in zip(segment, s)])
+        keep = ~np.isin(label, (missing or {}).get(d, []))
+        start, end, s, label = start[keep], end[keep], s[keep], label[keep]
+        logits = start + s[:, None] * (end - start)
+        if d:
+            logits = logits + rng.normal(0.0, 0.5 * strength, G)
+        rho = np.exp(logits - logits.max(axis=1, keepdims=True))
+        rho /= rho.sum(axis=1, keepdims=True)
+        lib = rng.lognormal(np.log(library) - 0.3 * strength * d, 0.4, len(s))
+        theta_d = theta * np.exp(rng.normal(0.0, 0.3 * strength, G)) if d else theta
+        blocks.append(sp.csr_matrix(nb_counts(rng, rho * lib[:, None], theta_d)))
+        domains += [f"D{d}"] * len(s)
+        labels += list(label)
+    return _anndata(sp.vstack(blocks).tocsr(), domains, labels)
 
 
 def _anndata(X: sp.csr_matrix, domains: list[str], types: list[str]) -> ad.AnnData:
@@ -400,6 +446,23 @@ HELD_OUT = [
     Dataset("ho-pbmc-ambient", "PBMC's cells split at random, ambient RNA and 70 % capture in "
             "one half, its most common type removed from it, the chemistries left in (real "
             "counts)", lambda tmp: ambient_planted("pbmc", 77), True),
+    # a fifth simulator (a branching trajectory, no discrete types) and many shallow domains,
+    # added as new held-out checks of the defaults
+    Dataset("ho-trajectory-3dom", "fifth simulator (a branching trajectory, labels its six "
+            "half-segments), 3 domains 5:4:3, one branch's tip missing from D2",
+            lambda tmp: trajectory_domains([2500, 2000, 1500], 1500, seed=515,
+                                           missing={2: ["b2-late"]})),
+    Dataset("ho-trajectory-strong", "fifth simulator, 2 domains, strength 2, shallow (1,000 "
+            "counts a cell)", lambda tmp: trajectory_domains([3000, 2500], 2000, seed=616,
+                                                             strength=2.0, library=1000.0)),
+    Dataset("ho-shallow-12dom", "fourth simulator, 12 domains of 300 cells, 800 counts a "
+            "cell, 6 types, two missing from three domains each",
+            lambda tmp: marker_domains([300] * 12, 1500, seed=1212, cell_types=6,
+                                       marker_share=0.06, marker_sd=1.2, concentration=4.0,
+                                       gene_factor_sd=0.5, library=800.0, library_sd=0.4,
+                                       depths=list(np.linspace(0.6, 1.4, 12)),
+                                       thetas=[3.0] * 12,
+                                       missing={0: [5], 4: [5], 8: [5], 1: [4], 5: [4], 9: [4]})),
 ]
 
 
