@@ -173,6 +173,12 @@ class ConfounderConfig(TrainConfig):
 LIKELIHOOD_HELP = ("nb (learned dispersion per gene), zinb (integrate mode: NB with a "
                    "probability per cell and gene that a count is an extra zero) or mse (on "
                    "log1p-normalised values).")
+ADV_LOSS_HELP = ("What the encoder minimises: negce (minus the discriminator's "
+                 "cross-entropy), chance (negce capped at chance: nothing gained once a cell's "
+                 "class is no more recognisable than its share of the data makes it; integrate "
+                 "mode takes the domains' shares, the others 1/K), uniform (towards 1/K) or "
+                 "flip (towards a wrong class).")
+ADV_LOSS_CHOICES = ("negce", "chance", "uniform", "flip")
 
 
 @dataclass
@@ -186,10 +192,7 @@ class LatentModelConfig(TrainConfig):
                             "or alternate (the discriminator steps with the encoder frozen, then "
                             "the encoder with the discriminator frozen).", LATENT,
                             choices=("grl", "alternate"))
-    adv_loss: str = option("negce", "What the encoder minimises: negce (minus the "
-                           "discriminator's cross-entropy), uniform (towards 1/K) or flip "
-                           "(towards a wrong class).", LATENT,
-                           choices=("negce", "uniform", "flip"))
+    adv_loss: str = option("negce", ADV_LOSS_HELP, LATENT, choices=ADV_LOSS_CHOICES)
     adv_weight: float = option(1.0, "Weight of the adversarial term.", LATENT)
     lr_discriminator: float | None = option(None, "The discriminator's learning rate.", LATENT,
                                             shown="--lr")
@@ -307,10 +310,7 @@ class AAEConfig(LatentModelConfig):
                             "steps) or alternate (the discriminator steps with the encoder "
                             "frozen, then the encoder with the discriminator frozen).", LATENT,
                             choices=("grl", "alternate"))
-    adv_loss: str = option("flip", "What the encoder minimises: negce (minus the "
-                           "discriminator's cross-entropy), uniform (towards 1/K) or flip "
-                           "(towards a wrong class).", LATENT,
-                           choices=("negce", "uniform", "flip"))
+    adv_loss: str = option("flip", ADV_LOSS_HELP, LATENT, choices=ADV_LOSS_CHOICES)
 
     lr: float = option(3e-4, "Learning rate.", TRAINING)
     max_epochs: int | None = option(None, "Upper bound on passes over the data, all phases "
@@ -340,10 +340,7 @@ class DisentangleConfig(LatentModelConfig):
                                "cells.", DISENTANGLE)
     label_weight: float = option(30.0, "Weight of the cross-entropy of a linear read-out of the "
                                  "label from s.", DISENTANGLE)
-    adv_loss: str = option("uniform", "What the encoder minimises: negce (minus the "
-                           "discriminator's cross-entropy), uniform (towards 1/K) or flip "
-                           "(towards a wrong class).", LATENT,
-                           choices=("negce", "uniform", "flip"))
+    adv_loss: str = option("uniform", ADV_LOSS_HELP, LATENT, choices=ADV_LOSS_CHOICES)
     beta_kl: float = option(1.0, "Weight of the KL term of z.", DISENTANGLE)
     adv_weight: float = option(30.0, "Weight of the adversarial term.", LATENT)
     lr_discriminator: float | None = option(None, "The adversaries' learning rate.", LATENT,

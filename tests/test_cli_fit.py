@@ -108,3 +108,16 @@ def test_docs_cli_md_is_generated_from_the_commands():
 
     current = (ROOT / "docs" / "cli.md").read_text()
     assert render(current) == current, "run `python -m advcli.clidoc docs/cli.md`"
+
+
+def test_the_chance_capped_adversarial_loss_is_a_fit_option(tmp_path, invoke):
+    """`--adv-loss chance` trains and is kept in the model file; an unknown loss is bad input
+    that names the choices."""
+    out = tmp_path / "m.pt"
+    r = invoke("fit", SAMPLE / "integrate.h5ad", "--mode", "integrate", "--adv-loss", "chance",
+               "--max-epochs", "1", "--latent-dim", "4", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert torch.load(out, weights_only=True)["config"]["adv_loss"] == "chance"
+    r = invoke("fit", SAMPLE / "integrate.h5ad", "--mode", "integrate", "--adv-loss", "capped",
+               "-o", tmp_path / "n.pt")
+    assert r.exit_code == 2 and "chance" in r.stderr and not (tmp_path / "n.pt").exists()

@@ -520,3 +520,28 @@ def test_two_types_laid_on_one_another_are_named_and_small_or_kept_types_are_not
     pairs = types_brought_together(joined, baseline, labels)
     assert {(p["type"], p["with"]) for p in pairs} == {("a", "b"), ("b", "a")}
     assert all(p["share"] >= 0.25 and p["share_unintegrated"] == 0.0 for p in pairs)
+
+
+def test_the_chance_capped_adversary_takes_the_domains_shares_from_the_data(integrate, tmp_path):
+    """Chance for each cell is its domain's share of the cells, not 1/K; the shares are not
+    part of the model file (it predicts the same) and come back from the data on loading."""
+    part = integrate[100:].copy()  # 200 cells of one domain, 300 of the other
+    model = IntegrationModel(part, latent_dim=4, max_epochs=2, adv_loss="chance").train()
+    _, codes = np.unique(part.obs["batch"], return_inverse=True)
+    expected = np.bincount(codes) / len(codes)
+    assert np.allclose(model.module.domain_shares.cpu().numpy(), expected)
+    assert "domain_shares" not in model.module.state_dict()
+    even = torch.zeros(1, 2)  # the discriminator at p = 1/2 for either domain
+    small, large = int(np.argmin(expected)), int(np.argmax(expected))
+    # the smaller domain (share 0.4) is still recognised at 1/2: negce's full -ln 2
+    loss = model.module.adversarial(even, torch.tensor([small]), None)
+    assert math.isclose(loss.item(), -math.log(2.0), rel_tol=1e-6)
+    # the larger (share 0.6) is past chance at 1/2: capped at -ln(1 / 0.6)
+    loss = model.module.adversarial(even, torch.tensor([large]), None)
+    assert math.isclose(loss.item(), math.log(expected[large]), rel_tol=1e-6)
+    model.save(tmp_path / "m.pt")
+    loaded = IntegrationModel.load(tmp_path / "m.pt", part)
+    assert np.allclose(loaded.get_latent_representation(), model.get_latent_representation(),
+                       atol=1e-5)
+    assert loaded.config.adv_loss == "chance"
+    assert np.allclose(loaded.module.domain_shares.cpu().numpy(), expected)

@@ -92,7 +92,7 @@ def _two_domain_logits(p_true: float, n: int = 8):
     return torch.tensor([[logit, 0.0]] * n, requires_grad=True), torch.zeros(n, dtype=torch.long)
 
 
-@pytest.mark.parametrize("kind", ["negce", "uniform", "flip"])
+@pytest.mark.parametrize("kind", ["negce", "chance", "uniform", "flip"])
 def test_adversarial_losses_reward_fooling_the_discriminator(kind):
     """The encoders minimise this loss; it must be lower when the discriminator is fooled."""
     confident = losses.ADV_LOSSES[kind](*_two_domain_logits(0.95))
@@ -115,7 +115,31 @@ def test_uniform_loss_is_zero_at_uniform_and_negce_is_minus_ce():
     assert torch.isclose(losses.domain_ce(logits, domain), ce)
 
 
-@pytest.mark.parametrize("kind", ["negce", "uniform", "flip"])
+def test_negce_to_chance_is_negce_until_chance_then_flat():
+    """Cells the discriminator still recognises (p above their class's share) are pushed as by
+    negce; cells past chance add a constant and no gradient."""
+    shares = torch.tensor([0.75, 0.25])
+    domain = torch.tensor([0, 0, 1, 1])
+    logits = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]], requires_grad=True)
+    loss = losses.negce_to_chance(logits, domain, shares=shares)
+    ce = torch.nn.functional.cross_entropy(logits, domain, reduction="none")
+    capped = torch.minimum(ce, -torch.log(shares[domain]))
+    assert torch.isclose(loss, -capped.mean())
+    loss.backward()
+    past_chance = torch.softmax(logits, dim=1).gather(1, domain[:, None])[:, 0] < shares[domain]
+    assert past_chance.tolist() == [False, True, False, True]
+    assert (logits.grad[past_chance] == 0).all()
+    assert (logits.grad[~past_chance].abs() > 0).all()
+    # without shares, chance is 1/K; with equal shares the two agree
+    assert torch.isclose(losses.negce_to_chance(logits, domain),
+                         losses.negce_to_chance(logits, domain, shares=torch.full((2,), 0.5)))
+    # below chance everywhere it is negce
+    sure = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+    assert torch.isclose(losses.negce_to_chance(sure, torch.tensor([0, 1])),
+                         losses.negce(sure, torch.tensor([0, 1])))
+
+
+@pytest.mark.parametrize("kind", ["negce", "chance", "uniform", "flip"])
 def test_cell_weights_count_each_cell_that_many_times(kind):
     """Weight 2 on a cell is the cell twice; weights of one are no weights."""
     torch.manual_seed(0)

@@ -197,7 +197,8 @@ def test_simultaneous_negce_is_gradient_reversal():
     mean.grad = None
     from advcli.strategies import constant_call
 
-    (0.5 * module.adv_loss(constant_call(module.discriminator, mean), batch["domain"])).backward()
+    (0.5 * module.adversarial(constant_call(module.discriminator, mean), batch["domain"],
+                               None)).backward()
     assert torch.allclose(mean.grad, -0.5 * plain, atol=1e-7)
 
 

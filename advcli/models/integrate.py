@@ -161,7 +161,10 @@ class PairedVAE(torch.nn.Module):
         self.discriminator = DomainDiscriminator(latent_dim, n_domains)
         self.likelihood = likelihood
         self.shared_decoder = shared_decoder
-        self.adv_loss = losses.ADV_LOSSES[adv_loss]
+        # each domain's share of the cells: chance for the discriminator (set from the data)
+        self.register_buffer("domain_shares", torch.full((n_domains,), 1.0 / n_domains),
+                             persistent=False)
+        self.adv_loss_name = adv_loss
 
     @torch.no_grad()
     def after_step(self, players) -> None:
@@ -275,7 +278,7 @@ class PairedVAE(torch.nn.Module):
             mean = terms["mean"]
             weight = self._weight(mean, domain)
             logits = constant_call(self.discriminator, mean)
-            out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adv_loss(logits, domain, weight)
+            out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adversarial(logits, domain, weight)
             logs.update(elbo=terms["elbo"].detach(), recon=terms["recon"].detach(),
                         kl=terms["kl"].detach())
             mean = mean.detach()
@@ -289,6 +292,14 @@ class PairedVAE(torch.nn.Module):
             logs["disc_ce"] = out["discriminator"].detach()
         logs["disc_acc"] = (logits.detach().argmax(dim=1) == domain).float().mean()
         return out, logs
+
+    def adversarial(self, logits: torch.Tensor, domain: torch.Tensor,
+                    weight: torch.Tensor | None) -> torch.Tensor:
+        """The encoders' adversarial loss (``adv_loss``) of the discriminator's verdict."""
+        loss = losses.ADV_LOSSES[self.adv_loss_name]
+        if loss is losses.negce_to_chance:
+            return loss(logits, domain, weight, shares=self.domain_shares)
+        return loss(logits, domain, weight)
 
     def _weight(self, mean: torch.Tensor, domain: torch.Tensor) -> torch.Tensor | None:
         return None if self.composition is None else self.composition(mean, domain)
@@ -315,6 +326,8 @@ class IntegrationModel(BaseModel):
         self.module = self._build(len(self.genes_)).to(self.device)
         self._rows = rows
         self._domain = torch.from_numpy(domain).to(self.device)
+        counts = torch.bincount(self._domain, minlength=len(self.domains_)).float()
+        self.module.domain_shares.copy_(counts / counts.sum())
         train = torch.cat(self._train_idx).numpy()
         self._composition_idx = torch.from_numpy(
             np.sort(train[seeded_subset(len(train), COMPOSITION_CELLS, cfg.seed)]))
