@@ -174,10 +174,11 @@ LIKELIHOOD_HELP = ("nb (learned dispersion per gene), zinb (integrate mode: NB w
                    "probability per cell and gene that a count is an extra zero) or mse (on "
                    "log1p-normalised values).")
 ADV_LOSS_HELP = ("What the encoder minimises: negce (minus the discriminator's "
-                 "cross-entropy), chance (negce capped at chance: nothing gained once a cell's "
-                 "class is no more recognisable than its share of the data makes it; integrate "
-                 "mode takes the domains' shares, the others 1/K), uniform (towards 1/K) or "
-                 "flip (towards a wrong class).")
+                 "cross-entropy), chance (negce capped at chance, -ln of the class's share: "
+                 "integrate mode caps the cells whose domain is scarce in their composition "
+                 "cluster, so domains are not drawn into types they lack; aae and disentangle "
+                 "cap every cell at 1/K), uniform (towards 1/K) or flip (towards a wrong "
+                 "class).")
 ADV_LOSS_CHOICES = ("negce", "chance", "uniform", "flip")
 
 

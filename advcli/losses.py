@@ -331,17 +331,21 @@ def flip(logits: torch.Tensor, domain: torch.Tensor,
 
 
 def negce_to_chance(logits: torch.Tensor, target: torch.Tensor,
-                    weight: torch.Tensor | None = None,
-                    shares: torch.Tensor | None = None) -> torch.Tensor:
-    """Minus the discriminator's cross-entropy, each cell's capped at chance: -log of its
-    class's share of the data (``shares``; 1/K without them). Uncapped, a cell's reward grows
-    without bound as it moves to where the discriminator finds its class absent, so a domain
-    that lacks a cell type is drawn into that type's region; capped, a cell gains nothing once
-    its class is no more recognisable than its share makes it."""
+                    weight: torch.Tensor | None = None, shares: torch.Tensor | None = None,
+                    capped: torch.Tensor | None = None) -> torch.Tensor:
+    """Minus the discriminator's cross-entropy, capped at chance (-log of the class's share of
+    the data, ``shares``; 1/K without them) for the cells in ``capped`` (every cell when None).
+    Uncapped, a cell's reward grows without bound as it moves to where the discriminator finds
+    its class absent, so a domain that lacks a cell type is drawn into that type's region;
+    capped, a cell gains nothing once its class is no more recognisable than its share makes
+    it."""
     ce = F.cross_entropy(as_float(logits), target, reduction="none")
     chance = (torch.full_like(ce, math.log(logits.shape[1])) if shares is None
               else -torch.log(shares.to(ce.dtype)[target]))
-    return -cell_mean(torch.minimum(ce, chance), weight)
+    gain = torch.minimum(ce, chance)
+    if capped is not None:
+        gain = torch.where(capped, gain, ce)
+    return -cell_mean(gain, weight)
 
 
 # What an encoder minimises to fool a discriminator, by --adv-loss name; each decreases as the

@@ -312,7 +312,7 @@ def _clusters(shares: list[list[int]], seed: int = 0):
 
 
 def _weighted_shares(weights, means, domain, cluster):
-    w = weights(torch.from_numpy(means), torch.from_numpy(domain)).numpy()
+    w = weights(torch.from_numpy(means), torch.from_numpy(domain))[0].numpy()
     return w, {c: np.bincount(domain[cluster == c], w[cluster == c], minlength=2)
                / w[cluster == c].sum() for c in np.unique(cluster)}
 
@@ -331,7 +331,12 @@ def test_composition_weights_give_each_domain_its_overall_share_in_every_cluster
     np.testing.assert_allclose(w[cluster == 2], 1.0, atol=1e-5)
     assert abs(w.mean() - 1.0) < 1e-5
     stray = torch.from_numpy(means[cluster == 2][:1])  # a domain-1 cell among domain 0's type
-    assert weights(stray, torch.tensor([1])).item() == 1.0
+    weight, scarce = weights(stray, torch.tensor([1]))
+    assert weight.item() == 1.0 and scarce.item()  # domain 1 is scarce in the private cluster
+    # in the shared clusters neither domain is scarce, 4:1 though they are held
+    _, scarce = weights(torch.from_numpy(means), torch.from_numpy(domain))
+    assert not scarce[torch.from_numpy(cluster < 2)].any()
+    assert not scarce[torch.from_numpy((cluster == 2) & (domain == 0))].any()
 
 
 def test_composition_weights_are_one_where_the_compositions_agree():
@@ -347,7 +352,10 @@ def test_composition_weights_survive_a_checkpoint_and_fewer_cells_than_clusters(
     assert weights.table.shape == (2, 5)  # at most one cluster per cell
     again = CompositionWeights.from_state(weights.state())
     z, d = torch.from_numpy(means), torch.from_numpy(domain)
-    assert torch.equal(again(z, d), weights(z, d))
+    for kept, fitted in zip(again(z, d), weights(z, d)):
+        assert torch.equal(kept, fitted)
+    older = {k: v for k, v in weights.state().items() if k != "scarce"}
+    assert not CompositionWeights.from_state(older)(z, d)[1].any()  # a checkpoint from before
 
 
 def test_the_adversary_is_weighted_by_composition_unless_turned_off(integrate, tmp_path):
@@ -520,6 +528,19 @@ def test_two_types_laid_on_one_another_are_named_and_small_or_kept_types_are_not
     pairs = types_brought_together(joined, baseline, labels)
     assert {(p["type"], p["with"]) for p in pairs} == {("a", "b"), ("b", "a")}
     assert all(p["share"] >= 0.25 and p["share_unintegrated"] == 0.0 for p in pairs)
+
+
+def test_the_chance_cap_applies_only_where_the_domain_is_scarce():
+    """Two cells the discriminator puts far past chance: the one whose domain is scarce where
+    it lies gains only chance, the other negce's full cross-entropy."""
+    module = PairedVAE(5, 3, 8, 2, "nb", adv_loss="chance")
+    logits = torch.tensor([[-4.0, 4.0], [-4.0, 4.0]], requires_grad=True)
+    domain = torch.tensor([0, 0])
+    loss = module.adversarial(logits, domain, None, scarce=torch.tensor([True, False]))
+    ce = torch.nn.functional.cross_entropy(logits, domain, reduction="none")
+    assert math.isclose(loss.item(), -(math.log(2.0) + ce[1].item()) / 2, rel_tol=1e-6)
+    loss.backward()
+    assert (logits.grad[0] == 0).all() and (logits.grad[1] != 0).all()
 
 
 def test_the_chance_capped_adversary_takes_the_domains_shares_from_the_data(integrate, tmp_path):

@@ -41,6 +41,8 @@ COUNT_LIKELIHOODS = ("nb", "zinb")  # decoders of counts: their NB means are an 
 COMPOSITION_CELLS = 10_000  # training cells whose posterior means place the clusters each epoch
 COMPOSITION_PRIOR = 20.0  # cells added to a domain's count in a cluster, and to its expected count
 COMPOSITION_CLIP = 10.0  # no cell counts more than this many times, or less than its inverse
+SCARCE = 0.25  # a domain holding fewer than this share of the cells a cluster would hold at its
+               # overall share is scarce there: --adv-loss chance caps its cells' gain
 
 
 class CompositionWeights:
@@ -57,8 +59,10 @@ class CompositionWeights:
     """
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, centres: torch.Tensor,
-                 table: torch.Tensor):
+                 table: torch.Tensor, scarce: torch.Tensor | None = None):
         self.loc, self.scale, self.centres, self.table = loc, scale, centres, table
+        # (domain, cluster): the domain holds few of the cells it would at its share
+        self.scarce = torch.zeros_like(table, dtype=torch.bool) if scarce is None else scarce
 
     @classmethod
     def fit(cls, means: np.ndarray, domain: np.ndarray, n_domains: int, k: int, seed: int,
@@ -86,29 +90,41 @@ class CompositionWeights:
         w = (at_share + COMPOSITION_PRIOR) / (n + COMPOSITION_PRIOR)
         w *= n.sum(axis=0) / (n * w).sum(axis=0)
         w = np.where(n > 0, np.clip(w, 1 / COMPOSITION_CLIP, COMPOSITION_CLIP), 1.0)
+        scarce = (n + 1.0) < SCARCE * (at_share + 1.0)
         as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
         return cls(as_tensor(loc), as_tensor(scale), as_tensor(km.cluster_centers_),
-                   as_tensor(w))
+                   as_tensor(w), torch.as_tensor(scarce))
 
-    def __call__(self, mean: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        """The weight of each cell: its domain's in the cluster nearest its posterior mean."""
+    def cluster(self, mean: torch.Tensor) -> torch.Tensor:
+        """The cluster nearest each posterior mean."""
         z = (mean.detach().float() - self.loc) / self.scale
-        return self.table[domain, torch.cdist(z, self.centres).argmin(dim=1)]
+        return torch.cdist(z, self.centres).argmin(dim=1)
+
+    def __call__(self, mean: torch.Tensor, domain: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each cell's weight (its domain's in the cluster nearest its posterior mean) and
+        whether its domain is scarce in that cluster."""
+        cluster = self.cluster(mean)
+        return self.table[domain, cluster], self.scarce[domain, cluster]
 
     def to(self, device) -> "CompositionWeights":
         return CompositionWeights(*(t.to(device) for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.loc, self.scale, self.centres, self.table
+        return self.loc, self.scale, self.centres, self.table, self.scarce
 
     def state(self) -> dict:
         return {"loc": self.loc.tolist(), "scale": self.scale.tolist(),
-                "centres": self.centres.tolist(), "table": self.table.tolist()}
+                "centres": self.centres.tolist(), "table": self.table.tolist(),
+                "scarce": self.scarce.tolist()}
 
     @classmethod
     def from_state(cls, state: dict) -> "CompositionWeights":
+        """(A checkpoint from before the scarce table: no domain is scarce anywhere.)"""
+        scarce = state.get("scarce")
         return cls(*(torch.tensor(state[k], dtype=torch.float32)
-                     for k in ("loc", "scale", "centres", "table")))
+                     for k in ("loc", "scale", "centres", "table")),
+                   None if scarce is None else torch.tensor(scarce, dtype=torch.bool))
 
 
 def neighbourhood_mixing(latent: torch.Tensor, domain: torch.Tensor, n_domains: int
@@ -276,16 +292,17 @@ class PairedVAE(torch.nn.Module):
         if "vae" in players:
             terms = self.elbo_terms(batch, ctx["kl_weight"])
             mean = terms["mean"]
-            weight = self._weight(mean, domain)
+            weight, scarce = self._composition(mean, domain)
             logits = constant_call(self.discriminator, mean)
-            out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adversarial(logits, domain, weight)
+            out["vae"] = terms["loss"] + ctx["adv_weight"] * self.adversarial(logits, domain,
+                                                                              weight, scarce)
             logs.update(elbo=terms["elbo"].detach(), recon=terms["recon"].detach(),
                         kl=terms["kl"].detach())
             mean = mean.detach()
         else:
             with torch.no_grad():
                 mean, _ = self.encode(self.encoder_input(batch), domain)
-            weight = self._weight(mean, domain)
+            weight, _ = self._composition(mean, domain)
         if "discriminator" in players:
             logits = self.discriminator(mean)
             out["discriminator"] = losses.domain_ce(logits, domain, weight)
@@ -294,15 +311,22 @@ class PairedVAE(torch.nn.Module):
         return out, logs
 
     def adversarial(self, logits: torch.Tensor, domain: torch.Tensor,
-                    weight: torch.Tensor | None) -> torch.Tensor:
-        """The encoders' adversarial loss (``adv_loss``) of the discriminator's verdict."""
+                    weight: torch.Tensor | None, scarce: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The encoders' adversarial loss (``adv_loss``) of the discriminator's verdict. With
+        ``chance`` the cap applies to the cells whose domain is scarce in their composition
+        cluster (``scarce``), so a domain is not drawn into the region of a type it lacks,
+        while everywhere else the cells keep negce's reward for mixing finely. Without
+        composition weights nothing tells where a domain is scarce, and every cell is capped."""
         loss = losses.ADV_LOSSES[self.adv_loss_name]
         if loss is losses.negce_to_chance:
-            return loss(logits, domain, weight, shares=self.domain_shares)
+            return loss(logits, domain, weight, shares=self.domain_shares, capped=scarce)
         return loss(logits, domain, weight)
 
-    def _weight(self, mean: torch.Tensor, domain: torch.Tensor) -> torch.Tensor | None:
-        return None if self.composition is None else self.composition(mean, domain)
+    def _composition(self, mean: torch.Tensor, domain: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Each cell's composition weight and whether its domain is scarce where it lies."""
+        return (None, None) if self.composition is None else self.composition(mean, domain)
 
 
 class IntegrationModel(BaseModel):
