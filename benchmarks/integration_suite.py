@@ -197,6 +197,10 @@ def marker_domains(sizes: list[int], genes: int, seed: int, cell_types: int,
     return _anndata(sp.vstack(blocks).tocsr(), domains, types)
 
 
+HALF_SEGMENTS = np.array([f"{segment}-{half}" for segment in ("stem", "b1", "b2")
+                         for half in ("early", "late")])
+
+
 def trajectory_domains(sizes: list[int], genes: int, seed: int, strength: float = 1.0,
                        library: float = 2000.0, missing: dict[int, list[str]] | None = None
                        ) -> ad.AnnData:
@@ -226,8 +230,7 @@ def trajectory_domains(sizes: list[int], genes: int, seed: int, strength: float 
         s = rng.random(n)
         start = np.where(segment[:, None] == 0, root, fork)
         end = np.select([segment[:, None] == 0, segment[:, None] == 1], [fork, tips[0]], tips[1])
-        label = np.array([f"{('stem', 'b1', 'b2')[g]}-{('early', 'late')[int(x >= 0.5)]}"
-                          for g, x in zip(segment, s)])
+        label = HALF_SEGMENTS[2 * segment + (s >= 0.5)]
         keep = ~np.isin(label, (missing or {}).get(d, []))
         start, end, s, label = start[keep], end[keep], s[keep], label[keep]
         logits = start + s[:, None] * (end - start)

@@ -24,6 +24,7 @@ from ..data import (CountRows, count_batch, count_rows, counts_anndata, encode_d
                     gene_order, in_file_order, log_normalised, seeded_subset, set_uns,
                     stratified_minibatches, stratified_split)
 from ..errors import InputError
+from ..metrics import domain_shares
 from ..nn import Decoder, DomainDiscriminator, Encoder
 from ..strategies import constant_call
 from ..train import EpochPlan
@@ -180,7 +181,7 @@ class PairedVAE(torch.nn.Module):
         # each domain's share of the cells: chance for the discriminator (set from the data)
         self.register_buffer("domain_shares", torch.full((n_domains,), 1.0 / n_domains),
                              persistent=False)
-        self.adv_loss_name = adv_loss
+        self.adv_loss = losses.ADV_LOSSES[adv_loss]
 
     @torch.no_grad()
     def after_step(self, players) -> None:
@@ -318,10 +319,10 @@ class PairedVAE(torch.nn.Module):
         cluster (``scarce``), so a domain is not drawn into the region of a type it lacks,
         while everywhere else the cells keep negce's reward for mixing finely. Without
         composition weights nothing tells where a domain is scarce, and every cell is capped."""
-        loss = losses.ADV_LOSSES[self.adv_loss_name]
-        if loss is losses.negce_to_chance:
-            return loss(logits, domain, weight, shares=self.domain_shares, capped=scarce)
-        return loss(logits, domain, weight)
+        if self.adv_loss is losses.negce_to_chance:
+            return self.adv_loss(logits, domain, weight, shares=self.domain_shares,
+                                 capped=scarce)
+        return self.adv_loss(logits, domain, weight)
 
     def _composition(self, mean: torch.Tensor, domain: torch.Tensor
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -350,8 +351,7 @@ class IntegrationModel(BaseModel):
         self.module = self._build(len(self.genes_)).to(self.device)
         self._rows = rows
         self._domain = torch.from_numpy(domain).to(self.device)
-        counts = torch.bincount(self._domain, minlength=len(self.domains_)).float()
-        self.module.domain_shares.copy_(counts / counts.sum())
+        self.module.domain_shares.copy_(torch.as_tensor(domain_shares(domain, len(self.domains_))))
         train = torch.cat(self._train_idx).numpy()
         self._composition_idx = torch.from_numpy(
             np.sort(train[seeded_subset(len(train), COMPOSITION_CELLS, cfg.seed)]))
