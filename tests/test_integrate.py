@@ -79,6 +79,28 @@ def test_training_goes_on_while_the_validation_elbo_falls(integrate):
     assert _drive(model, creeping) == 6  # below the 1e-4 relative margin: stale
 
 
+@pytest.mark.parametrize("training_elbo", ["falls", "rises"])
+def test_the_adversary_keeps_a_fit_going_unless_the_vae_overfits(integrate, training_elbo):
+    """The discriminator's loss rises until epoch 30; the validation ELBO is best at epoch 10
+    and worsens after it. If the training ELBO improves meanwhile, the VAE is fitting the
+    training cells' noise, and training stops --patience epochs after the best; if it worsens
+    too, mixing costs ELBO, and the adversary's gains keep the fit going."""
+    model = IntegrationModel(integrate, max_epochs=200, patience=5, kl_warmup_epochs=1,
+                             adv_warmup_epochs=1)
+    top = FLAT["val_disc_ce"] + 0.02 * 29
+    sign = -1.0 if training_elbo == "falls" else 1.0
+    records = [{**FLAT, "val_disc_ce": min(FLAT["val_disc_ce"] + 0.02 * i, top),
+                "val_elbo": 100.0 - i if i < 10 else 91.0 + 0.5 * (i - 9),
+                "elbo": 95.0 - i if i < 10 else 86.0 + sign * (i - 9)} for i in range(100)]
+    stopped = _drive(model, records)
+    if training_elbo == "falls":
+        assert stopped == 10 + 5 and model.overfitting_
+        model.train_state_ = type("State", (), {"records": records[:stopped]})()
+        assert model._summarise(1.0, 1.0)["stopped_overfitting"]
+    else:
+        assert stopped == 30 + 5 and not model.overfitting_
+
+
 def test_a_fit_cut_off_by_its_epoch_cap_while_gaining_says_so(integrate):
     model = IntegrationModel(integrate, max_epochs=20, patience=5, kl_warmup_epochs=1,
                              adv_warmup_epochs=1)

@@ -463,6 +463,7 @@ class IntegrationModel(BaseModel):
         return {**count_batch(rows, idx), "domain": domain[idx]}
 
     still_gaining_ = False  # set by the schedule: the epoch cap came before training settled
+    overfitting_ = False  # set by the schedule: it stopped because the VAE began to overfit
 
     def schedule(self) -> Iterator[EpochPlan]:
         """The KL weight warms up over the first quarter of the planned epochs; the adversary
@@ -474,13 +475,18 @@ class IntegrationModel(BaseModel):
         mixing risen: mixing the domains costs ELBO, so
         stopping on the ELBO alone ends training while the adversary is still winning. Nor does
         it stop while the discriminator still tells the domains of held-out cells apart: with a
-        strong batch effect the domains start apart and mix late."""
+        strong batch effect the domains start apart and mix late. But the adversary's signals
+        do not keep a fit going once the VAE overfits: --patience epochs after the best
+        validation ELBO, with the validation ELBO worse and the training ELBO better by at
+        least as much, training stops. Mixing that costs ELBO worsens both; fitting the
+        training cells' noise widens the gap between them, and blurs the cell types."""
         cfg = self.config
         n = self.warmup_epochs
         kl_warm = max(1, n // 4) if cfg.kl_warmup_epochs is None else cfg.kl_warmup_epochs
         ramp = max(1, n // 20) if cfg.adv_warmup_epochs is None else cfg.adv_warmup_epochs
         factor = cfg.grl_lambda if cfg.adversary == "grl" else 1.0
         best_elbo, best_ce, best_mixing, stale = math.inf, -math.inf, -math.inf, 0
+        since_best, train_at_best = 0, math.nan  # the training ELBO at the best validation ELBO
         chance_ce = math.log(len(self.domains_))
         for epoch in range(1, self.max_epochs + 1):
             kl = cfg.beta_kl * min(1.0, epoch / max(kl_warm, 1))
@@ -492,16 +498,25 @@ class IntegrationModel(BaseModel):
             ce = min(ce, chance_ce)  # above chance the discriminator is wrong, not fooled
             if epoch >= max(kl_warm, cfg.adv_start_epoch + ramp) and math.isfinite(val):
                 stale += 1
+                since_best += 1
                 if val < best_elbo - 1e-4 * abs(val):  # (best_elbo starts at inf)
-                    best_elbo, stale = val, 0
+                    best_elbo, stale, since_best = val, 0, 0
+                    train_at_best = record.get("elbo", math.nan)
                 if math.isfinite(ce) and ce > best_ce + SETTLED_CE:
                     best_ce, stale = ce, 0
                 mixing = record.get("val_mixing", math.nan)
                 noise = max(SETTLED_MIXING, 2.0 * record.get("val_mixing_se", 0.0))
                 if math.isfinite(mixing) and mixing > best_mixing + noise:
                     best_mixing, stale = mixing, 0
-                if record.get("val_disc_acc", 0.0) >= SEPARATED_ACC:
+                separated = record.get("val_disc_acc", 0.0) >= SEPARATED_ACC
+                if separated:
                     stale = 0  # the domains are still apart: the adversary has work to do
+                worse = val - best_elbo
+                overfitting = (since_best >= cfg.patience and worse > 1e-4 * abs(val)
+                               and train_at_best - record.get("elbo", math.nan) >= worse)
+                if cfg.patience and overfitting and not separated:
+                    self.overfitting_ = True
+                    return
             self.still_gaining_ = bool(cfg.patience) and math.isfinite(val) and stale < cfg.patience
             if cfg.patience and stale >= cfg.patience:
                 return
@@ -584,6 +599,7 @@ class IntegrationModel(BaseModel):
         finite = [v for v in values if math.isfinite(v)]
         best = values.index(min(finite)) + 1 if finite else None
         return {"stopped_early": len(records) < self.max_epochs, "best_val_epoch": best,
+                "stopped_overfitting": self.overfitting_,
                 "max_epochs": self.max_epochs,
                 "still_gaining": len(records) >= self.max_epochs and self.still_gaining_}
 
