@@ -487,6 +487,7 @@ class IntegrationModel(BaseModel):
         factor = cfg.grl_lambda if cfg.adversary == "grl" else 1.0
         best_elbo, best_ce, best_mixing, stale = math.inf, -math.inf, -math.inf, 0
         since_best, train_at_best = 0, math.nan  # the training ELBO at the best validation ELBO
+        self.overfitting_ = False
         chance_ce = math.log(len(self.domains_))
         for epoch in range(1, self.max_epochs + 1):
             kl = cfg.beta_kl * min(1.0, epoch / max(kl_warm, 1))
