@@ -32,6 +32,7 @@ from .base import BaseModel, default_batch_size, default_epochs, epoch_cap, reso
 
 MIXING_CELLS = 5000
 SEPARATED_ACC = 0.9  # held-out discriminator accuracy at which the domains are called apart
+SETTLED_ELBO = 1e-4  # of its value: a change of the validation ELBO smaller than this is noise
 SETTLED_CE = 0.01  # nats: a rise of the discriminator's validation loss smaller than this is noise
 SETTLED_MIXING = 0.01  # a rise of the validation cells' neighbourhood mixing smaller than this
                        # (or than two of its standard errors over the validation cells) is noise
@@ -500,7 +501,7 @@ class IntegrationModel(BaseModel):
             if epoch >= max(kl_warm, cfg.adv_start_epoch + ramp) and math.isfinite(val):
                 stale += 1
                 since_best += 1
-                if val < best_elbo - 1e-4 * abs(val):  # (best_elbo starts at inf)
+                if val < best_elbo - SETTLED_ELBO * abs(val):  # (best_elbo starts at inf)
                     best_elbo, stale, since_best = val, 0, 0
                     train_at_best = record.get("elbo", math.nan)
                 if math.isfinite(ce) and ce > best_ce + SETTLED_CE:
@@ -513,7 +514,7 @@ class IntegrationModel(BaseModel):
                 if separated:
                     stale = 0  # the domains are still apart: the adversary has work to do
                 worse = val - best_elbo
-                overfitting = (since_best >= cfg.patience and worse > 1e-4 * abs(val)
+                overfitting = (since_best >= cfg.patience and worse > SETTLED_ELBO * abs(val)
                                and train_at_best - record.get("elbo", math.nan) >= worse)
                 if cfg.patience and overfitting and not separated:
                     self.overfitting_ = True
