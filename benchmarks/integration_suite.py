@@ -12,9 +12,10 @@ the log-normal-factor simulation a user first reported unmixed; and, when ../sha
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
 than the composition clusters) were added after the defaults were set, as held-out checks;
-`--held-out` runs twenty-four more datasets that no default was chosen on (new generator seeds
-and shapes, a 10:1 pair, twelve, eight, four and three domains, the real counts of Kang, PBMC
-and CellBench with a planted capture effect and a missing type, PBMC with planted ambient RNA,
+`--held-out` runs twenty-six more datasets that no default was chosen on (new generator seeds
+and shapes, a 10:1 pair, a query domain that holds three of ten types, rare types, twelve,
+eight, four and three domains, the real counts of Kang, PBMC and CellBench with a planted
+capture effect and a missing type, PBMC with planted ambient RNA,
 Kang with its samples or its donors as the domains, a third simulator whose domain effects
 depend on the cell type, a fourth whose domains differ in dispersion, depth or hold the types in
 wildly different proportions, and a fifth without discrete types: a branching trajectory).
@@ -171,13 +172,15 @@ def marker_domains(sizes: list[int], genes: int, seed: int, cell_types: int,
                    marker_share: float, marker_sd: float, concentration: float,
                    gene_factor_sd: float, library: float, library_sd: float,
                    depths: list[float], thetas: list[float],
-                   missing: dict[int, list[int]] | None = None) -> ad.AnnData:
+                   missing: dict[int, list[int]] | None = None,
+                   proportions: list[float] | None = None) -> ad.AnnData:
     """A fourth simulator: each type differs from a common log-normal profile in
     ``marker_share`` of the genes (log-fold changes with sd ``marker_sd``); each domain draws its
     own type proportions from Dirichlet(``concentration``), its own per-gene log-normal factor
     (sd ``gene_factor_sd``), its depth (``library`` x ``depths[d]``, log-normal sd
     ``library_sd``) and one inverse dispersion for all its genes (``thetas[d]``: 20 against 0.7
-    is a smooth protocol beside a sparse, bursty one). ``missing[d]``: types absent from d."""
+    is a smooth protocol beside a sparse, bursty one). ``missing[d]``: types absent from d.
+    ``proportions``: one composition for every domain instead of the Dirichlet draws."""
     rng = np.random.default_rng(seed)
     K, G = cell_types, genes
     base = np.log(rng.lognormal(-0.5, 1.3, G))
@@ -187,7 +190,13 @@ def marker_domains(sizes: list[int], genes: int, seed: int, cell_types: int,
         profiles[t, markers] += rng.normal(0.0, marker_sd, len(markers))
     blocks, domains, types = [], [], []
     for d, n in enumerate(sizes):
-        t = _draw_types(rng, n, K, concentration, (missing or {}).get(d, []))
+        absent = (missing or {}).get(d, [])
+        if proportions is None:
+            t = _draw_types(rng, n, K, concentration, absent)
+        else:
+            props = np.array(proportions, dtype=float)
+            props[absent] = 0.0
+            t = rng.choice(K, n, p=props / props.sum())
         rho = np.exp(profiles[t] + rng.normal(0.0, gene_factor_sd, G))
         rho /= rho.sum(axis=1, keepdims=True)
         lib = rng.lognormal(np.log(library * depths[d]), library_sd, n)
@@ -466,6 +475,21 @@ HELD_OUT = [
                                        depths=list(np.linspace(0.6, 1.4, 12)),
                                        thetas=[3.0] * 12,
                                        missing={0: [5], 4: [5], 8: [5], 1: [4], 5: [4], 9: [4]})),
+    # a query domain that holds few of the reference's types, and rare types, added as new
+    # held-out checks of the defaults
+    Dataset("ho-query-3of10", "third simulator, strength 1.5, a reference of 4,000 cells in "
+            "10 types and a query of 800 cells that holds three of them",
+            lambda tmp: typed_domains([4000, 800], 1500, seed=303, strength=1.5,
+                                      cell_types=10, missing={1: [3, 4, 5, 6, 7, 8, 9]})),
+    Dataset("ho-rare-types", "fourth simulator, 2 domains, 10 types in the same proportions "
+            "(25 % down to 1 %), the rarest type in the second domain only",
+            lambda tmp: marker_domains([3000, 2500], 1500, seed=909, cell_types=10,
+                                       marker_share=0.05, marker_sd=1.4, concentration=1.0,
+                                       gene_factor_sd=0.6, library=2000.0, library_sd=0.4,
+                                       depths=[1.0, 0.7], thetas=[5.0, 2.0],
+                                       proportions=[0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05,
+                                                    0.03, 0.01, 0.01],
+                                       missing={0: [9]})),
 ]
 
 
