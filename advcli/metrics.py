@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -139,6 +141,52 @@ def partly_mixed_note(fraction: float) -> str:
             f"finish its work. {UNMIXED_ADVICE}")
 
 
+def ilisi_by_domain(ilisi_per_cell: np.ndarray, batch: np.ndarray,
+                    n_domains: int | None = None) -> dict[str, float]:
+    """Each domain's median iLISI (scIB-normalised) over its own cells. Where one domain holds
+    cell types the others lack, most cells can lie apart from other domains in a fit that
+    worked: the typical cell of the other domains still has neighbours from it."""
+    names = np.unique(batch)
+    k = n_domains or len(names)
+    if k < 2:
+        return {}
+    return {str(name): float((np.median(ilisi_per_cell[batch == name]) - 1.0) / (k - 1.0))
+            for name in names}
+
+
+def apart_domains_note(ilisi: float, random_mixing: float, by_domain: dict[str, float]) -> str:
+    """What the fit summary and diagnose say when most cells lie apart from other domains but
+    the typical cell of some domain does not: not a lost adversary, or not only."""
+    mixed = {d: v for d, v in by_domain.items() if not is_unmixed(v, random_mixing)}
+    apart = [d for d in by_domain if d not in mixed]
+    shown = ", ".join(f"{d} {v:.2f}" for d, v in mixed.items())
+    return (f"Most cells have no neighbours from another domain (iLISI {ilisi:.2f}, where random "
+            f"mixing of these domains' sizes would give {random_mixing:.2f}), but the typical "
+            f"cell of {', '.join(mixed)} does (its domain's median iLISI: {shown}). So "
+            f"{', '.join(apart)} {'holds' if len(apart) == 1 else 'hold'} cell states that the "
+            "other domains lack (a reference beside a query that holds some of its cell types "
+            f"looks like this), or part of {'it' if len(apart) == 1 else 'them'} did not mix. "
+            "Check which cell types stay apart "
+            "with `advcli diagnose` and labels; a higher --adv-weight is right only if those "
+            "types exist in the other domains too.")
+
+
+def mixing_note(ilisi: float, random_mixing: float, fraction: float,
+                by_domain: dict[str, float] | None = None, separated: bool = False,
+                detail: str = "") -> str | None:
+    """The fit summary's and diagnose's verdict on the mixing, or None where the domains mixed.
+    ``separated``: the discriminator still tells the held-out cells' domains apart (the fit's
+    own evidence that the adversary lost); ``detail`` adds to the unmixed note's figures."""
+    if separated or is_unmixed(ilisi, random_mixing):
+        if not separated and any(not is_unmixed(v, random_mixing)
+                                 for v in (by_domain or {}).values()):
+            return apart_domains_note(ilisi, random_mixing, by_domain)
+        return unmixed_note(ilisi, random_mixing, detail)
+    if fraction < PARTLY_MIXED:
+        return partly_mixed_note(fraction)
+    return None
+
+
 TYPES_KEPT_TOLERANCE = 0.01  # label ASW and cLISI may fall this far below the PCA's
 LABEL_METRIC_NAMES = {"clisi": "cLISI", "label_asw": "label ASW"}
 
@@ -262,8 +310,8 @@ def batch_asw(embedding: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> f
 
 
 def integration_metrics(embedding: np.ndarray, batch: np.ndarray, labels: np.ndarray | None,
-                        seed: int = 0, max_cells: int = 20000) -> dict[str, float]:
-    """iLISI and cLISI (scIB-normalised), batch and label ASW, ARI and NMI of k-means clusters,
+                        seed: int = 0, max_cells: int = 20000) -> dict[str, Any]:
+    """iLISI (overall and each domain's median) and cLISI (scIB-normalised), batch and label ASW, ARI and NMI of k-means clusters,
     kNN batch entropy, and the scIB-style bio / batch / overall (0.6 bio + 0.4 batch) scores.
 
     Above ``max_cells`` cells a seeded subsample is scored (silhouettes are quadratic)."""
@@ -279,8 +327,10 @@ def integration_metrics(embedding: np.ndarray, batch: np.ndarray, labels: np.nda
     n_batches = len(np.unique(batch))
     dist, idx = knn(embedding, 90)
     out: dict[str, float] = {}
-    ilisi = np.median(lisi(dist, idx, batch))
+    ilisi_per_cell = lisi(dist, idx, batch)
+    ilisi = np.median(ilisi_per_cell)
     out["ilisi"] = float((ilisi - 1.0) / (n_batches - 1.0)) if n_batches > 1 else float("nan")
+    out["ilisi_by_domain"] = ilisi_by_domain(ilisi_per_cell, batch)
     batch_codes = np.unique(batch, return_inverse=True)[1]
     out["ilisi_random_mixing"] = random_mixing_ilisi(batch_codes, n_batches)
     out["knn_batch_entropy"] = knn_domain_entropy(idx[:, :50], batch_codes, n_batches)

@@ -118,6 +118,8 @@ def test_fit_predict_diagnose_backed(tmp_path, invoke, integrate_file, small_chu
         rep = invoke("diagnose", out, "-o", tmp_path / name, "--model", model, "--json", *flag)
         assert rep.exit_code == 0, rep.output
         reports[name] = json.loads(rep.stdout)["metrics"]
+    by_domain = {name: report.pop("ilisi_by_domain") for name, report in reports.items()}
+    assert by_domain["disk"] == pytest.approx(by_domain["memory"])
     assert reports["disk"] == pytest.approx(reports["memory"])
 
 

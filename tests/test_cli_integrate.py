@@ -352,3 +352,24 @@ def test_an_unknown_norm_exits_2_with_nothing_written(tmp_path, invoke, integrat
                "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "--norm" in r.stderr and "batch" in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_diagnose_tells_a_reference_with_private_types_from_unmixed_domains(tmp_path):
+    """A query holding three of a reference's ten types, laid on them: most cells lie apart
+    from the other domain, yet the report does not call the domains unmixed."""
+    import anndata as ad
+
+    from advcli import keys
+    from advcli.report.integrate import integration_report
+
+    rng = np.random.default_rng(0)
+    types = np.r_[rng.choice(10, 600), rng.choice(3, 150)]
+    profiles = rng.gamma(2.0, 1.0, (10, 200))
+    a = ad.AnnData(rng.poisson(profiles[types]).astype(np.float32),
+                   obs={"batch": np.r_[["reference"] * 600, ["query"] * 150],
+                        "cell_type": [f"t{t}" for t in types]})
+    a.obsm[keys.X_LATENT] = rng.normal(size=(10, 4))[types] * 30.0 + rng.normal(size=(750, 4))
+    summary = integration_report(a, tmp_path, None, None, "batch")
+    mixing = [n for n in summary["notes"] if "iLISI" in n]
+    assert len(mixing) == 1 and "reference holds cell states" in mixing[0]
+    assert summary["metrics"]["ilisi_by_domain"]["query"] > 0.1

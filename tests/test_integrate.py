@@ -241,12 +241,58 @@ def test_a_tie_outside_zero_to_one_is_refused(integrate, tie):
 
 def test_the_warning_leaves_out_the_discriminator_without_held_out_cells(integrate):
     model = IntegrationModel(integrate, latent_dim=4, max_epochs=2, val_fraction=0.0).train()
-    model.mixing_scores = lambda: (0.0, 0.0)  # an unmixed embedding
+    model.mixing_scores = lambda: (0.0, 0.0, {"a": 0.0, "b": 0.0})  # an unmixed embedding
     warning = " ".join(model._summarise(1.0, 1.0)["warnings"])
     assert "not mixed" in warning and "nan" not in warning
-    model.mixing_scores = lambda: (0.3, 0.3)  # neighbourhoods with a third of random mixing
+    model.mixing_scores = lambda: (0.3, 0.3, {"a": 0.3, "b": 0.3})  # a third of random mixing
     warnings = model._summarise(1.0, 1.0)["warnings"]
     assert len(warnings) == 1 and "only partly mixed" in warnings[0] and "30%" in warnings[0]
+
+
+def test_a_reference_with_types_the_query_lacks_is_not_called_unmixed(integrate):
+    """Most cells may lie apart from other domains in a fit that worked, when one domain holds
+    types the others lack: the domains' own medians say so, and the summary does not claim the
+    adversary lost or ask for a higher weight. Where every domain lies apart, or the
+    discriminator still separates held-out cells, it does."""
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2).train()
+    model.train_state_.records[-1]["val_disc_acc"] = 0.55
+    model.mixing_scores = lambda: (0.0, 0.0, {"reference": 0.0, "query": 0.7})
+    summary = model._summarise(1.0, 1.0)
+    assert summary["mixing_ilisi_by_domain"] == {"reference": 0.0, "query": 0.7}
+    (warning,) = [w for w in summary["warnings"] if "iLISI" in w]
+    assert "the typical cell of query does" in warning and "reference holds cell states" in warning
+    assert "adversary lost" not in warning
+    model.mixing_scores = lambda: (0.0, 0.0, {"reference": 0.0, "query": 0.02})
+    (warning,) = [w for w in model._summarise(1.0, 1.0)["warnings"] if "iLISI" in w]
+    assert "not mixed" in warning and "adversary lost" in warning
+    model.mixing_scores = lambda: (0.0, 0.0, {"reference": 0.0, "query": 0.7})
+    model.train_state_.records[-1]["val_disc_acc"] = 0.95
+    (warning,) = [w for w in model._summarise(1.0, 1.0)["warnings"] if "iLISI" in w]
+    assert "not mixed" in warning and "95%" in warning
+
+
+def test_each_domains_median_ilisi_tells_a_query_of_shared_types_from_domains_apart():
+    """A reference of ten types and a query holding three of them, mixed: the overall median
+    iLISI is that of unmixed domains, the query's own median is not; held apart, neither is."""
+    from advcli.metrics import integration_metrics, is_unmixed, mixing_note
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 5)) * 30.0
+    ref_types, query_types = rng.choice(10, 3000), rng.choice(3, 600)
+    points = np.vstack([centres[ref_types], centres[query_types]]) + rng.normal(size=(3600, 5))
+    batch = np.r_[["reference"] * 3000, ["query"] * 600]
+    mixed = integration_metrics(points, batch, None)
+    assert is_unmixed(mixed["ilisi"], mixed["ilisi_random_mixing"])
+    assert not is_unmixed(mixed["ilisi_by_domain"]["query"], mixed["ilisi_random_mixing"])
+    note = mixing_note(mixed["ilisi"], mixed["ilisi_random_mixing"], mixed["mixing_fraction"],
+                       mixed["ilisi_by_domain"])
+    assert note.startswith("Most cells have no neighbours") and "reference holds" in note
+    apart = integration_metrics(points + (batch == "query")[:, None] * 100.0, batch, None)
+    assert max(apart["ilisi_by_domain"].values()) < 0.01
+    note = mixing_note(apart["ilisi"], apart["ilisi_random_mixing"], apart["mixing_fraction"],
+                       apart["ilisi_by_domain"])
+    assert note.startswith("The domains are not mixed")
+    assert mixing_note(0.5, 1.0, 0.9, {"a": 0.5, "b": 0.5}) is None
 
 
 def test_mixing_fraction_is_relative_to_the_domains_sizes():
@@ -289,11 +335,11 @@ def test_the_summary_judges_mixing_by_the_domains_sizes(integrate):
     """The same iLISI is a warning for equal domains and a mixed fit for a 10:1 pair."""
     a = integrate[np.r_[0:300, 300:330]].copy()  # domains of 300 and 30 cells
     model = IntegrationModel(a, latent_dim=4, max_epochs=2, val_fraction=0.0).train()
-    model.mixing_scores = lambda: (0.09, 0.9)
+    model.mixing_scores = lambda: (0.09, 0.9, {})
     summary = model._summarise(1.0, 1.0)
     assert summary["mixing_ilisi_random"] == pytest.approx(1 / (1 - 2 * 300 * 30 / 330 ** 2) - 1)
     assert not summary["warnings"]
-    model.mixing_scores = lambda: (0.01, 0.9)
+    model.mixing_scores = lambda: (0.01, 0.9, {})
     assert any("not mixed" in w and "would give 0.20" in w
                for w in model._summarise(1.0, 1.0)["warnings"])
 

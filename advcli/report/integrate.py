@@ -13,9 +13,8 @@ from ..backed import read_rows
 from ..data import (check_finite_obsm, count_source, counts_anndata, encode_domains,
                     seeded_subset)
 from ..errors import InputError
-from ..metrics import (PARTLY_MIXED, integration_metrics, is_unmixed, partly_mixed_note,
-                       types_brought_together, types_joined_note, types_less_separated,
-                       types_mixed_note, unmixed_note)
+from ..metrics import (integration_metrics, mixing_note, types_brought_together,
+                       types_joined_note, types_less_separated, types_mixed_note)
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -135,10 +134,10 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                     training_markers(payload["history"]))
     else:
         notes.append("No --model given: loss_curves.png needs the model file's history.")
-    if is_unmixed(metrics.get("ilisi", 1.0), metrics.get("ilisi_random_mixing", 1.0)):
-        notes.append(unmixed_note(metrics["ilisi"], metrics["ilisi_random_mixing"]))
-    elif metrics.get("mixing_fraction", 1.0) < PARTLY_MIXED:
-        notes.append(partly_mixed_note(metrics["mixing_fraction"]))
+    mixing = mixing_note(metrics.get("ilisi", 1.0), metrics.get("ilisi_random_mixing", 1.0),
+                         metrics.get("mixing_fraction", 1.0), metrics.get("ilisi_by_domain"))
+    if mixing:
+        notes.append(mixing)
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
                                         "overall_score") if k in metrics}
     if baseline is not None:
