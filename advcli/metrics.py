@@ -160,15 +160,15 @@ def apart_domains_note(ilisi: float, random_mixing: float, by_domain: dict[str, 
     mixed = {d: v for d, v in by_domain.items() if not is_unmixed(v, random_mixing)}
     apart = [d for d in by_domain if d not in mixed]
     shown = ", ".join(f"{d} {v:.2f}" for d, v in mixed.items())
+    one = len(apart) == 1
     return (f"Most cells have no neighbours from another domain (iLISI {ilisi:.2f}, where random "
             f"mixing of these domains' sizes would give {random_mixing:.2f}), but the typical "
-            f"cell of {', '.join(mixed)} does (its domain's median iLISI: {shown}). So "
-            f"{', '.join(apart)} {'holds' if len(apart) == 1 else 'hold'} cell states that the "
-            "other domains lack (a reference beside a query that holds some of its cell types "
-            f"looks like this), or part of {'it' if len(apart) == 1 else 'them'} did not mix. "
-            "Check which cell types stay apart "
-            "with `advcli diagnose` and labels; a higher --adv-weight is right only if those "
-            "types exist in the other domains too.")
+            f"cell of {', '.join(mixed)} does (median iLISI of its own cells: {shown}). So "
+            f"{', '.join(apart)} {'holds' if one else 'hold'} cell states that the other "
+            "domains lack (a reference beside a query that holds some of its cell types looks "
+            f"like this), or part of {'it' if one else 'them'} did not mix. Check which cell "
+            "types stay apart with `advcli diagnose` and labels; a higher --adv-weight is right "
+            "only if those types exist in the other domains too.")
 
 
 def mixing_note(ilisi: float, random_mixing: float, fraction: float,
@@ -311,8 +311,9 @@ def batch_asw(embedding: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> f
 
 def integration_metrics(embedding: np.ndarray, batch: np.ndarray, labels: np.ndarray | None,
                         seed: int = 0, max_cells: int = 20000) -> dict[str, Any]:
-    """iLISI (overall and each domain's median) and cLISI (scIB-normalised), batch and label ASW, ARI and NMI of k-means clusters,
-    kNN batch entropy, and the scIB-style bio / batch / overall (0.6 bio + 0.4 batch) scores.
+    """iLISI (overall, and each domain's median: ``ilisi_by_domain``) and cLISI
+    (scIB-normalised), batch and label ASW, ARI and NMI of k-means clusters, kNN batch entropy,
+    and the scIB-style bio / batch / overall (0.6 bio + 0.4 batch) scores.
 
     Above ``max_cells`` cells a seeded subsample is scored (silhouettes are quadratic)."""
     from sklearn.cluster import KMeans
