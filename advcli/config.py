@@ -254,6 +254,9 @@ class IntegrationConfig(LatentModelConfig):
                        "decoder: layer (each cell on its own) or batch (each unit over the "
                        "minibatch's cells, running statistics at inference).", INTEGRATE,
                        choices=("layer", "batch"))
+    decoder_norm: str | None = option(None, "Normalisation after the decoder's hidden layers: "
+                                      "layer, batch or none.", INTEGRATE, shown="that of --norm",
+                                      choices=("layer", "batch", "none"))
     beta_kl: float = option(0.25, "Weight of the KL term (reached after the warm-up).",
                             INTEGRATE)
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",

@@ -162,13 +162,16 @@ def hidden_norm(kind: str, width: int) -> nn.Module:
 
     ``layer`` normalises each cell's hidden units on their own, so a cell's code does not
     depend on the other cells of its minibatch; ``batch`` normalises each unit over the cells of
-    the minibatch (running statistics at inference), as scVI's networks do.
+    the minibatch (running statistics at inference), as scVI's networks do; ``none`` leaves the
+    layer as it is.
     """
     if kind == "layer":
         return nn.LayerNorm(width)
     if kind == "batch":
         return MinibatchNorm(width)
-    raise ValueError(f"unknown normalisation {kind!r}; choose layer or batch")
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown normalisation {kind!r}; choose layer, batch or none")
 
 
 class Encoder(nn.Module):

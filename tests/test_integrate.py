@@ -550,6 +550,27 @@ def test_batch_norm_trains_saves_and_predicts_like_the_saved_model(integrate, tm
         IntegrationModel(integrate, norm="group")
 
 
+def test_the_decoder_can_be_normalised_apart_from_the_encoder(integrate, tmp_path):
+    """``decoder_norm`` none: LayerNorm in the encoder only; saved and loaded alike. A file
+    from before the option loads with the decoder normalised as the encoder."""
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2, decoder_norm="none").train()
+    encoder, decoder = model.module.encoders[0], model.module.decoders[0]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in encoder.modules()) == 2
+    assert not any(isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm1d))
+                   for m in decoder.modules())
+    model.save(tmp_path / "m.pt")
+    loaded = IntegrationModel.load(tmp_path / "m.pt")
+    assert loaded.config.decoder_norm == "none"
+    np.testing.assert_allclose(loaded.get_latent_representation(integrate),
+                               model.get_latent_representation(integrate), atol=1e-5)
+    _, path = _saved_without("decoder_norm", integrate, tmp_path, norm="batch")
+    old = IntegrationModel.load(path, integrate)
+    assert old.config.decoder_norm is None
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in old.module.decoders[0].modules()) == 2
+    with pytest.raises(InputError, match="--decoder-norm"):
+        IntegrationModel(integrate, decoder_norm="group")
+
+
 def test_batch_norm_with_paired_encoders_and_a_one_cell_tail(integrate):
     """Per-domain encoders see their domain's share of each minibatch, which can be one cell."""
     n_train = IntegrationModel(integrate, latent_dim=4).n_train

@@ -63,5 +63,6 @@ def test_batch_norm_uses_running_statistics_at_inference_and_for_tiny_groups():
 
 def test_unknown_normalisation_is_refused():
     assert isinstance(hidden_norm("layer", 5), torch.nn.LayerNorm)
-    with pytest.raises(ValueError, match="layer or batch"):
+    assert isinstance(hidden_norm("none", 5), torch.nn.Identity)
+    with pytest.raises(ValueError, match="layer, batch or none"):
         hidden_norm("group", 5)

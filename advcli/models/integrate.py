@@ -160,7 +160,7 @@ class PairedVAE(torch.nn.Module):
     def __init__(self, n_genes: int, latent_dim: int, hidden: int, n_domains: int,
                  likelihood: str, paired: bool = False, dropout: float = 0.0,
                  adv_loss: str = "negce", tie: float = 0.0, decoder_layers: int = 2,
-                 norm: str = "layer"):
+                 norm: str = "layer", decoder_norm: str | None = None):
         super().__init__()
         self.tie = tie
         shared_decoder = not paired
@@ -170,7 +170,7 @@ class PairedVAE(torch.nn.Module):
         n_dec = 1 if shared_decoder else n_domains
         self.decoders = torch.nn.ModuleList(
             Decoder(latent_dim, n_genes, hidden, likelihood, n_domains if shared_decoder else 0,
-                    layers=decoder_layers, norm=norm)
+                    layers=decoder_layers, norm=decoder_norm or norm)
             for _ in range(n_dec))
         for module in list(self.encoders[1:]) + list(self.decoders[1:]):  # a tied start
             module.load_state_dict((self.encoders if module in self.encoders else self.decoders)[0]
@@ -369,7 +369,7 @@ class IntegrationModel(BaseModel):
         module = PairedVAE(n_genes, cfg.latent_dim, cfg.hidden, len(self.domains_),
                            cfg.likelihood, paired=cfg.design == "paired", dropout=cfg.dropout,
                            adv_loss=cfg.adv_loss, tie=cfg.tie, decoder_layers=cfg.decoder_layers,
-                           norm=cfg.norm)
+                           norm=cfg.norm, decoder_norm=cfg.decoder_norm)
         module.d_steps, module.e_steps = cfg.d_steps, cfg.e_steps
         module.kl_free_bits = cfg.kl_free_bits
         module.input_thinning = cfg.input_thinning
@@ -743,6 +743,7 @@ class IntegrationModel(BaseModel):
         config.setdefault("kl_free_bits", 0.0)  # and the plain KL
         config.setdefault("input_thinning", 0.0)  # and the encoder read the observed counts
         config.setdefault("norm", "layer")  # and LayerNorm in the encoder and decoder
+        config.setdefault("decoder_norm", None)  # and the decoder normalised as the encoder
         return config
 
     def _rebuild(self, payload: dict) -> None:
