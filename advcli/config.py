@@ -251,8 +251,9 @@ class IntegrationConfig(LatentModelConfig):
                                  "further apart but leaves strong batch effects less mixed "
                                  "(docs/integrate.md).", INTEGRATE)
     norm: str = option("layer", "Normalisation after the hidden layers of the encoder and "
-                       "decoder: layer (each cell on its own) or batch (each unit over the "
-                       "minibatch's cells, running statistics at inference).", INTEGRATE,
+                       "(unless --decoder-norm says otherwise) the decoder: layer (each cell on "
+                       "its own) or batch (each unit over the minibatch's cells, running "
+                       "statistics at inference).", INTEGRATE,
                        choices=("layer", "batch"))
     decoder_norm: str | None = option(None, "Normalisation after the decoder's hidden layers: "
                                       "layer, batch or none.", INTEGRATE, shown="that of --norm",
