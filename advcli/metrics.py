@@ -327,7 +327,7 @@ def integration_metrics(embedding: np.ndarray, batch: np.ndarray, labels: np.nda
         labels = None if labels is None else np.asarray(labels)[keep]
     n_batches = len(np.unique(batch))
     dist, idx = knn(embedding, 90)
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     ilisi_per_cell = lisi(dist, idx, batch)
     ilisi = np.median(ilisi_per_cell)
     out["ilisi"] = float((ilisi - 1.0) / (n_batches - 1.0)) if n_batches > 1 else float("nan")
