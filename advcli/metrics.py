@@ -171,6 +171,21 @@ def apart_domains_note(ilisi: float, random_mixing: float, by_domain: dict[str, 
             "only if those types exist in the other domains too.")
 
 
+def domain_apart_note(by_domain: dict[str, float], random_mixing: float) -> str:
+    """What the fit summary and diagnose say when the typical cell is mixed but every cell of
+    some domain, a minority the overall median passes over, lies apart from the others."""
+    apart = {d: v for d, v in by_domain.items() if is_unmixed(v, random_mixing)}
+    one = len(apart) == 1
+    shown = ", ".join(f"{d} {v:.2f}" for d, v in apart.items())
+    return (f"The typical cell of {', '.join(apart)} has no neighbours from another domain "
+            f"(median iLISI of {'its' if one else 'their'} own cells: {shown}, where random "
+            f"mixing of these domains' sizes would give {random_mixing:.2f}), while the other "
+            f"domains mixed. {'It' if one else 'They'} did not mix, or "
+            f"{'holds' if one else 'hold'} only cell states that the others lack: check with "
+            f"`advcli diagnose` and labels. Where those states exist in the other domains too: "
+            f"{UNMIXED_ADVICE}")
+
+
 def mixing_note(ilisi: float, random_mixing: float, fraction: float,
                 by_domain: dict[str, float] | None = None, separated: bool = False,
                 detail: str = "") -> str | None:
@@ -184,6 +199,8 @@ def mixing_note(ilisi: float, random_mixing: float, fraction: float,
         return unmixed_note(ilisi, random_mixing, detail)
     if fraction < PARTLY_MIXED:
         return partly_mixed_note(fraction)
+    if any(is_unmixed(v, random_mixing) for v in (by_domain or {}).values()):
+        return domain_apart_note(by_domain, random_mixing)
     return None
 
 

@@ -295,6 +295,25 @@ def test_each_domains_median_ilisi_tells_a_query_of_shared_types_from_domains_ap
     assert mixing_note(0.5, 1.0, 0.9, {"a": 0.5, "b": 0.5}) is None
 
 
+def test_a_minority_domain_left_apart_is_named_though_the_typical_cell_mixed():
+    """Two domains mixed and a third, a tenth of the cells, apart: the overall medians pass
+    over it, its own median does not."""
+    from advcli.metrics import integration_metrics, mixing_note
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(2200, 3))
+    batch = np.r_[["a"] * 1000, ["b"] * 1000, ["c"] * 200]
+    points[batch == "c"] += 100.0
+    m = integration_metrics(points, batch, None)
+    note = mixing_note(m["ilisi"], m["ilisi_random_mixing"], m["mixing_fraction"],
+                       m["ilisi_by_domain"])
+    assert note.startswith("The typical cell of c has no neighbours from another domain")
+    assert "a," not in note and "Refit with a higher --adv-weight" in note
+    mixed = integration_metrics(rng.normal(size=(2200, 3)), batch, None)
+    assert mixing_note(mixed["ilisi"], mixed["ilisi_random_mixing"], mixed["mixing_fraction"],
+                       mixed["ilisi_by_domain"]) is None
+
+
 def test_mixing_fraction_is_relative_to_the_domains_sizes():
     """Random mixing of domains of very unequal sizes scores near 1 (iLISI would not), domains
     apart score 0, and one domain-specific type in a minority of cells leaves the median."""
