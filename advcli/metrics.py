@@ -154,33 +154,33 @@ def ilisi_by_domain(ilisi_per_cell: np.ndarray, batch: np.ndarray,
             for name in names}
 
 
-def apart_domains_note(ilisi: float, random_mixing: float, by_domain: dict[str, float]) -> str:
+def _medians(domains: dict[str, float]) -> str:
+    return ", ".join(f"{d} {v:.2f}" for d, v in domains.items())
+
+
+def most_cells_apart_note(ilisi: float, random_mixing: float, mixed: dict[str, float],
+                          apart: list[str]) -> str:
     """What the fit summary and diagnose say when most cells lie apart from other domains but
-    the typical cell of some domain does not: not a lost adversary, or not only."""
-    mixed = {d: v for d, v in by_domain.items() if not is_unmixed(v, random_mixing)}
-    apart = [d for d in by_domain if d not in mixed]
-    shown = ", ".join(f"{d} {v:.2f}" for d, v in mixed.items())
+    the typical cell of some domains (``mixed``) does not: not a lost adversary, or not only."""
     one = len(apart) == 1
     return (f"Most cells have no neighbours from another domain (iLISI {ilisi:.2f}, where random "
             f"mixing of these domains' sizes would give {random_mixing:.2f}), but the typical "
-            f"cell of {', '.join(mixed)} does (median iLISI of its own cells: {shown}). So "
-            f"{', '.join(apart)} {'holds' if one else 'hold'} cell states that the other "
+            f"cell of {', '.join(mixed)} does (median iLISI of its own cells: {_medians(mixed)}). "
+            f"So {', '.join(apart)} {'holds' if one else 'hold'} cell states that the other "
             "domains lack (a reference beside a query that holds some of its cell types looks "
             f"like this), or part of {'it' if one else 'them'} did not mix. Check which cell "
             "types stay apart with `advcli diagnose` and labels; a higher --adv-weight is right "
             "only if those types exist in the other domains too.")
 
 
-def domain_apart_note(by_domain: dict[str, float], random_mixing: float) -> str:
-    """What the fit summary and diagnose say when the typical cell is mixed but every cell of
-    some domain, a minority the overall median passes over, lies apart from the others."""
-    apart = {d: v for d, v in by_domain.items() if is_unmixed(v, random_mixing)}
+def minority_apart_note(random_mixing: float, apart: dict[str, float]) -> str:
+    """What the fit summary and diagnose say when the typical cell is mixed but the typical cell
+    of some domains (``apart``), a minority the overall median passes over, is not."""
     one = len(apart) == 1
-    shown = ", ".join(f"{d} {v:.2f}" for d, v in apart.items())
     return (f"The typical cell of {', '.join(apart)} has no neighbours from another domain "
-            f"(median iLISI of {'its' if one else 'their'} own cells: {shown}, where random "
-            f"mixing of these domains' sizes would give {random_mixing:.2f}), while the other "
-            f"domains mixed. {'It' if one else 'They'} did not mix, or "
+            f"(median iLISI of {'its' if one else 'their'} own cells: {_medians(apart)}, where "
+            f"random mixing of these domains' sizes would give {random_mixing:.2f}), while the "
+            f"other domains mixed. {'It' if one else 'They'} did not mix, or "
             f"{'holds' if one else 'hold'} only cell states that the others lack: check with "
             f"`advcli diagnose` and labels. Where those states exist in the other domains too: "
             f"{UNMIXED_ADVICE}")
@@ -190,17 +190,20 @@ def mixing_note(ilisi: float, random_mixing: float, fraction: float,
                 by_domain: dict[str, float] | None = None, separated: bool = False,
                 detail: str = "") -> str | None:
     """The fit summary's and diagnose's verdict on the mixing, or None where the domains mixed.
+    ``by_domain``: each domain's median iLISI over its own cells (``ilisi_by_domain``);
     ``separated``: the discriminator still tells the held-out cells' domains apart (the fit's
     own evidence that the adversary lost); ``detail`` adds to the unmixed note's figures."""
+    by_domain = by_domain or {}
+    apart = {d: v for d, v in by_domain.items() if is_unmixed(v, random_mixing)}
+    mixed = {d: v for d, v in by_domain.items() if d not in apart}
     if separated or is_unmixed(ilisi, random_mixing):
-        if not separated and any(not is_unmixed(v, random_mixing)
-                                 for v in (by_domain or {}).values()):
-            return apart_domains_note(ilisi, random_mixing, by_domain)
+        if mixed and not separated:
+            return most_cells_apart_note(ilisi, random_mixing, mixed, list(apart))
         return unmixed_note(ilisi, random_mixing, detail)
     if fraction < PARTLY_MIXED:
         return partly_mixed_note(fraction)
-    if any(is_unmixed(v, random_mixing) for v in (by_domain or {}).values()):
-        return domain_apart_note(by_domain, random_mixing)
+    if apart:
+        return minority_apart_note(random_mixing, apart)
     return None
 
 

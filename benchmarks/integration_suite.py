@@ -57,10 +57,11 @@ SCVI_EPOCHS = 100
 # ---------------------------------------------------------------- a second simulator
 
 def _draw_types(rng: np.random.Generator, n: int, k: int, concentration: float,
-                absent: list[int]) -> np.ndarray:
-    """n cells' types from Dirichlet(concentration) proportions over k types, none of
-    ``absent``: each domain's own composition."""
-    props = rng.dirichlet(np.full(k, concentration))
+                absent: list[int], proportions: list[float] | None = None) -> np.ndarray:
+    """n cells' types from Dirichlet(concentration) proportions over k types (each domain's own
+    composition) or from ``proportions``, none of ``absent``."""
+    props = (rng.dirichlet(np.full(k, concentration)) if proportions is None
+             else np.array(proportions, dtype=float))
     props[list(absent)] = 0.0
     return rng.choice(k, n, p=props / props.sum())
 
@@ -190,13 +191,7 @@ def marker_domains(sizes: list[int], genes: int, seed: int, cell_types: int,
         profiles[t, markers] += rng.normal(0.0, marker_sd, len(markers))
     blocks, domains, types = [], [], []
     for d, n in enumerate(sizes):
-        absent = (missing or {}).get(d, [])
-        if proportions is None:
-            t = _draw_types(rng, n, K, concentration, absent)
-        else:
-            props = np.array(proportions, dtype=float)
-            props[absent] = 0.0
-            t = rng.choice(K, n, p=props / props.sum())
+        t = _draw_types(rng, n, K, concentration, (missing or {}).get(d, []), proportions)
         rho = np.exp(profiles[t] + rng.normal(0.0, gene_factor_sd, G))
         rho /= rho.sum(axis=1, keepdims=True)
         lib = rng.lognormal(np.log(library * depths[d]), library_sd, n)

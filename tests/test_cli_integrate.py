@@ -354,6 +354,13 @@ def test_an_unknown_norm_exits_2_with_nothing_written(tmp_path, invoke, integrat
     assert not list(tmp_path.iterdir())
 
 
+def test_an_unknown_decoder_norm_exits_2_with_nothing_written(tmp_path, invoke, integrate_file):
+    r = invoke("fit", integrate_file, "--mode", "integrate", "--decoder-norm", "group",
+               "-o", tmp_path / "m.pt")
+    assert r.exit_code == 2 and "--decoder-norm" in r.stderr and "none" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_diagnose_tells_a_reference_with_private_types_from_unmixed_domains(tmp_path):
     """A query holding three of a reference's ten types, laid on them: most cells lie apart
     from the other domain, yet the report does not call the domains unmixed."""
