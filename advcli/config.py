@@ -250,14 +250,16 @@ class IntegrationConfig(LatentModelConfig):
     decoder_layers: int = option(2, "Hidden layers of the decoder. One keeps cell types "
                                  "further apart but leaves strong batch effects less mixed "
                                  "(docs/integrate.md).", INTEGRATE)
-    norm: str = option("layer", "Normalisation after the hidden layers of the encoder and "
-                       "(unless --decoder-norm says otherwise) the decoder: layer (each cell on "
-                       "its own) or batch (each unit over the minibatch's cells, running "
-                       "statistics at inference).", INTEGRATE,
+    norm: str = option("layer", "Normalisation after the encoder's hidden layers (and the "
+                       "decoder's: see --decoder-norm): layer (each cell on its own) or batch "
+                       "(each unit over the minibatch's cells, running statistics at "
+                       "inference).", INTEGRATE,
                        choices=("layer", "batch"))
-    decoder_norm: str | None = option(None, "Normalisation after the decoder's hidden layers: "
-                                      "layer, batch or none.", INTEGRATE, shown="that of --norm",
-                                      choices=("layer", "batch", "none"))
+    decoder_norm: str | None = option(None, "Normalisation in the decoder: layer-first "
+                                      "(LayerNorm after its first hidden layer only), layer, "
+                                      "batch (after each hidden layer) or none.", INTEGRATE,
+                                      shown="layer-first with --norm layer, batch with --norm "
+                                      "batch", choices=("layer-first", "layer", "batch", "none"))
     beta_kl: float = option(0.25, "Weight of the KL term (reached after the warm-up).",
                             INTEGRATE)
     kl_warmup_epochs: int | None = option(None, "Epochs over which the KL weight ramps in.",

@@ -207,6 +207,8 @@ class Decoder(nn.Module):
     With ``n_conditions`` > 0 the decoder is shared by the domains and the domain's one-hot code
     enters its input and output layers (scVI's covariate injection), so a latent position means
     the same cell state in every domain while each domain keeps its own gene-level offsets.
+    ``norm`` is ``hidden_norm``'s kind after every hidden layer, or ``layer-first``: LayerNorm
+    after the first hidden layer only.
     """
 
     def __init__(self, latent_dim: int, n_genes: int, hidden: int, likelihood: str,
@@ -215,8 +217,10 @@ class Decoder(nn.Module):
         self.likelihood = likelihood
         self.n_conditions = n_conditions
         widths = [latent_dim + n_conditions] + [hidden] * layers
-        self.hidden = nn.Sequential(*(part for a, b in zip(widths, widths[1:])
-                                      for part in (nn.Linear(a, b), hidden_norm(norm, b),
+        kinds = (["layer"] + ["none"] * (layers - 1) if norm == "layer-first"
+                 else [norm] * layers)
+        self.hidden = nn.Sequential(*(part for a, b, kind in zip(widths, widths[1:], kinds)
+                                      for part in (nn.Linear(a, b), hidden_norm(kind, b),
                                                    nn.ReLU())))
         self.out = nn.Linear(hidden + n_conditions, n_genes)
         self.zero_logits = (nn.Linear(hidden + n_conditions, n_genes) if likelihood == "zinb"

@@ -584,10 +584,36 @@ def test_the_decoder_can_be_normalised_apart_from_the_encoder(integrate, tmp_pat
                                model.get_latent_representation(integrate), atol=1e-5)
     _, path = _saved_without("decoder_norm", integrate, tmp_path, norm="batch")
     old = IntegrationModel.load(path, integrate)
-    assert old.config.decoder_norm is None
+    assert old.config.decoder_norm == "batch"
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in old.module.decoders[0].modules()) == 2
     with pytest.raises(InputError, match="--decoder-norm"):
         IntegrationModel(integrate, decoder_norm="group")
+
+
+def test_the_default_decoder_is_layer_normalised_after_its_first_hidden_layer(integrate,
+                                                                                tmp_path):
+    """The default is written into the config, so the file says how the model was trained; a
+    file whose config leaves it open (saved before this default) loads with the decoder
+    normalised after every hidden layer, as such files were trained."""
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2)
+    assert model.config.decoder_norm == "layer-first"
+    count = lambda net, kind: sum(isinstance(m, kind) for m in net.modules())  # noqa: E731
+    assert count(model.module.encoders[0], torch.nn.LayerNorm) == 2
+    assert count(model.module.decoders[0], torch.nn.LayerNorm) == 1
+    assert IntegrationModel(integrate, latent_dim=4, norm="batch").config.decoder_norm == "batch"
+    model.train().save(tmp_path / "m.pt")
+    assert torch.load(tmp_path / "m.pt", weights_only=False)["config"]["decoder_norm"] == \
+        "layer-first"
+    trained = IntegrationModel(integrate, latent_dim=4, max_epochs=2, decoder_norm="layer").train()
+    trained.save(tmp_path / "layer.pt")
+    payload = torch.load(tmp_path / "layer.pt", weights_only=False)
+    payload["config"]["decoder_norm"] = None
+    torch.save(payload, tmp_path / "before.pt")
+    before = IntegrationModel.load(tmp_path / "before.pt")
+    assert before.config.decoder_norm == "layer"
+    assert count(before.module.decoders[0], torch.nn.LayerNorm) == 2
+    np.testing.assert_allclose(before.get_latent_representation(integrate),
+                               trained.get_latent_representation(integrate), atol=1e-5)
 
 
 def test_batch_norm_with_paired_encoders_and_a_one_cell_tail(integrate):

@@ -66,3 +66,17 @@ def test_unknown_normalisation_is_refused():
     assert isinstance(hidden_norm("none", 5), torch.nn.Identity)
     with pytest.raises(ValueError, match="layer, batch or none"):
         hidden_norm("group", 5)
+
+
+def test_layer_first_normalises_only_the_decoders_first_hidden_layer():
+    for layers in (1, 2, 3):
+        decoder = Decoder(4, 10, 16, "nb", n_conditions=2, layers=layers, norm="layer-first")
+        kinds = [type(m) for m in decoder.hidden]
+        assert kinds[:3] == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.ReLU]
+        assert kinds.count(torch.nn.LayerNorm) == 1 and kinds.count(torch.nn.Linear) == layers
+    # the second layer is not normalised: scaling its input scales its output
+    h = torch.rand(3, 16) + 0.1
+    second = decoder.hidden[3:6]
+    assert torch.allclose(second[0](2 * h) - second[0].bias, 2 * (second[0](h) - second[0].bias))
+    with pytest.raises(ValueError, match="layer, batch or none"):
+        Encoder(20, 4, 16, norm="layer-first")

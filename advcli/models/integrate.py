@@ -47,6 +47,15 @@ SCARCE = 0.25  # a domain holding fewer than this share of the cells a cluster w
                # overall share is scarce there: --adv-loss chance caps its cells' gain
 
 
+def default_decoder_norm(norm: str) -> str:
+    """The decoder's normalisation when --decoder-norm is not given. With LayerNorm, only after
+    its first hidden layer: normalised throughout, the decoder laid a programme shared by every
+    cell type on one long latent axis, which clustering cut across the types; unnormalised, it
+    lost a cell line across two sequencing protocols (docs/integrate.md). BatchNorm stays after
+    each hidden layer, as in scVI."""
+    return "layer-first" if norm == "layer" else norm
+
+
 class CompositionWeights:
     """Per-cell weights of the adversary's cross-entropy under which every domain, within each
     cluster of the latent space, holds its share of all cells.
@@ -170,7 +179,7 @@ class PairedVAE(torch.nn.Module):
         n_dec = 1 if shared_decoder else n_domains
         self.decoders = torch.nn.ModuleList(
             Decoder(latent_dim, n_genes, hidden, likelihood, n_domains if shared_decoder else 0,
-                    layers=decoder_layers, norm=decoder_norm or norm)
+                    layers=decoder_layers, norm=decoder_norm or default_decoder_norm(norm))
             for _ in range(n_dec))
         for module in list(self.encoders[1:]) + list(self.decoders[1:]):  # a tied start
             module.load_state_dict((self.encoders if module in self.encoders else self.decoders)[0]
@@ -346,6 +355,8 @@ class IntegrationModel(BaseModel):
         if cfg.batch_size is None:
             n_train = int(round(len(domain) * (1 - cfg.val_fraction)))
             self.config = cfg = replace(cfg, batch_size=default_batch_size(n_train, LARGEST_BATCH))
+        if cfg.decoder_norm is None:  # written out, so that a saved model says what it trained
+            self.config = cfg = replace(cfg, decoder_norm=default_decoder_norm(cfg.norm))
         self._train_idx, self._val_idx = stratified_split(
             domain, self.domains_, cfg.val_fraction, cfg.seed, cfg.batch_key)
         torch.manual_seed(cfg.seed)
@@ -743,7 +754,8 @@ class IntegrationModel(BaseModel):
         config.setdefault("kl_free_bits", 0.0)  # and the plain KL
         config.setdefault("input_thinning", 0.0)  # and the encoder read the observed counts
         config.setdefault("norm", "layer")  # and LayerNorm in the encoder and decoder
-        config.setdefault("decoder_norm", None)  # and the decoder normalised as the encoder
+        if config.get("decoder_norm") is None:  # and the decoder normalised as the encoder
+            config["decoder_norm"] = config["norm"]
         return config
 
     def _rebuild(self, payload: dict) -> None:
