@@ -49,10 +49,10 @@ SCARCE = 0.25  # a domain holding fewer than this share of the cells a cluster w
 
 def default_decoder_norm(norm: str) -> str:
     """The decoder's normalisation when --decoder-norm is not given. With LayerNorm, only after
-    its first hidden layer: normalised throughout, the decoder laid a programme shared by every
-    cell type on one long latent axis, which clustering cut across the types; unnormalised, it
-    lost a cell line across two sequencing protocols (docs/integrate.md). BatchNorm stays after
-    each hidden layer, as in scVI."""
+    its first hidden layer: normalised after both, the decoder let a programme shared by the
+    cell types take one long latent axis that clustering cut across; unnormalised, it lost a
+    cell line across two sequencing protocols
+    (docs/integrate.md). BatchNorm stays after each hidden layer, as in scVI."""
     return "layer-first" if norm == "layer" else norm
 
 
