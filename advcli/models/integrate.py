@@ -51,8 +51,8 @@ def default_decoder_norm(norm: str) -> str:
     """The decoder's normalisation when --decoder-norm is not given. With LayerNorm, only after
     its first hidden layer: normalised after both, the decoder let a programme shared by the
     cell types take one long latent axis that clustering cut across; unnormalised, it lost a
-    cell line across two sequencing protocols
-    (docs/integrate.md). BatchNorm stays after each hidden layer, as in scVI."""
+    cell line across two sequencing protocols (docs/integrate.md). BatchNorm stays after each
+    hidden layer, as in scVI."""
     return "layer-first" if norm == "layer" else norm
 
 
