@@ -154,6 +154,28 @@ def ilisi_by_domain(ilisi_per_cell: np.ndarray, batch: np.ndarray,
             for name in names}
 
 
+ACTIVE_VARIANCE = 0.01  # a latent dimension whose posterior means vary over the cells by less
+                        # than this (the prior's variance is 1) is inactive (Burda et al. 2016)
+
+
+def active_dimensions(embedding: np.ndarray) -> int:
+    """The latent dimensions along which the cells' posterior means vary by more than
+    ACTIVE_VARIANCE: the dimensions the embedding uses. None means a collapsed latent space,
+    every cell at nearly one point, whatever fine structure the neighbourhoods still find."""
+    return int((np.asarray(embedding, dtype=np.float64).var(axis=0) > ACTIVE_VARIANCE).sum())
+
+
+def collapsed_note(n_dims: int) -> str:
+    """What the fit summary and diagnose say when ``active_dimensions`` is zero."""
+    return (f"The latent space collapsed: in none of its {n_dims} dimensions do the cells' "
+            f"posterior means vary by more than a standard deviation of "
+            f"{ACTIVE_VARIANCE ** 0.5:.1f} (the prior's is 1), so every cell sits at nearly the "
+            "same point, the embedding carries no cell types, and its mixing figures mean "
+            "nothing: the adversary made the cells alike while the decoder explained the counts "
+            "by the domain alone. Refit with --composition-clusters 0 (the adversary "
+            "unweighted), and check the result with `advcli diagnose`.")
+
+
 def _medians(domains: dict[str, float]) -> str:
     return ", ".join(f"{d} {v:.2f}" for d, v in domains.items())
 

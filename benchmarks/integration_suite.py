@@ -12,7 +12,7 @@ the log-normal-factor simulation a user first reported unmixed; and, when ../sha
 there, PBMC 3 chemistries, CellBench CEL-seq2 vs Drop-seq (all 15,073 genes) and Kang 2018 with
 `condition` as the domain. Three rows (zi-16types, zi-20types, types-12: 12-20 cell types, more
 than the composition clusters) were added after the defaults were set, as held-out checks;
-`--held-out` runs twenty-six more datasets that no default was chosen on (new generator seeds
+`--held-out` runs thirty-one more datasets that no default was chosen on (new generator seeds
 and shapes, a 10:1 pair, a query domain that holds three of ten types, rare types, twelve,
 eight, four and three domains, the real counts of Kang, PBMC and CellBench with a planted
 capture effect and a missing type, PBMC with planted ambient RNA,
@@ -485,6 +485,28 @@ HELD_OUT = [
                                        proportions=[0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05,
                                                     0.03, 0.01, 0.01],
                                        missing={0: [9]})),
+    # five more held-out checks, drawn from the generators above with seeds and shapes no
+    # default was chosen on
+    sim("ho-sim-8types-2to1", "simulate integrate, 8 types, 3,000 + 1,500 cells x 1,200 genes, "
+        "batch strength 1.2", n_a=3000, n_b=1500, genes=1200, cell_types=8, batch_strength=1.2,
+        seed=71),
+    Dataset("ho-typed-3dom-2missing", "third simulator, strength 2, 3 domains (2,500 / 2,500 / "
+            "1,200 cells), 6 types, two missing from the third",
+            lambda tmp: typed_domains([2500, 2500, 1200], 1200, seed=707, strength=2.0,
+                                      cell_types=6, missing={2: [0, 1]})),
+    Dataset("ho-lineage-6x2", "second simulator, 2 domains 2:1, 6 lineages x 2 subtypes, "
+            "strength 1", lambda tmp: lineage_domains([3000, 1500], 1000, seed=77, strength=1.0,
+                                                      lineages=6, subtypes=2)),
+    Dataset("ho-marker-3depths", "fourth simulator, 3 domains of 2,000 cells at depths 1 / 0.6 "
+            "/ 1.4 and inverse dispersions 4 / 2 / 8, each domain's own proportions of 8 types",
+            lambda tmp: marker_domains([2000, 2000, 2000], 1500, seed=717, cell_types=8,
+                                       marker_share=0.05, marker_sd=1.2, concentration=2.0,
+                                       gene_factor_sd=0.5, library=3000.0, library_sd=0.3,
+                                       depths=[1.0, 0.6, 1.4], thetas=[4.0, 2.0, 8.0])),
+    Dataset("ho-typed-12types", "third simulator, strength 1, 12 types, 1,500 + 3,000 cells x "
+            "2,000 genes, two types in the second domain only",
+            lambda tmp: typed_domains([1500, 3000], 2000, seed=727, strength=1.0,
+                                      cell_types=12, missing={0: [10, 11]})),
 ]
 
 

@@ -109,7 +109,7 @@ def test_diagnose_on_odd_prediction_files(fitted, tmp_path, invoke):
     collapsed = predicted.copy()
     collapsed.obsm["X_advcli"] = np.zeros_like(collapsed.obsm["X_advcli"])
     r = run(collapsed)
-    _check(r, 0, "nearly) constant")
+    _check(r, 0, "latent space collapsed", "No map is drawn")
     assert not (tmp_path / "report" / "embedding.png").exists()
     _check(run(predicted[:0].copy()), 2, "nothing to diagnose")
 

@@ -380,3 +380,25 @@ def test_diagnose_tells_a_reference_with_private_types_from_unmixed_domains(tmp_
     mixing = [n for n in summary["notes"] if "iLISI" in n]
     assert len(mixing) == 1 and "reference holds cell states" in mixing[0]
     assert summary["metrics"]["ilisi_by_domain"]["query"] > 0.1
+
+
+def test_diagnose_calls_a_collapsed_latent_space_collapsed_not_unmixed(tmp_path):
+    """Every cell at nearly one point, each domain a hair apart: the neighbourhoods find the
+    domains unmixed, but the report says the space collapsed, not that the adversary lost."""
+    import anndata as ad
+
+    from advcli import keys
+    from advcli.report.integrate import integration_report
+
+    rng = np.random.default_rng(0)
+    types = rng.choice(4, 400)
+    domain = np.repeat([0, 1], 200)
+    a = ad.AnnData(rng.poisson(rng.gamma(2.0, 1.0, (4, 100))[types]).astype(np.float32),
+                   obs={"batch": np.where(domain, "b", "a"), "cell_type": types.astype(str)})
+    a.obsm[keys.X_LATENT] = 0.5 + 0.01 * domain[:, None] + 0.001 * rng.normal(size=(400, 6))
+    notes = integration_report(a, tmp_path, None, None, "batch")["notes"]
+    assert any("latent space collapsed" in n and "6 dimensions" in n for n in notes)
+    assert not any("not mixed" in n for n in notes)
+    a.obsm[keys.X_LATENT] = rng.normal(size=(4, 6))[types] * 3.0 + rng.normal(size=(400, 6))
+    assert not any("collapsed" in n for n in integration_report(a, tmp_path, None, None,
+                                                                "batch")["notes"])

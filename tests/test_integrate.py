@@ -226,6 +226,7 @@ def test_a_shared_design_has_nothing_to_tie():
 def test_the_summary_warns_when_the_held_out_domains_are_told_apart(integrate):
     model = IntegrationModel(integrate, latent_dim=4, max_epochs=2).train()
     model.train_state_.records[-1]["val_disc_acc"] = 0.99
+    model.active_dims = lambda: 4  # a spread latent space (two epochs leave it near one point)
     summary = model._summarise(1.0, 1.0)
     assert any("not mixed" in w and "99%" in w for w in summary["warnings"])
     assert "val_disc_acc" in model.fit_summary()["final_losses"]
@@ -239,8 +240,48 @@ def test_a_tie_outside_zero_to_one_is_refused(integrate, tie):
         IntegrationModel(integrate, design="paired", tie=tie)
 
 
+def test_a_collapsed_latent_space_is_its_own_warning_not_a_mixing_one(integrate):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=2).train()
+    summary = model._summarise(1.0, 1.0)
+    assert summary["active_dims"] == model.active_dims() and 0 <= summary["active_dims"] <= 4
+    model.active_dims = lambda: 0
+    model.mixing_scores = lambda: (0.0, 0.0, {"a": 0.0, "b": 0.0})  # what a collapse looks like
+    warnings = model._summarise(1.0, 1.0)["warnings"]
+    assert any("latent space collapsed" in w and "--composition-clusters 0" in w
+               for w in warnings)
+    assert not any("not mixed" in w for w in warnings)
+
+
+def test_a_collapsed_fit_restarts_once_with_the_adversary_unweighted(integrate, tmp_path):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=40, patience=1)
+    first = model.module
+    model.active_dims = lambda: 0  # collapsed after the first fit, and after the restart too
+    model.train()
+    assert model.module is not first and model.module.composition is None
+    summary = model.fit_summary()
+    first_epochs = summary["restarted_unweighted_after"]
+    assert first_epochs < 40 and "composition_weights" not in summary  # stopped by the rule
+    assert any("restarted" in w for w in summary["warnings"])  # once: the second run stands
+    assert any("latent space collapsed" in w for w in summary["warnings"])
+    model.save(tmp_path / "m.pt")
+    again = IntegrationModel.load(tmp_path / "m.pt", integrate)
+    assert again.unweighted_ and again.restarted_after_ == first_epochs
+
+
+@pytest.mark.parametrize("active, max_epochs", [(4, 40), (0, 2)])
+def test_a_fit_that_did_not_collapse_or_ran_to_its_cap_is_not_restarted(integrate, active,
+                                                                        max_epochs):
+    model = IntegrationModel(integrate, latent_dim=4, max_epochs=max_epochs, patience=1)
+    first = model.module
+    model.active_dims = lambda: active
+    summary = model.train().fit_summary()
+    assert model.module is first and summary["restarted_unweighted_after"] is None
+    assert "composition_weights" in summary
+
+
 def test_the_warning_leaves_out_the_discriminator_without_held_out_cells(integrate):
     model = IntegrationModel(integrate, latent_dim=4, max_epochs=2, val_fraction=0.0).train()
+    model.active_dims = lambda: 4  # a spread latent space (two epochs leave it near one point)
     model.mixing_scores = lambda: (0.0, 0.0, {"a": 0.0, "b": 0.0})  # an unmixed embedding
     warning = " ".join(model._summarise(1.0, 1.0)["warnings"])
     assert "not mixed" in warning and "nan" not in warning
@@ -256,6 +297,7 @@ def test_a_reference_with_types_the_query_lacks_is_not_called_unmixed(integrate)
     discriminator still separates held-out cells, it does."""
     model = IntegrationModel(integrate, latent_dim=4, max_epochs=2).train()
     model.train_state_.records[-1]["val_disc_acc"] = 0.55
+    model.active_dims = lambda: 4  # a spread latent space (two epochs leave it near one point)
     model.mixing_scores = lambda: (0.0, 0.0, {"reference": 0.0, "query": 0.7})
     summary = model._summarise(1.0, 1.0)
     assert summary["mixing_ilisi_by_domain"] == {"reference": 0.0, "query": 0.7}
@@ -269,6 +311,15 @@ def test_a_reference_with_types_the_query_lacks_is_not_called_unmixed(integrate)
     model.train_state_.records[-1]["val_disc_acc"] = 0.95
     (warning,) = [w for w in model._summarise(1.0, 1.0)["warnings"] if "iLISI" in w]
     assert "not mixed" in warning and "95%" in warning
+
+
+def test_active_dimensions_counts_the_dimensions_the_cells_spread_along():
+    from advcli.metrics import active_dimensions
+
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(500, 5)) * np.array([1.0, 0.5, 0.2, 0.05, 0.0])
+    assert active_dimensions(spread) == 3  # variances 1, 0.25, 0.04 above 0.01; 0.0025, 0 not
+    assert active_dimensions(0.9 + 0.003 * rng.normal(size=(500, 10))) == 0
 
 
 def test_each_domains_median_ilisi_tells_a_query_of_shared_types_from_domains_apart():
@@ -354,6 +405,7 @@ def test_the_summary_judges_mixing_by_the_domains_sizes(integrate):
     """The same iLISI is a warning for equal domains and a mixed fit for a 10:1 pair."""
     a = integrate[np.r_[0:300, 300:330]].copy()  # domains of 300 and 30 cells
     model = IntegrationModel(a, latent_dim=4, max_epochs=2, val_fraction=0.0).train()
+    model.active_dims = lambda: 4  # a spread latent space (two epochs leave it near one point)
     model.mixing_scores = lambda: (0.09, 0.9, {})
     summary = model._summarise(1.0, 1.0)
     assert summary["mixing_ilisi_random"] == pytest.approx(1 / (1 - 2 * 300 * 30 / 330 ** 2) - 1)

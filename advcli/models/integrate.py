@@ -359,11 +359,9 @@ class IntegrationModel(BaseModel):
             self.config = cfg = replace(cfg, decoder_norm=default_decoder_norm(cfg.norm))
         self._train_idx, self._val_idx = stratified_split(
             domain, self.domains_, cfg.val_fraction, cfg.seed, cfg.batch_key)
-        torch.manual_seed(cfg.seed)
-        self.module = self._build(len(self.genes_)).to(self.device)
         self._rows = rows
         self._domain = torch.from_numpy(domain).to(self.device)
-        self.module.domain_shares.copy_(torch.as_tensor(domain_shares(domain, len(self.domains_))))
+        self.module = self._fresh_module(cfg.seed)
         train = torch.cat(self._train_idx).numpy()
         self._composition_idx = torch.from_numpy(
             np.sort(train[seeded_subset(len(train), COMPOSITION_CELLS, cfg.seed)]))
@@ -374,6 +372,33 @@ class IntegrationModel(BaseModel):
 
     def _data_summary(self) -> bytes:
         return self._rows.col_sums.tobytes() + self._domain.cpu().numpy().tobytes()
+
+    def _fresh_module(self, seed: int) -> PairedVAE:
+        torch.manual_seed(seed)
+        module = self._build(len(self.genes_)).to(self.device)
+        module.domain_shares.copy_(torch.as_tensor(
+            domain_shares(self._domain.cpu().numpy(), len(self.domains_))))
+        return module
+
+    unweighted_ = False  # set when a collapsed fit restarted with the adversary unweighted
+    restarted_after_: int | None = None  # the collapsed fit's epochs
+
+    def _fit(self, on_epoch, checkpoint_path, checkpoint_every) -> None:
+        """If the latent space ends collapsed (no active dimension, ``active_dims``) with the
+        composition weights on, training restarts once from a fresh network with the
+        adversary unweighted. Where the domains start apart, each composition cluster is
+        nearly one domain and the few cells of other domains in it weigh up to the clip; on
+        such data the encoder made every cell alike within the first epochs, and without the
+        weights it did not (docs/integrate.md). A fit that did not collapse is unchanged, and
+        so is one that ran to its epoch cap: a few epochs leave every latent space narrow."""
+        self._run_loop(on_epoch, checkpoint_path, checkpoint_every)
+        if (self.unweighted_ or not self.config.composition_clusters
+                or self.epochs_ >= self.max_epochs or self.active_dims()):
+            return
+        self.unweighted_, self.restarted_after_ = True, self.epochs_
+        self.module = self._fresh_module(self.config.seed)
+        self.train_state_, self.optimizer_state_ = None, None
+        self._run_loop(on_epoch, checkpoint_path, checkpoint_every)
 
     def _build(self, n_genes: int) -> PairedVAE:
         cfg = self.config
@@ -392,7 +417,7 @@ class IntegrationModel(BaseModel):
         """Cluster a sample of training cells' posterior means and weigh the adversary's
         cross-entropy by the domains' shares in each cluster (``CompositionWeights``)."""
         k = self.config.composition_clusters
-        if not k or len(self.domains_) < 2:
+        if not k or len(self.domains_) < 2 or self.unweighted_:
             self.module.composition = None
             return
         idx = self._composition_idx
@@ -404,9 +429,14 @@ class IntegrationModel(BaseModel):
 
     def _train_extras(self) -> dict:
         composition = self.module.composition
-        return {} if composition is None else {"composition": composition.state()}
+        extras = {} if composition is None else {"composition": composition.state()}
+        if self.unweighted_:
+            extras["restarted_after"] = self.restarted_after_
+        return extras
 
     def _restore_extras(self, extras: dict) -> None:
+        self.restarted_after_ = extras.get("restarted_after")
+        self.unweighted_ = self.restarted_after_ is not None
         state = extras.get("composition")
         self.module.composition = (None if state is None else
                                    CompositionWeights.from_state(state).to(self.device))
@@ -576,8 +606,9 @@ class IntegrationModel(BaseModel):
             "design": self.config.design, "latent_dim": self.config.latent_dim,
             **self._stopping(records),
             "warnings": []}
-        from ..metrics import mixing_note, random_mixing_ilisi
+        from ..metrics import collapsed_note, mixing_note, random_mixing_ilisi
 
+        summary["active_dims"] = active = self.active_dims()
         mixing, fraction, by_domain = self.mixing_scores()
         random_mixing = random_mixing_ilisi(self._domain.cpu().numpy(), len(self.domains_))
         summary["mixing_ilisi"], summary["mixing_fraction"] = mixing, fraction
@@ -591,11 +622,19 @@ class IntegrationModel(BaseModel):
         held_out = records[-1].get("val_disc_acc", math.nan)
         told = (f"; the discriminator tells the domain of {held_out:.0%} of held-out cells "
                 f"(chance {1 / len(self.domains_):.0%})" if math.isfinite(held_out) else "")
-        note = mixing_note(mixing, random_mixing, fraction, by_domain,
-                           separated=held_out >= SEPARATED_ACC,
-                           detail=f"{told}. The adversary lost")
+        note = collapsed_note(self.config.latent_dim) if active == 0 else mixing_note(
+            mixing, random_mixing, fraction, by_domain, separated=held_out >= SEPARATED_ACC,
+            detail=f"{told}. The adversary lost")
         if note:
             summary["warnings"].append(note)
+        summary["restarted_unweighted_after"] = self.restarted_after_
+        if self.unweighted_:
+            summary["warnings"].append(
+                f"The latent space collapsed after {self.restarted_after_} epochs with the "
+                "composition weights on (every cell at nearly one point), so training restarted "
+                "from a fresh network with the adversary unweighted (as --composition-clusters "
+                "0). Where the domains hold the cell types in different proportions, check with "
+                "`advcli diagnose` and labels that no types were merged.")
         if summary["still_gaining"]:
             summary["warnings"].append(
                 f"Training reached its cap of {self.max_epochs} epochs while the fit was still "
@@ -614,6 +653,15 @@ class IntegrationModel(BaseModel):
                 "stopped_overfitting": self.overfitting_,
                 "max_epochs": self.max_epochs,
                 "still_gaining": len(records) >= self.max_epochs and self.still_gaining_}
+
+    def active_dims(self, max_cells: int = MIXING_CELLS) -> int:
+        """``metrics.active_dimensions`` of the training cells' posterior means (a seeded
+        subsample): zero is a collapsed latent space, which the mixing figures cannot tell
+        from an unmixed one."""
+        from ..metrics import active_dimensions
+
+        keep = seeded_subset(int(self._domain.shape[0]), max_cells, self.config.seed)
+        return active_dimensions(self._posterior_means(torch.from_numpy(keep)))
 
     def mixing_scores(self, max_cells: int = MIXING_CELLS
                       ) -> tuple[float, float, dict[str, float]]:

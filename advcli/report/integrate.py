@@ -13,8 +13,9 @@ from ..backed import read_rows
 from ..data import (check_finite_obsm, count_source, counts_anndata, encode_domains,
                     seeded_subset)
 from ..errors import InputError
-from ..metrics import (integration_metrics, mixing_note, types_brought_together,
-                       types_joined_note, types_less_separated, types_mixed_note)
+from ..metrics import (active_dimensions, collapsed_note, integration_metrics, mixing_note,
+                       types_brought_together, types_joined_note, types_less_separated,
+                       types_mixed_note)
 from ..io import plain
 from .plots import loss_curves, pyplot
 
@@ -116,8 +117,12 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
         plain({**metrics, "unintegrated_pca": baseline, "types_brought_together": joined},
               json_safe=True), indent=2))
     plt = pyplot()
+    collapsed = active_dimensions(embedding) == 0
+    if collapsed:  # and the mixing figures of a collapsed space mislead: no mixing note below
+        notes.append(collapsed_note(embedding.shape[1]))
     if _distinct_rows(embedding) < 10:
-        notes.append("The embedding is (nearly) constant: every cell sits at a handful of "
+        notes.append("No map is drawn: every cell sits at a handful of points." if collapsed else
+                     "The embedding is (nearly) constant: every cell sits at a handful of "
                      "points, so the fit collapsed and no map is drawn. Refit with another "
                      "--seed or a lower --lr.")
     else:
@@ -134,10 +139,11 @@ def integration_report(adata, folder: Path, payload: dict | None, label_key: str
                     training_markers(payload["history"]))
     else:
         notes.append("No --model given: loss_curves.png needs the model file's history.")
-    mixing = mixing_note(metrics.get("ilisi", 1.0), metrics.get("ilisi_random_mixing", 1.0),
-                         metrics.get("mixing_fraction", 1.0), metrics.get("ilisi_by_domain"))
-    if mixing:
-        notes.append(mixing)
+    if not collapsed:
+        mixing = mixing_note(metrics.get("ilisi", 1.0), metrics.get("ilisi_random_mixing", 1.0),
+                             metrics.get("mixing_fraction", 1.0), metrics.get("ilisi_by_domain"))
+        if mixing:
+            notes.append(mixing)
     headline = {k: metrics[k] for k in ("ilisi", "batch_asw", "label_asw", "ari",
                                         "overall_score") if k in metrics}
     if baseline is not None:
