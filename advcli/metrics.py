@@ -165,15 +165,20 @@ def active_dimensions(embedding: np.ndarray) -> int:
     return int((np.asarray(embedding, dtype=np.float64).var(axis=0) > ACTIVE_VARIANCE).sum())
 
 
-def collapsed_note(n_dims: int) -> str:
-    """What the fit summary and diagnose say when ``active_dimensions`` is zero."""
+def collapsed_note(n_dims: int, weighted: bool | None = None) -> str:
+    """What the fit summary and diagnose say when ``active_dimensions`` is zero; ``weighted``:
+    whether the adversary had composition weights (None: not known)."""
+    advice = {True: "--composition-clusters 0 (the adversary unweighted)",
+              False: "a lower --adv-weight",
+              None: "--composition-clusters 0 (the adversary unweighted) or, if it was, a "
+                    "lower --adv-weight"}[weighted]
     return (f"The latent space collapsed: in none of its {n_dims} dimensions do the cells' "
             f"posterior means vary by more than a standard deviation of "
             f"{ACTIVE_VARIANCE ** 0.5:.1f} (the prior's is 1), so every cell sits at nearly the "
             "same point, the embedding carries no cell types, and its mixing figures mean "
             "nothing: the adversary made the cells alike while the decoder explained the counts "
-            "by the domain alone. Refit with --composition-clusters 0 (the adversary "
-            "unweighted), and check the result with `advcli diagnose`.")
+            f"by the domain alone. Refit with {advice}, and check the result with "
+            "`advcli diagnose`.")
 
 
 def _medians(domains: dict[str, float]) -> str:

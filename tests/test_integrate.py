@@ -262,7 +262,8 @@ def test_a_collapsed_fit_restarts_once_with_the_adversary_unweighted(integrate, 
     first_epochs = summary["restarted_unweighted_after"]
     assert first_epochs < 40 and "composition_weights" not in summary  # stopped by the rule
     assert any("restarted" in w for w in summary["warnings"])  # once: the second run stands
-    assert any("latent space collapsed" in w for w in summary["warnings"])
+    assert any("latent space collapsed" in w and "lower --adv-weight" in w
+               and "--composition-clusters 0 (" not in w for w in summary["warnings"])
     model.save(tmp_path / "m.pt")
     again = IntegrationModel.load(tmp_path / "m.pt", integrate)
     assert again.unweighted_ and again.restarted_after_ == first_epochs

@@ -622,7 +622,8 @@ class IntegrationModel(BaseModel):
         held_out = records[-1].get("val_disc_acc", math.nan)
         told = (f"; the discriminator tells the domain of {held_out:.0%} of held-out cells "
                 f"(chance {1 / len(self.domains_):.0%})" if math.isfinite(held_out) else "")
-        note = collapsed_note(self.config.latent_dim) if active == 0 else mixing_note(
+        weighted = bool(self.config.composition_clusters) and not self.unweighted_
+        note = collapsed_note(self.config.latent_dim, weighted) if active == 0 else mixing_note(
             mixing, random_mixing, fraction, by_domain, separated=held_out >= SEPARATED_ACC,
             detail=f"{told}. The adversary lost")
         if note:
