@@ -176,8 +176,8 @@ def collapsed_note(n_dims: int, weighted: bool | None = None) -> str:
             f"posterior means vary by more than a standard deviation of "
             f"{ACTIVE_VARIANCE ** 0.5:.1f} (the prior's is 1), so every cell sits at nearly the "
             "same point, the embedding carries no cell types, and its mixing figures mean "
-            "nothing: the adversary made the cells alike while the decoder explained the counts "
-            f"by the domain alone. Refit with {advice}, and check the result with "
+            "nothing; most likely the adversary made the cells alike while the decoder explained "
+            f"the counts by the domain alone. Refit with {advice}, and check the result with "
             "`advcli diagnose`.")
 
 

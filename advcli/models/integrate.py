@@ -374,14 +374,25 @@ class IntegrationModel(BaseModel):
         return self._rows.col_sums.tobytes() + self._domain.cpu().numpy().tobytes()
 
     def _fresh_module(self, seed: int) -> PairedVAE:
+        """A newly initialised network (seeded), with the domains' shares as chance."""
         torch.manual_seed(seed)
         module = self._build(len(self.genes_)).to(self.device)
         module.domain_shares.copy_(torch.as_tensor(
             domain_shares(self._domain.cpu().numpy(), len(self.domains_))))
         return module
 
-    unweighted_ = False  # set when a collapsed fit restarted with the adversary unweighted
-    restarted_after_: int | None = None  # the collapsed fit's epochs
+    restarted_after_: int | None = None  # a collapsed fit's epochs, once it restarted unweighted
+
+    @property
+    def unweighted_(self) -> bool:
+        """A collapsed fit restarted: the adversary is unweighted from then on."""
+        return self.restarted_after_ is not None
+
+    @property
+    def composition_weighted(self) -> bool:
+        """Whether the adversary's cross-entropy is weighted by ``CompositionWeights``."""
+        return (bool(self.config.composition_clusters) and len(self.domains_) >= 2
+                and not self.unweighted_)
 
     def _fit(self, on_epoch, checkpoint_path, checkpoint_every) -> None:
         """If the latent space ends collapsed (no active dimension, ``active_dims``) with the
@@ -392,10 +403,10 @@ class IntegrationModel(BaseModel):
         weights it did not (docs/integrate.md). A fit that did not collapse is unchanged, and
         so is one that ran to its epoch cap: a few epochs leave every latent space narrow."""
         self._run_loop(on_epoch, checkpoint_path, checkpoint_every)
-        if (self.unweighted_ or not self.config.composition_clusters
-                or self.epochs_ >= self.max_epochs or self.active_dims()):
+        if (not self.composition_weighted or self.epochs_ >= self.max_epochs
+                or self.active_dims()):
             return
-        self.unweighted_, self.restarted_after_ = True, self.epochs_
+        self.restarted_after_ = self.epochs_
         self.module = self._fresh_module(self.config.seed)
         self.train_state_, self.optimizer_state_ = None, None
         self._run_loop(on_epoch, checkpoint_path, checkpoint_every)
@@ -416,14 +427,14 @@ class IntegrationModel(BaseModel):
     def begin_epoch(self) -> None:
         """Cluster a sample of training cells' posterior means and weigh the adversary's
         cross-entropy by the domains' shares in each cluster (``CompositionWeights``)."""
-        k = self.config.composition_clusters
-        if not k or len(self.domains_) < 2 or self.unweighted_:
+        if not self.composition_weighted:
             self.module.composition = None
             return
         idx = self._composition_idx
         weights = CompositionWeights.fit(
             self._posterior_means(idx), self._domain[idx.to(self.device)].cpu().numpy(),
-            len(self.domains_), k, self.config.seed, start=self.module.composition)
+            len(self.domains_), self.config.composition_clusters, self.config.seed,
+            start=self.module.composition)
         self.module.composition = weights = weights.to(self.device)
         distributed.broadcast_tensors(weights.tensors())
 
@@ -436,7 +447,6 @@ class IntegrationModel(BaseModel):
 
     def _restore_extras(self, extras: dict) -> None:
         self.restarted_after_ = extras.get("restarted_after")
-        self.unweighted_ = self.restarted_after_ is not None
         state = extras.get("composition")
         self.module.composition = (None if state is None else
                                    CompositionWeights.from_state(state).to(self.device))
@@ -622,10 +632,10 @@ class IntegrationModel(BaseModel):
         held_out = records[-1].get("val_disc_acc", math.nan)
         told = (f"; the discriminator tells the domain of {held_out:.0%} of held-out cells "
                 f"(chance {1 / len(self.domains_):.0%})" if math.isfinite(held_out) else "")
-        weighted = bool(self.config.composition_clusters) and not self.unweighted_
-        note = collapsed_note(self.config.latent_dim, weighted) if active == 0 else mixing_note(
-            mixing, random_mixing, fraction, by_domain, separated=held_out >= SEPARATED_ACC,
-            detail=f"{told}. The adversary lost")
+        note = (collapsed_note(self.config.latent_dim, self.composition_weighted) if active == 0
+                else mixing_note(mixing, random_mixing, fraction, by_domain,
+                                 separated=held_out >= SEPARATED_ACC,
+                                 detail=f"{told}. The adversary lost"))
         if note:
             summary["warnings"].append(note)
         summary["restarted_unweighted_after"] = self.restarted_after_
@@ -661,8 +671,13 @@ class IntegrationModel(BaseModel):
         from an unmixed one."""
         from ..metrics import active_dimensions
 
+        return active_dimensions(self._sample_means(max_cells)[1])
+
+    def _sample_means(self, max_cells: int) -> tuple[np.ndarray, np.ndarray]:
+        """A seeded sample of up to ``max_cells`` training cells and their posterior means:
+        what the summary's checks of the latent space read."""
         keep = seeded_subset(int(self._domain.shape[0]), max_cells, self.config.seed)
-        return active_dimensions(self._posterior_means(torch.from_numpy(keep)))
+        return keep, self._posterior_means(torch.from_numpy(keep))
 
     def mixing_scores(self, max_cells: int = MIXING_CELLS
                       ) -> tuple[float, float, dict[str, float]]:
@@ -673,9 +688,7 @@ class IntegrationModel(BaseModel):
         cells; the domains' own medians tell that case apart."""
         from ..metrics import ilisi_by_domain, knn, lisi, mixing_fraction
 
-        n = int(self._domain.shape[0])
-        keep = seeded_subset(n, max_cells, self.config.seed)
-        latent = self._posterior_means(torch.from_numpy(keep))
+        keep, latent = self._sample_means(max_cells)
         domain = self._domain.cpu().numpy()[keep]
         if len(np.unique(domain)) < 2 or len(keep) < 10:
             return float("nan"), float("nan"), {}
