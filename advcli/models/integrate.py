@@ -531,7 +531,10 @@ class IntegrationModel(BaseModel):
         do not keep a fit going once the VAE overfits: --patience epochs after the best
         validation ELBO, with the validation ELBO worse and the training ELBO better by at
         least as much, training stops. Mixing that costs ELBO worsens both; fitting the
-        training cells' noise widens the gap between them, and blurs the cell types."""
+        training cells' noise widens the gap between them, and blurs the cell types. Both can
+        happen at once, so this stop also waits until the validation cells' mixing has not
+        risen for --patience epochs: while the domains are still coming together, a fit that
+        stopped would leave them part-mixed (a strong batch effect mixes late)."""
         cfg = self.config
         n = self.warmup_epochs
         kl_warm = max(1, n // 4) if cfg.kl_warmup_epochs is None else cfg.kl_warmup_epochs
@@ -539,6 +542,7 @@ class IntegrationModel(BaseModel):
         factor = cfg.grl_lambda if cfg.adversary == "grl" else 1.0
         best_elbo, best_ce, best_mixing, stale = math.inf, -math.inf, -math.inf, 0
         since_best, train_at_best = 0, math.nan  # the training ELBO at the best validation ELBO
+        since_mixing = 0  # epochs since the validation cells' mixing last rose
         self.overfitting_ = False
         chance_ce = math.log(len(self.domains_))
         for epoch in range(1, self.max_epochs + 1):
@@ -552,6 +556,7 @@ class IntegrationModel(BaseModel):
             if epoch >= max(kl_warm, cfg.adv_start_epoch + ramp) and math.isfinite(val):
                 stale += 1
                 since_best += 1
+                since_mixing += 1
                 if val < best_elbo - SETTLED_ELBO * abs(val):  # (best_elbo starts at inf)
                     best_elbo, stale, since_best = val, 0, 0
                     train_at_best = record.get("elbo", math.nan)
@@ -560,12 +565,13 @@ class IntegrationModel(BaseModel):
                 mixing = record.get("val_mixing", math.nan)
                 noise = max(SETTLED_MIXING, 2.0 * record.get("val_mixing_se", 0.0))
                 if math.isfinite(mixing) and mixing > best_mixing + noise:
-                    best_mixing, stale = mixing, 0
+                    best_mixing, stale, since_mixing = mixing, 0, 0
                 separated = record.get("val_disc_acc", 0.0) >= SEPARATED_ACC
                 if separated:
                     stale = 0  # the domains are still apart: the adversary has work to do
                 worse = val - best_elbo
-                overfitting = (since_best >= cfg.patience and worse > SETTLED_ELBO * abs(val)
+                overfitting = (since_best >= cfg.patience and since_mixing >= cfg.patience
+                               and worse > SETTLED_ELBO * abs(val)
                                and train_at_best - record.get("elbo", math.nan) >= worse)
                 if cfg.patience and overfitting and not separated:
                     self.overfitting_ = True
