@@ -5,8 +5,9 @@ resolution, epoch by epoch, for one dataset of `integration_suite.py`.
     python benchmarks/training_trace.py ho-shallow-12dom --options '{"adv_weight": 0}'
 
 Prints one row every --every epochs (and the first three): the training and validation ELBO, the
-discriminator's validation cross-entropy, the validation cells' neighbourhood mixing, and, on the
-posterior means of every cell, the suite's k-means ARI and the 15-nearest-neighbour label purity.
+discriminator's validation cross-entropy and accuracy, the validation cells' neighbourhood
+mixing, and, on the posterior means of every cell, the suite's k-means ARI and the
+15-nearest-neighbour label purity.
 A validation ELBO that worsens while the training ELBO improves, with ARI falling, is the VAE
 overfitting; both ELBOs worsening while the mixing rises is the adversary's cost.
 """
@@ -26,7 +27,7 @@ import integration_suite as suite
 from advcli import IntegrationModel
 from advcli.metrics import knn
 
-COLUMNS = ("elbo", "val_elbo", "val_disc_ce", "val_mixing")
+COLUMNS = ("elbo", "val_elbo", "val_disc_ce", "val_disc_acc", "val_mixing")
 
 
 def main() -> None:
